@@ -1,0 +1,113 @@
+"""LcotGPTModel: megatron-core's GPTModel that thinks in latent space before every token.
+
+With `latent_steps == 0` it *is* GPTModel (same modules, same forward). Otherwise the forward
+reads top to bottom: embed, run the latent schedule (decoder passes that feed each step's
+final-normed output back as the next step's input, gated by the halting router), mix the step
+states by exit mass, project, and compute the per-token losses.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_lcot.model.config import LcotConfig
+from megatron_lcot.model.loss import LcotOutput, correctness_penalty
+
+if TYPE_CHECKING:
+    from megatron_lcot.model.layer_specs import LcotSubmodules
+
+
+class LcotGPTModel(GPTModel):
+    """GPTModel + a spec'd latent schedule and halting router (untied, RoPE).
+
+    Args beyond GPTModel's: `submodules` (LcotSubmodules: decoder layer spec, latent_schedule,
+    halting_router). Latent modes need the whole model on one pipeline stage.
+    """
+
+    def __init__(
+        self,
+        config: LcotConfig,
+        submodules: "LcotSubmodules",
+        vocab_size: int,
+        max_sequence_length: int,
+        pre_process: bool = True,
+        post_process: bool = True,
+        parallel_output: bool = True,
+        rotary_base: int = 10000,
+        **gpt_model_kwargs,
+    ):
+        super().__init__(
+            config=config,
+            transformer_layer_spec=submodules.decoder,
+            vocab_size=vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=rotary_base,
+            **gpt_model_kwargs,
+        )
+        self.latent_schedule = None
+        self.halting_router = None
+        if config.latent_steps > 0:
+            if not (pre_process and post_process):
+                raise ValueError("latent modes need the whole model on one pipeline stage")
+            self.latent_schedule = build_module(submodules.latent_schedule, config=config)
+            self.halting_router = build_module(submodules.halting_router, config=config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        jacobi_iters: int | None = None,
+        **gpt_forward_kwargs,
+    ):
+        """input_ids, position_ids, labels: [b, s]. Returns logits [b, s, vocab/tp] without
+        labels, an LcotOutput with them, and hidden states on a non-last pipeline stage.
+
+        Latent modes build their own masks and slot positions (every slot of token t sits at
+        position t); `attention_mask` must be None (causal) there.
+        """
+        if self.latent_schedule is None:
+            result = super().forward(
+                input_ids, position_ids, attention_mask, labels=labels, **gpt_forward_kwargs
+            )
+            if labels is None or not self.post_process:
+                return result
+            return LcotOutput(loss=result, lm_loss=result)
+        if attention_mask is not None or gpt_forward_kwargs:
+            raise ValueError("latent modes take no attention_mask or extra GPTModel arguments")
+
+        token_states = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
+        token_states = token_states * self.config.embedding_scale
+        schedule_kwargs = {} if jacobi_iters is None else {"jacobi_iters": jacobi_iters}
+        thoughts = self.latent_schedule(
+            self.decoder, token_states, self.rotary_pos_emb, self.halting_router, **schedule_kwargs
+        )
+        logits, _ = self.output_layer(thoughts.output_states())  # [s, b, vocab/tp]
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+
+        lm_loss = self.compute_language_model_loss(labels, logits)  # [b, s]
+        loss = lm_loss
+        if self.config.adaptive:
+            penalty = correctness_penalty(
+                thoughts,
+                lambda states: self.compute_language_model_loss(labels, self.output_layer(states)[0]),
+                self.config.halting_correctness_exponent,
+            )
+            loss = lm_loss + self.config.halting_loss_weight * penalty
+        return LcotOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            latent_steps=thoughts.latent_steps().transpose(0, 1),
+            expected_latent_steps=thoughts.expected_latent_steps().transpose(0, 1),
+        )

@@ -1,0 +1,51 @@
+"""Per-token losses and halting statistics of the latent-thought model (METHOD.md section 3).
+
+Everything here is per token ([b, s], batch first like GPTModel's loss); masking by the
+dataset's loss_mask and averaging happen in the training loop's loss function.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import torch
+
+from megatron_lcot.model.latent import LatentThoughts
+
+
+class LcotOutput(NamedTuple):
+    """The model's output when labels are given.
+
+    loss: [b, s] training loss = lm_loss + halting_loss_weight * correctness penalty.
+    lm_loss: [b, s] next-token cross-entropy of the model's output (perplexity uses this).
+    latent_steps: [b, s] executed latent steps per token (None in vanilla mode).
+    expected_latent_steps: [b, s] soft ponder cost, reach summed over executed steps (None in
+        vanilla mode).
+    """
+
+    loss: torch.Tensor
+    lm_loss: torch.Tensor
+    latent_steps: torch.Tensor | None = None
+    expected_latent_steps: torch.Tensor | None = None
+
+
+def correctness_penalty(
+    thoughts: LatentThoughts,
+    token_loss_of: Callable[[torch.Tensor], torch.Tensor],
+    exponent: float,
+) -> torch.Tensor:
+    """[b, s] sum over executed steps k < K of r(t,k+1) * sg(p(t,k))^beta.
+
+    p(t,k) = exp(-CE) is the probability step k's own output assigns to the gold next token
+    (`token_loss_of(step_state [s,b,h]) -> CE [b,s]`, vocab-parallel), under stop-gradient:
+    continuing past a step that already predicts the gold token is penalised, and only the
+    reach (hence the router) receives the gradient.
+    """
+    num_gates = thoughts.reach.shape[0] - 1
+    penalty = 0.0
+    for step in range(num_gates):
+        with torch.no_grad():
+            gold_prob = torch.exp(-token_loss_of(thoughts.step_states[step])) ** exponent
+        continue_reach = (thoughts.reach[step + 1] * thoughts.executed[step]).transpose(0, 1)
+        penalty = penalty + continue_reach * gold_prob
+    return penalty

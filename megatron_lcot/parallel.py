@@ -1,0 +1,135 @@
+"""The one place that chooses the device and the communication backend.
+
+CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. Nothing else in the project calls
+`.cuda()` or names a backend: ask `device()` / `backend()` here.
+
+megatron-core 0.16.1 hard-codes CUDA in a few places (current device, RNG state, the default
+causal mask, `device="cuda"` tensors created inline by the pipeline schedules). On a machine
+without CUDA, `initialize()` installs a small shim that sends those to the CPU; on CUDA machines
+nothing is patched. See docs/architecture.md ("CPU support").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+_CPU_SHIM_INSTALLED = False
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def backend() -> str:
+    """The torch.distributed backend that matches `device()`."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (other jobs may hold the default 29500)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _install_cpu_shim() -> None:
+    """Route megatron-core's hard-coded CUDA calls to the CPU (CPU-only machines)."""
+    global _CPU_SHIM_INSTALLED
+    if _CPU_SHIM_INSTALLED or torch.cuda.is_available():
+        return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
+    torch.cuda.synchronize = lambda *a, **k: None
+    tp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    def _cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    # On CPU the "device" RNG that megatron forks for tensor-parallel regions *is* the CPU RNG,
+    # so its warning that the CPU RNG changed inside a fork (weight init) is expected noise.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+    _CPU_SHIM_INSTALLED = True
+
+
+class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Rewrites `device="cuda"` keyword arguments to the CPU (megatron schedules create
+    `torch.zeros(..., device="cuda")` inline)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def schedule_device_context():
+    """Context for running megatron-core's pipeline schedules: a no-op on CUDA."""
+    if torch.cuda.is_available():
+        return contextlib.nullcontext()
+    return _CudaToCpuMode()
+
+
+def initialize(
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    seed: int = 1234,
+    timeout_minutes: int = 30,
+) -> None:
+    """Initialise torch.distributed, megatron-core's parallel_state and the model-parallel RNG.
+
+    Works under `torchrun`, the `deepspeed` launcher (RANK/WORLD_SIZE/MASTER_* in the
+    environment) and plain `python` (a world of one on a free local port).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    _install_cpu_shim()
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(
+            backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+        )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down parallel_state and the process group (tests call this between cases)."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
