@@ -1,0 +1,297 @@
+"""Command-line flags (Megatron-LM names plus ours) and their validation.
+
+`parse_args(argv)` returns an `argparse.Namespace` whose fields are the flags with `_`
+(`--latent-steps` -> `args.latent_steps`) plus a few derived values (`world_size`,
+`data_parallel_size`, `num_microbatches`, `data_blend`, `jacobi_iters` as a tuple).
+
+Every invalid configuration is refused here, before any process group, model or dataset is
+built, with an `ArgumentError` whose message names the flag and the fix. Entry points print
+that message and exit with status 2 (argparse's convention) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from megatron_lcot.data.tokenizers import TOKENIZER_TYPES
+
+USAGE_ERROR_EXIT_CODE = 2
+
+
+class ArgumentError(ValueError):
+    """A user mistake in the flags; the message names the flag and how to fix it."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pretrain_lcot.py",
+        description="Pretrain a GPT with latent thoughts before each token (megatron-core).",
+        allow_abbrev=False,
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument("--num-layers", type=int, required=True)
+    model.add_argument("--hidden-size", type=int, required=True)
+    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    model.add_argument("--num-attention-heads", type=int, required=True)
+    model.add_argument("--num-query-groups", type=int, default=None, help="GQA groups; default: one per head")
+    model.add_argument("--seq-length", type=int, required=True)
+    model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    model.add_argument("--init-method-std", type=float, default=None, help="default: PonderLM-2's sqrt(2/(5h))")
+    model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    model.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+    model.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
+
+    latent = parser.add_argument_group("latent thoughts")
+    latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
+    latent.add_argument("--latent-layout", choices=("stepwise", "interleaved"), default="stepwise")
+    latent.add_argument("--halting", choices=("none", "adaptive"), default="none")
+    latent.add_argument("--halting-threshold", type=float, default=0.05)
+    latent.add_argument("--halting-loss-weight", type=float, default=0.1)
+    latent.add_argument("--halting-correctness-exponent", type=float, default=1.0)
+    latent.add_argument("--jacobi-iters", default="2,3", help="Jacobi iterations drawn per training step, e.g. 2,3")
+    latent.add_argument("--jacobi-eval-iters", type=int, default=3)
+
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parallel.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                          help="set by the deepspeed launcher; the rank is read from the environment")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--micro-batch-size", type=int, default=1)
+    training.add_argument("--global-batch-size", type=int, default=None,
+                          help="default: micro batch x data-parallel size (no accumulation)")
+    training.add_argument("--train-iters", type=int, required=True)
+    training.add_argument("--lr", type=float, default=3e-4)
+    training.add_argument("--min-lr", type=float, default=0.0)
+    training.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
+                          default="cosine")
+    training.add_argument("--lr-warmup-iters", type=int, default=0)
+    training.add_argument("--weight-decay", type=float, default=0.01)
+    training.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    training.add_argument("--adam-beta1", type=float, default=0.9)
+    training.add_argument("--adam-beta2", type=float, default=0.999)
+    training.add_argument("--adam-eps", type=float, default=1e-8)
+    training.add_argument("--seed", type=int, default=1234)
+
+    checkpoint = parser.add_argument_group("checkpointing")
+    checkpoint.add_argument("--save", default=None, help="checkpoint directory to write")
+    checkpoint.add_argument("--load", default=None, help="checkpoint directory to resume from")
+    checkpoint.add_argument("--save-interval", type=int, default=None)
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--data-path", nargs="+", default=None,
+                      help="indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b' or 'a b'")
+    data.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
+    data.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its indices")
+    data.add_argument("--mock-data", action="store_true", help="synthetic token data for smoke runs")
+    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
+    data.add_argument("--tokenizer-model", default=None)
+    data.add_argument("--vocab-file", default=None)
+    data.add_argument("--merge-file", default=None)
+    data.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+
+    logging = parser.add_argument_group("evaluation and logging")
+    logging.add_argument("--eval-interval", type=int, default=1000)
+    logging.add_argument("--eval-iters", type=int, default=100)
+    logging.add_argument("--log-interval", type=int, default=100)
+    logging.add_argument("--metrics-file", default=None, help="append one JSON object per log line here")
+    logging.add_argument("--tensorboard-dir", default=None)
+    logging.add_argument("--wandb-project", default=None)
+    logging.add_argument("--wandb-exp-name", default=None)
+    logging.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")
+    return parser
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ArgumentError(message)
+
+
+def _parse_jacobi_iters(text: str) -> tuple:
+    try:
+        iters = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        iters = ()
+    _require(len(iters) > 0 and all(i >= 1 for i in iters),
+             f"--jacobi-iters {text!r}: give positive integers separated by commas, e.g. --jacobi-iters 2,3.")
+    return iters
+
+
+def _parse_blend(items: list) -> tuple:
+    """'a b' -> ([a, b], None); '0.3 a 0.7 b' -> ([a, b], [0.3, 0.7])."""
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+            return True
+        except ValueError:
+            return False
+
+    if len(items) % 2 == 0 and all(is_number(w) for w in items[0::2]):
+        prefixes, weights = list(items[1::2]), [float(w) for w in items[0::2]]
+        _require(all(w >= 0 for w in weights) and sum(weights) > 0,
+                 f"--data-path: blend weights {weights} must be non-negative with a positive sum.")
+    else:
+        prefixes, weights = list(items), None
+    for prefix in prefixes:
+        _require(not is_number(prefix),
+                 f"--data-path: {prefix!r} looks like a weight without a dataset; "
+                 "write weights and prefixes in pairs, e.g. --data-path 0.3 a 0.7 b.")
+        missing = [ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
+        if missing:
+            stem, ext = os.path.splitext(prefix)
+            hint = (f"drop the extension (--data-path {stem})" if ext in (".bin", ".idx")
+                    else "pass the output prefix of tools/preprocess_data.py (the path without .bin/.idx)")
+            raise ArgumentError(f"--data-path {prefix!r}: {' and '.join(prefix + e for e in missing)} "
+                                f"not found; {hint}.")
+    return prefixes, weights
+
+
+def _parse_split(text: str) -> str:
+    parts = text.replace("/", ",").split(",")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    _require(0 < len(values) <= 3 and all(v >= 0 for v in values) and sum(values) > 0
+             and (len(values) < 2 or values[1] > 0),
+             f"--split {text!r}: give train,valid,test proportions with a non-zero validation share, "
+             "e.g. --split 969,30,1.")
+    return text
+
+
+def _validate_model(args) -> None:
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+        _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive.")
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    _require(args.num_query_groups > 0 and args.num_attention_heads % args.num_query_groups == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+             f"{args.num_query_groups}; choose a --num-query-groups that divides the number of heads.")
+    _require(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads "
+             f"{args.num_attention_heads}; choose sizes so that each head has hidden/heads channels.")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    _require(args.seq_length <= args.max_position_embeddings,
+             f"--seq-length {args.seq_length} is above --max-position-embeddings "
+             f"{args.max_position_embeddings}; lower --seq-length or raise --max-position-embeddings.")
+    _require(args.make_vocab_size_divisible_by > 0, "--make-vocab-size-divisible-by must be positive.")
+    if args.transformer_impl == "transformer_engine":
+        _require(importlib.util.find_spec("transformer_engine") is not None,
+                 "--transformer-impl transformer_engine: Transformer Engine is not installed; "
+                 "install it (GPU machines) or use --transformer-impl local.")
+
+
+def _validate_latent(args) -> None:
+    _require(args.latent_steps >= 0,
+             f"--latent-steps {args.latent_steps} is negative; use 0 (vanilla GPT) or a positive "
+             "number of latent thoughts per token.")
+    if args.halting == "adaptive":
+        _require(args.latent_steps > 0,
+                 "--halting adaptive needs latent steps to halt: set --latent-steps K with K >= 1 "
+                 "(or use --halting none).")
+        _require(args.latent_layout == "stepwise",
+                 "--halting adaptive requires --latent-layout stepwise (the interleaved layout has "
+                 "no per-step exit); use --latent-layout stepwise or --halting none.")
+    _require(0.0 <= args.halting_threshold < 1.0,
+             f"--halting-threshold {args.halting_threshold} must be in [0, 1), e.g. 0.05.")
+    _require(args.halting_loss_weight >= 0, "--halting-loss-weight must be >= 0.")
+    _require(args.halting_correctness_exponent > 0, "--halting-correctness-exponent must be > 0.")
+    args.jacobi_iters = _parse_jacobi_iters(args.jacobi_iters)
+    _require(args.jacobi_eval_iters >= 1, "--jacobi-eval-iters must be >= 1.")
+
+
+def _validate_parallel(args) -> None:
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    _require(tp >= 1, "--tensor-model-parallel-size must be >= 1.")
+    _require(pp >= 1, "--pipeline-model-parallel-size must be >= 1.")
+    args.world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _require(args.world_size % (tp * pp) == 0,
+             f"the world size {args.world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+             f"--pipeline-model-parallel-size {pp}; launch a multiple of {tp * pp} processes.")
+    args.data_parallel_size = args.world_size // (tp * pp)
+    _require(args.num_attention_heads % tp == 0 and args.num_query_groups % tp == 0,
+             f"--tensor-model-parallel-size {tp} must divide --num-attention-heads "
+             f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
+    _require(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
+    _require(pp == 1 or args.latent_steps == 0,
+             "--pipeline-model-parallel-size > 1 is not supported with latent thoughts yet "
+             "(--latent-steps > 0); use --pipeline-model-parallel-size 1 or --latent-steps 0.")
+
+
+def _validate_batch(args) -> None:
+    _require(args.micro_batch_size > 0, "--micro-batch-size must be positive.")
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    _require(args.global_batch_size > 0 and args.global_batch_size % per_step == 0,
+             f"--global-batch-size {args.global_batch_size} is not a multiple of --micro-batch-size "
+             f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
+             f"use a multiple of {per_step}, e.g. --global-batch-size {per_step * max(1, args.global_batch_size // per_step)}.")
+    args.num_microbatches = args.global_batch_size // per_step
+
+
+def _validate_schedule(args) -> None:
+    _require(args.train_iters > 0, "--train-iters must be positive.")
+    _require(args.lr > 0, "--lr must be positive.")
+    _require(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be between 0 and --lr {args.lr}.")
+    _require(0 <= args.lr_warmup_iters < args.train_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be below --train-iters {args.train_iters}.")
+    _require(args.weight_decay >= 0, "--weight-decay must be >= 0.")
+    _require(args.clip_grad >= 0, "--clip-grad must be >= 0 (0 disables clipping).")
+    for flag in ("adam_beta1", "adam_beta2"):
+        _require(0 <= getattr(args, flag) < 1, f"--{flag.replace('_', '-')} must be in [0, 1).")
+    for flag in ("log_interval", "eval_interval", "eval_iters"):
+        _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive.")
+    if args.save_interval is not None:
+        _require(args.save_interval > 0, "--save-interval must be positive.")
+        _require(args.save is not None, "--save-interval needs a directory to write to: add --save DIR.")
+
+
+def _validate_data(args) -> None:
+    _require(args.mock_data or args.data_path,
+             "no training data: pass --data-path PREFIX (from tools/preprocess_data.py) or --mock-data.")
+    _require(not (args.mock_data and args.data_path),
+             "--mock-data and --data-path are exclusive; drop one of them.")
+    args.data_blend = _parse_blend(args.data_path) if args.data_path else None
+    _parse_split(args.split)
+    if args.tokenizer_type is None:
+        _require(args.mock_data,
+                 "--tokenizer-type is required with --data-path: use the tokenizer the data was "
+                 f"preprocessed with ({', '.join(TOKENIZER_TYPES)}).")
+        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type == "NullTokenizer":
+        _require(args.vocab_size is not None and args.vocab_size > 0,
+                 "--vocab-size is required with --tokenizer-type NullTokenizer (and with --mock-data "
+                 "without a --tokenizer-type), e.g. --vocab-size 1024.")
+    _require(args.num_workers >= 0, "--num-workers must be >= 0.")
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check every flag and fill the derived fields; raises `ArgumentError` naming the flag."""
+    _validate_model(args)
+    _validate_latent(args)
+    _validate_parallel(args)
+    _validate_batch(args)
+    _validate_schedule(args)
+    _validate_data(args)
+    return args
+
+
+def parse_args(argv: list | None = None) -> argparse.Namespace:
+    """Parse and validate; argparse itself exits with status 2 on unknown or malformed flags."""
+    return validate_args(build_parser().parse_args(argv))
+
+
+def set_padded_vocab_size(args: argparse.Namespace, tokenizer_vocab_size: int) -> None:
+    """`args.padded_vocab_size`: the tokenizer's id space rounded up to a multiple of
+    --make-vocab-size-divisible-by x tensor-parallel size (Megatron-LM's padding), so the
+    embedding splits evenly over tensor-parallel ranks."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
+    args.padded_vocab_size = -(-tokenizer_vocab_size // multiple) * multiple

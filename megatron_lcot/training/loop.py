@@ -1,0 +1,148 @@
+"""The training loop, shaped as Megatron-LM's `pretrain()`.
+
+An entry point supplies three functions, as `pretrain_gpt.py` does:
+
+    model_provider(pre_process, post_process) -> model          (one pipeline stage)
+    train_valid_test_datasets_provider(num_samples) -> (train, valid, test)
+    forward_step(data_iterator, model) -> (output, loss_func)   loss_func(output) ->
+        (loss_sum, num_tokens, {"stats": token_statistics(...)})
+
+Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) over
+`--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
+schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
+the number of micro-batches. The update itself is behind the optimizer seam
+(`training/optimizer.py`). Evaluation runs the same schedule forward-only over the first
+`--eval-iters` global batches of the validation split, every `--eval-interval` iterations
+and once at the end.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_lcot import parallel
+from megatron_lcot.data.datasets import build_data_iterator
+from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
+from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+
+
+def _is_logging_rank() -> bool:
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _run_schedule(forward_step_func, data_iterator, model, args, forward_only: bool):
+    """One global batch through the pipeline schedule; the statistics summed over this
+    rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
+    with parallel.schedule_device_context():
+        per_microbatch = get_forward_backward_func()(
+            forward_step_func=forward_step_func,
+            data_iterator=data_iterator,
+            model=model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            forward_only=forward_only,
+        )
+    if not parallel_state.is_pipeline_last_stage():
+        return None
+    return reduce_statistics(per_microbatch, parallel_state.get_data_parallel_group())
+
+
+def _data_iterator(dataset, consumed_samples: int, args):
+    return build_data_iterator(dataset, consumed_samples, args.micro_batch_size,
+                               parallel_state.get_data_parallel_rank(), args.data_parallel_size,
+                               args.num_workers)
+
+
+def evaluate(forward_step_func, valid_dataset, model, args) -> dict | None:
+    """Means over the first `--eval-iters` validation global batches (None off the last stage)."""
+    data_iterator = _data_iterator(valid_dataset, 0, args)
+    model.eval()
+    total = None
+    with torch.no_grad():
+        for _ in range(args.eval_iters):
+            stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=True)
+            total = stats if total is None else total + stats
+    model.train()
+    return summarize(total) if total is not None else None
+
+
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args) -> tuple:
+    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used)."""
+    optimizer.zero_grad()
+    stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=False)
+    lr = optimizer.param_groups[0]["lr"]
+    grad_norm = optimizer.step()
+    scheduler.step(1)
+    return stats, grad_norm, lr
+
+
+def _describe_run(model, args, iteration: int) -> str:
+    params = sum(p.numel() for p in model.parameters())
+    mode = "vanilla" if args.latent_steps == 0 else (
+        f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
+    start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
+    return (f"model: {params:,} parameters on this rank | {mode} | dp {args.data_parallel_size} "
+            f"tp {args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} | "
+            f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x "
+            f"{args.num_microbatches} micro-batches x dp | {start}")
+
+
+def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
+    """Initialise, build, resume, train for `--train-iters`, evaluate; returns the final
+    validation summary on the logging rank (None elsewhere)."""
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    optimizer = build_optimizer(model, args)
+    scheduler = build_lr_scheduler(optimizer, args)
+    iteration, consumed_samples = load_checkpoint(args.load, model, optimizer, scheduler, args) if args.load else (0, 0)
+    start_iteration = iteration
+
+    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
+    train_iterator = _data_iterator(train_dataset, consumed_samples, args) if iteration < args.train_iters else None
+
+    logger = MetricsLogger(args, enabled=_is_logging_rank())
+    if _is_logging_rank():
+        print(_describe_run(model, args, iteration), flush=True)
+    tokens_per_iteration = args.global_batch_size * args.seq_length
+    interval_stats, interval_seconds, interval_iters = None, 0.0, 0
+    run_start = time.perf_counter()
+    while iteration < args.train_iters:
+        step_start = time.perf_counter()
+        stats, grad_norm, lr = train_step(forward_step_func, train_iterator, model, optimizer, scheduler, args)
+        iteration += 1
+        consumed_samples += args.global_batch_size
+        interval_seconds += time.perf_counter() - step_start
+        interval_iters += 1
+        if stats is not None:
+            interval_stats = stats if interval_stats is None else interval_stats + stats
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            if interval_stats is not None:
+                logger.log_train(iteration, consumed_samples * args.seq_length, lr, grad_norm, summarize(interval_stats),
+                                 tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                                 seconds_per_iter=interval_seconds / interval_iters,
+                                 elapsed=time.perf_counter() - run_start)
+            interval_stats, interval_seconds, interval_iters = None, 0.0, 0
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
+        if iteration % args.eval_interval == 0 and iteration < args.train_iters:
+            summary = evaluate(forward_step_func, valid_dataset, model, args)
+            if summary is not None:
+                logger.log_eval(iteration, summary, final=False)
+
+    saved_last_iteration = args.save_interval and iteration % args.save_interval == 0
+    if args.save and iteration > start_iteration and not saved_last_iteration:
+        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
+    final = evaluate(forward_step_func, valid_dataset, model, args)
+    if final is not None:
+        logger.log_eval(iteration, final, final=True)
+    logger.close()
+    return final if _is_logging_rank() else None
