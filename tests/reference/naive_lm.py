@@ -311,43 +311,36 @@ def interleaved_jacobi_logits(
     K: int,
     jacobi_iters: int,
     embedding_scale: float,
-    latent_init: str = "zeros",
 ) -> torch.Tensor:
     """PonderLM-2's Jacobi schedule, written plainly (METHOD.md section 2).
 
-    S[t, 0] = token embedding * scale; S[t, k >= 1] starts as `latent_init` ("zeros", or
-    "embedding": a copy of the token's scaled embedding). Warm-up: for k = 1..K, one full pass
-    H = M(interleave(S)), then S[:, k] = H[slot (., k-1)]. Then `jacobi_iters` times:
-    H = M(interleave(S)); S[:, k] = H[slot (., k-1)] for all k >= 1 at once. Finally
-    H = M(interleave(S)), logits = head(H[slot (., K)]).
+    S[t, 0] = token embedding * scale. Warm-up (the project's documented decision, so that no
+    slot is read before it holds a state): for k = 1..K, one pass of M over the interleaved
+    sequence of steps 0..k-1 only (T*k slots, causal), then S[t, k] = H[slot (t, k-1)].
+    Then `jacobi_iters` times: H = M(interleave(S)) over all T(K+1) slots;
+    S[t, k] = H[slot (t, k-1)] for all k >= 1 at once. Finally H = M(interleave(S)),
+    logits = head(H[slot (t, K)]). M is `dense_decoder` with a dense causal mask and every
+    slot of token t at position t.
     """
     out = []
     for seq in tokens.tolist():
         T = len(seq)
-        N = T * (K + 1)
-        emb = torch.stack([_embed(w, tok, embedding_scale) for tok in seq])  # [T, h]
-        if latent_init == "zeros":
-            latent = torch.zeros(T, K, emb.shape[-1], dtype=emb.dtype)
-        elif latent_init == "embedding":
-            latent = emb[:, None, :].expand(T, K, emb.shape[-1])
-        else:
-            raise ValueError(latent_init)
-        S = [emb] + [latent[:, k] for k in range(K)]  # list of K+1 tensors [T, h]
-        positions = torch.arange(T).repeat_interleave(K + 1)  # slot order (t, k), t major
-        allowed = torch.ones(N, N, dtype=torch.bool).tril()
+        S = [torch.stack([_embed(w, tok, embedding_scale) for tok in seq])]  # S[k]: [T, h]
 
-        def passes(S):
-            X = torch.stack(S, dim=1).reshape(N, -1)  # interleave: x1 z11..z1K x2 ...
-            return dense_decoder(w, X, positions, allowed).view(T, K + 1, -1)
+        def M(S):
+            """interleave S[0..n-1] (x1 z11.. x2 ..), run the causal decoder -> [T, n, h]."""
+            n = len(S)
+            X = torch.stack(S, dim=1).reshape(T * n, -1)
+            positions = torch.arange(T).repeat_interleave(n)
+            allowed = torch.ones(T * n, T * n, dtype=torch.bool).tril()
+            return dense_decoder(w, X, positions, allowed).view(T, n, -1)
 
         for k in range(1, K + 1):
-            H = passes(S)
-            S = S[:k] + [H[:, k - 1]] + S[k + 1 :]
+            S = S + [M(S)[:, k - 1]]
         for _ in range(jacobi_iters):
-            H = passes(S)
+            H = M(S)
             S = [S[0]] + [H[:, k - 1] for k in range(1, K + 1)]
-        H = passes(S)
-        out.append(head(w, H[:, K]))
+        out.append(head(w, M(S)[:, K]))
     return torch.stack(out)
 
 
@@ -363,7 +356,7 @@ class AdaptiveResult:
     lm_loss: Optional[torch.Tensor]  # [b, T]
     penalty: Optional[torch.Tensor]  # [b, T]
     latent_steps: torch.Tensor  # [b, T] executed steps k >= 1
-    expected_latent_steps: torch.Tensor  # [b, T] sum_{k>=1} r(t,k) over the computed reaches
+    expected_latent_steps: torch.Tensor  # [b, T] sum of r(t,k) over executed steps k >= 1
     reach: torch.Tensor  # [b, T, K+1]; NaN where undefined (after the first step below tau)
     live: torch.Tensor  # [b, T, K+1] bool
 
@@ -430,7 +423,7 @@ def adaptive_forward(
             y_out = sum(e * y for e, y in zip(exits, ys))
             logits_t.append(head(w, y_out))
             steps_t.append(m)
-            exp_t.append(sum(reach[1:], x.new_zeros(())))
+            exp_t.append(sum(reach[1 : m + 1], x.new_zeros(())))  # executed latent steps only
             full_reach = torch.full((K + 1,), float("nan"), dtype=x.dtype)
             full_reach[: len(reach)] = torch.stack(reach).detach()
             reach_t.append(full_reach)
