@@ -9,9 +9,13 @@ instead of re-implementing it, and exposes the small surface both sides need:
     tok.vocab_size -> int                            # size of the id space (the model pads it)
     tok.eod -> int                                   # end-of-document id (``--append-eod``)
 
-The classes subclass megatron-core 0.16.1's ``MegatronTokenizerBase`` (the non-deprecated
-system) and carry ``unique_identifiers``, which ``GPTDataset`` hashes into its cache names, so
-an instance can be passed straight to ``GPTDatasetConfig(tokenizer=...)``.
+An instance can be passed straight to megatron-core 0.16.1's ``GPTDatasetConfig(tokenizer=...)``:
+``GPTDataset`` / ``MockGPTDataset`` read ``vocab_size``, ``eod``, ``unique_identifiers`` (hashed into
+cache names) and optionally ``pad`` / ``eos``, by attribute, never by ``isinstance``. The classes
+implement ``MegatronTokenizerBase``'s methods but do not import it: importing anything under
+``megatron.core`` loads torch and the whole package (7-25 s on 2 cores), a tax on every
+preprocessing worker and CLI start for a class that adds nothing but an ABC. (The legacy
+``MegatronLegacyTokenizer`` would also log a deprecation warning per instance.)
 
 Instances are picklable through their constructor arguments, so worker processes rebuild
 the library object instead of receiving a pickled C++ handle.
@@ -23,8 +27,6 @@ import json
 import os
 from collections import OrderedDict
 from typing import Iterable, Optional, Sequence
-
-from megatron.core.tokenizers import MegatronTokenizerBase
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
@@ -45,7 +47,7 @@ def _require_file(path: Optional[str], flag: str, what: str) -> str:
     return path
 
 
-class LcotTokenizer(MegatronTokenizerBase):
+class LcotTokenizer:
     """Common base: identifiers for dataset caching, pickling by constructor arguments.
 
     Subclasses set ``self._init_args`` (the kwargs that rebuild them) and implement
@@ -54,7 +56,7 @@ class LcotTokenizer(MegatronTokenizerBase):
 
     def __init__(self, **init_args) -> None:
         paths = [v for k, v in init_args.items() if k in ("model_path", "vocab_file", "merge_file") and v]
-        super().__init__(paths[0] if paths else "", config={})
+        self.path = paths[0] if paths else ""
         self._init_args = init_args
         self.unique_identifiers = OrderedDict(
             [("class", type(self).__name__), ("tokenizer_path", [os.path.abspath(p) for p in paths])]
