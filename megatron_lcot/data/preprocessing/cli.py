@@ -100,3 +100,51 @@ def preprocess_main(argv: Optional[list[str]] = None) -> int:
         return 0
 
     return run_cli(main, preprocess_parser(), argv)
+
+
+def merge_main(argv: Optional[list[str]] = None) -> int:
+    from .merge import merge_datasets
+
+    parser = argparse.ArgumentParser(prog="tools/merge_datasets.py",
+                                     description="Concatenate megatron indexed datasets, in the order given.")
+    parser.add_argument("--input", nargs="+", required=True, metavar="PREFIX_OR_DIR",
+                        help="dataset prefixes, or directories whose datasets are taken in sorted order")
+    parser.add_argument("--output-prefix", required=True, help="prefix of the merged .bin/.idx")
+
+    def main(args: argparse.Namespace) -> int:
+        counts = merge_datasets(args.input, args.output_prefix)
+        print(f"[merge] {counts['documents']:,} documents, {counts['tokens']:,} tokens -> {args.output_prefix}.bin/.idx")
+        return 0
+
+    return run_cli(main, parser, argv)
+
+
+def train_tokenizer_main(argv: Optional[list[str]] = None) -> int:
+    from ..tokenizer_training import TOKENIZER_KINDS, train_tokenizer
+    from .sampling import sample_texts
+
+    parser = argparse.ArgumentParser(prog="tools/train_tokenizer.py",
+                                     description="Train a tokenizer on a sample of a corpus (same inputs as preprocess_data.py).")
+    add_input_args(parser)
+    parser.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS, default="sentencepiece-bpe",
+                        help="sentencepiece BPE/unigram (.model) or Hugging Face byte-level BPE (tokenizer.json + vocab.json/merges.txt)")
+    parser.add_argument("--vocab-size", type=int, default=32000, help="vocabulary size")
+    parser.add_argument("--sample-bytes", type=int, default=200_000_000,
+                        help="characters of text to train on, spread over the inputs")
+    parser.add_argument("--output", required=True,
+                        help="model prefix for sentencepiece (writes OUTPUT.model), directory for hf-bpe")
+
+    def main(args: argparse.Namespace) -> int:
+        from .errors import PreprocessError
+
+        if args.vocab_size < 300:
+            raise PreprocessError(f"--vocab-size {args.vocab_size}: use at least 300 (byte fallback needs 259 ids).")
+        texts = sample_texts(args.input, args.json_keys[0], args.sample_bytes, args.text_documents, args.hf_split)
+        try:
+            flags = train_tokenizer(texts, args.tokenizer_kind, args.output, args.vocab_size)
+        except RuntimeError as error:  # sentencepiece reports bad settings (e.g. vocab too large) this way
+            raise PreprocessError(f"tokenizer training failed: {error}; try a smaller --vocab-size or a larger --sample-bytes.") from None
+        print("[train_tokenizer] done; preprocess with: " + " ".join(f"{k} {v}" for k, v in flags.items()))
+        return 0
+
+    return run_cli(main, parser, argv)
