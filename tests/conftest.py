@@ -40,26 +40,23 @@ def sotu_speeches(count: int) -> list:
 def sotu_indexed_dataset(tmp_path_factory) -> dict:
     """{"prefix": path prefix of a .bin/.idx pair, "tokenizer_model": sentencepiece .model}.
 
-    40 addresses (~300k tokens) tokenized with a 512-piece sentencepiece BPE trained on them,
-    one document per address, each ending with the eod token.
+    40 addresses (~300k tokens), one document each, tokenized by tools/preprocess_data.py
+    with a 512-piece sentencepiece BPE trained on them, each document ending with eod.
     """
-    import numpy as np
-    import torch
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     from megatron_lcot.data.tokenizer_training import train_sentencepiece
-    from megatron_lcot.data.tokenizers import build_tokenizer
 
     root = tmp_path_factory.mktemp("sotu")
     texts = sotu_speeches(40)
+    (root / "speeches").mkdir()
+    for index, text in enumerate(texts):
+        (root / "speeches" / f"{index:03d}.txt").write_text(text, encoding="utf-8")
     model_path = train_sentencepiece(texts, str(root / "sotu_sp512"), vocab_size=512)
-    tokenizer = build_tokenizer("SentencePieceTokenizer", model_path)
-    prefix = str(root / "sotu_text_document")
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
-    for ids in tokenizer.tokenize_batch(texts):
-        builder.add_document(torch.tensor(ids + [tokenizer.eod]), [len(ids) + 1])
-    builder.finalize(prefix + ".idx")
-    return {"prefix": prefix, "tokenizer_model": model_path}
+    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"),
+                    "--input", str(root / "speeches"), "--tokenizer-type", "SentencePieceTokenizer",
+                    "--tokenizer-model", model_path, "--output-prefix", str(root / "sotu"), "--append-eod",
+                    "--workers", "1"], check=True, capture_output=True, timeout=300,
+                   env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    return {"prefix": str(root / "sotu_text_document"), "tokenizer_model": model_path}
 
 
 def read_metrics(path) -> list:

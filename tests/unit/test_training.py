@@ -1,0 +1,129 @@
+"""Training pieces in isolation: statistics, the resumable sampler, the optimizer seam,
+checkpoint atomicity and compatibility checks."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+
+import pytest
+import torch
+
+from megatron_lcot.data.datasets import PretrainingSampler
+from megatron_lcot.model import LcotOutput
+from megatron_lcot.training.metrics import summarize, token_statistics
+
+
+def test_token_statistics_count_only_loss_tokens():
+    loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 100.0]])
+    steps = torch.tensor([[0.0, 2.0, 2.0], [1.0, 2.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])  # the 100.0 / 0-step token is padding
+    output = LcotOutput(loss=loss + 0.5, lm_loss=loss, latent_steps=steps, expected_latent_steps=steps * 0.5)
+    first = token_statistics(output, mask, max_latent_steps=2)
+    summary = summarize(first + token_statistics(output, mask, max_latent_steps=2))  # two micro-batches
+    assert summary["lm_loss"] == pytest.approx(15 / 5) and summary["loss"] == pytest.approx(17.5 / 5)
+    assert summary["mean_latent_steps"] == pytest.approx(7 / 5)
+    assert summary["expected_latent_steps"] == pytest.approx(3.5 / 5)
+    assert summary["halted_share"] == [0.2, 0.2, 0.6]
+
+
+def test_token_statistics_vanilla_has_no_latent_steps():
+    loss = torch.ones(2, 4)
+    summary = summarize(token_statistics(LcotOutput(loss=loss, lm_loss=loss), torch.ones(2, 4), 0))
+    assert summary["halted_share"] == [1.0] and summary["mean_latent_steps"] == 0.0
+    assert summary["expected_latent_steps"] is None
+
+
+def test_sampler_shards_by_rank_and_resumes_where_it_stopped():
+    ranks = [list(PretrainingSampler(20, 0, micro_batch_size=2, data_parallel_rank=r, data_parallel_size=2))
+             for r in range(2)]
+    assert ranks[0][:2] == [[0, 1], [4, 5]] and ranks[1][:2] == [[2, 3], [6, 7]]
+    assert len(ranks[0]) == 5 and sorted(i for rank in ranks for batch in rank for i in batch) == list(range(20))
+    assert list(PretrainingSampler(20, 8, 2, 1, 2)) == ranks[1][2:]
+
+
+@pytest.fixture(scope="module")
+def tiny_training_state():
+    """(args, model, optimizer, scheduler) for a 1-layer vanilla model on a world of one."""
+    from megatron_lcot import parallel
+    from megatron_lcot.model import build_lcot_model, llama_config
+    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+
+    parallel.initialize(1, 1, seed=7)
+    args = argparse.Namespace(
+        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
+        padded_vocab_size=128, latent_steps=0, halting="none", tensor_model_parallel_size=1,
+        pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
+        train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+        jacobi_iters=(2, 3))
+    model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
+    optimizer = build_optimizer(model, args)
+    return args, model, optimizer, build_lr_scheduler(optimizer, args)
+
+
+def _train_one_step(model, optimizer, scheduler) -> float:
+    tokens = torch.randint(0, 128, (2, 17))
+    output = model(tokens[:, :-1], torch.arange(16).expand(2, 16), labels=tokens[:, 1:])
+    optimizer.zero_grad()
+    output.loss.mean().backward()
+    grad_norm = optimizer.step()
+    scheduler.step(1)
+    return grad_norm
+
+
+def test_optimizer_clips_to_global_norm_and_skips_decay_on_vectors(tiny_training_state):
+    args, model, optimizer, scheduler = tiny_training_state
+    decayed, plain = optimizer.param_groups
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert decayed["weight_decay"] == args.weight_decay and plain["weight_decay"] == 0.0
+    for param in model.parameters():
+        param.grad = torch.full_like(param, 3.0)
+    expected_norm = 3.0 * math.sqrt(sum(p.numel() for p in model.parameters()))
+    optimizer.optimizer.step = lambda: None  # measure the norm and clip, do not move the weights
+    try:
+        assert optimizer.step() == pytest.approx(expected_norm)
+    finally:
+        del optimizer.optimizer.step
+    clipped = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
+    assert clipped == pytest.approx(args.clip_grad, rel=1e-5)
+
+
+def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_path, monkeypatch):
+    from megatron_lcot.training import checkpointing
+    from megatron_lcot.training.optimizer import build_lr_scheduler
+
+    args, model, optimizer, scheduler = tiny_training_state
+    _train_one_step(model, optimizer, scheduler)
+    checkpointing.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, consumed_samples=2, args=args)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
+    _train_one_step(model, optimizer, scheduler)
+
+    def crash_midway(state, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpointing.torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+    monkeypatch.undo()
+    assert checkpointing.latest_iteration(str(tmp_path)) == 1
+    assert not os.path.exists(tmp_path / "iter_0000002")
+
+    fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
+    assert checkpointing.load_checkpoint(str(tmp_path), model, optimizer, fresh_scheduler, args) == (1, 2)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
+    assert fresh_scheduler.num_steps == 1
+    checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
+
+
+def test_checkpoint_refuses_other_model_shape(tiny_training_state, tmp_path):
+    from megatron_lcot.training import checkpointing
+
+    args, model, optimizer, scheduler = tiny_training_state
+    checkpointing.save_checkpoint(str(tmp_path), 3, model, optimizer, scheduler, consumed_samples=6, args=args)
+    other = argparse.Namespace(**{**vars(args), "hidden_size": 64})
+    with pytest.raises(checkpointing.CheckpointError, match="--hidden-size 32 but this run has --hidden-size 64"):
+        checkpointing.load_checkpoint(str(tmp_path), model, optimizer, scheduler, other)
+    assert checkpointing.load_checkpoint(str(tmp_path / "empty"), model, optimizer, scheduler, args) == (0, 0)
