@@ -31,7 +31,7 @@ MODEL = (
 )
 TRAINING = (
     "--micro-batch-size 8 --global-batch-size 8 --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine "
-    "--lr-warmup-iters 20 --weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 "
+    "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95 "
     "--seed 1234 --split 98,2,0 --eval-iters 8 --log-interval 10"
 )
 RUNS = {
@@ -51,7 +51,8 @@ def train(name: str, run_args: str, common: list, out_dir: str) -> dict:
            "--save", os.path.join(run_dir, "checkpoints"), "--metrics-file", metrics_file]
     print(f"\n=== training {name}: {' '.join(run_args.split())}", flush=True)
     start = time.time()
-    subprocess.run(cmd, check=True)
+    if subprocess.run(cmd).returncode != 0:
+        sys.exit(f"training {name} failed (its error is printed above)")
     wall = time.time() - start
     with open(metrics_file) as f:
         records = [json.loads(line) for line in f]
@@ -72,7 +73,7 @@ def main() -> None:
     print("=== preparing the default corpus (SOTU + Wikipedia leads, sentencepiece 8k)", flush=True)
     corpus = prepare_default_corpus(args.data_dir)
     common = [*MODEL.split(), *TRAINING.split(),
-              "--train-iters", str(args.train_iters), "--eval-interval", str(args.eval_interval),
+              "--train-iters", str(args.train_iters), "--lr-warmup-iters", str(max(1, args.train_iters // 15)), "--eval-interval", str(args.eval_interval),
               "--data-path", corpus.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
               "--tokenizer-model", corpus.tokenizer_model, *extra]
     results = {name: train(name, run_args, common, args.out_dir) for name, run_args in RUNS.items()}
