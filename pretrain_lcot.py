@@ -31,7 +31,9 @@ from megatron_lcot.training.metrics import token_statistics  # noqa: E402
 
 
 def model_provider(args, pre_process: bool = True, post_process: bool = True):
-    """One pipeline stage of the model that the flags describe (fp32 weights; --bf16 autocasts)."""
+    """One pipeline stage of the model that the flags describe (bf16 weights with --bf16; the
+    optimizer keeps fp32 main copies)."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
     config = llama_config(
         args.num_layers, args.hidden_size, args.num_attention_heads,
         ffn_hidden_size=args.ffn_hidden_size, num_query_groups=args.num_query_groups,
@@ -42,7 +44,10 @@ def model_provider(args, pre_process: bool = True, post_process: bool = True):
         jacobi_iters=args.jacobi_iters, jacobi_eval_iters=args.jacobi_eval_iters,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        pipeline_dtype=torch.float32,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        use_cpu_initialization=args.use_cpu_initialization,
         batch_p2p_comm=parallel.backend() != "gloo",  # batched p2p is wrong on gloo (PLATFORM.md)
     )
     return build_lcot_model(config, vocab_size=args.padded_vocab_size, max_sequence_length=args.max_position_embeddings,
@@ -70,8 +75,7 @@ def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
 def forward_step(args, data_iterator, model):
     """Run one micro-batch: (LcotOutput or stage output, loss_func)."""
     batch = {key: value.to(parallel.device()) for key, value in next(data_iterator).items()}
-    with torch.autocast(parallel.device().type, dtype=torch.bfloat16, enabled=args.bf16):
-        output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     return output, partial(loss_func, args.latent_steps, batch["loss_mask"])
 
 

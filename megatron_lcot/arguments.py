@@ -40,8 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     model.add_argument("--init-method-std", type=float, default=None, help="default: PonderLM-2's sqrt(2/(5h))")
     model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    model.add_argument("--use-cpu-initialization", action="store_true",
+                       help="initialise each full weight, then shard it: tensor-parallel runs start from "
+                            "the weights of the one-process run")
     model.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
-    model.add_argument("--bf16", action="store_true", help="bf16 autocast over fp32 master weights")
+    model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")

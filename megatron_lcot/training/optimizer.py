@@ -20,21 +20,22 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list:
+def _param_groups(main_params: list, weight_decay: float) -> list:
     """Matrices decay; vectors (norm weights, biases, router biases) do not, as in Megatron-LM.
     `wd_mult` is what OptimizerParamScheduler multiplies the scheduled weight decay by."""
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
     return [
-        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
-        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
+        {"params": [p for p in main_params if p.ndim > 1], "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": [p for p in main_params if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
     ]
 
 
 class TorchAdamW:
-    """AdamW with data-parallel gradient averaging and global-norm clipping.
+    """AdamW on fp32 main weights, with data-parallel gradient averaging and global-norm clipping.
+
+    fp32 model parameters are their own main weights. A bf16 parameter (`--bf16`) gets an fp32
+    main copy: its gradient is upcast into the copy, AdamW updates the copy, and the result is
+    cast back (Megatron-LM's mixed-precision optimizer, without loss scaling, which bf16 does
+    not need).
 
     Gradients arrive as each rank's mean over its own micro-batches; `step()` averages them
     over the data-parallel group, computes the global L2 norm across tensor- and
@@ -45,20 +46,28 @@ class TorchAdamW:
     def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple,
                  eps: float, clip_grad: float) -> None:
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.main_params = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self.clip_grad = clip_grad
-        self.optimizer = torch.optim.AdamW(_param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.main_params, weight_decay), lr=lr, betas=betas, eps=eps)
 
     @property
     def param_groups(self) -> list:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        for param, main in zip(self.params, self.main_params):
+            param.grad = main.grad = None
 
-    def _average_data_parallel_grads(self) -> None:
+    def _main_grads(self) -> list:
+        """Point every main weight's .grad at an fp32 copy of its model gradient."""
+        for param, main in zip(self.params, self.main_params):
+            if main is not param and param.grad is not None:
+                main.grad = param.grad.float()
+        return [main.grad for main in self.main_params if main.grad is not None]
+
+    def _average_data_parallel(self, grads: list) -> None:
         group = parallel_state.get_data_parallel_group()
         size = dist.get_world_size(group)
-        grads = [p.grad for p in self.params if p.grad is not None]
         if size == 1 or not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
@@ -69,30 +78,40 @@ class TorchAdamW:
 
     def _global_grad_norm(self) -> float:
         squares = torch.zeros((), dtype=torch.float64)
-        for param in self.params:
-            if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += param.grad.detach().double().pow(2).sum().cpu()
+        for param, main in zip(self.params, self.main_params):
+            if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+                squares += main.grad.detach().double().pow(2).sum().cpu()
         if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
             dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
         return math.sqrt(squares.item())
 
+    @torch.no_grad()
     def step(self) -> float:
         """Apply one update from the accumulated gradients; returns the pre-clip grad norm."""
-        self._average_data_parallel_grads()
+        grads = self._main_grads()
+        self._average_data_parallel(grads)
         grad_norm = self._global_grad_norm()
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
             scale = self.clip_grad / (grad_norm + 1e-6)
-            for param in self.params:
-                if param.grad is not None:
-                    param.grad.mul_(scale)
+            for grad in grads:
+                grad.mul_(scale)
         self.optimizer.step()
+        for param, main in zip(self.params, self.main_params):
+            if main is not param:
+                param.copy_(main)
         return grad_norm
 
     def state_dict(self) -> dict:
-        return self.optimizer.state_dict()
+        """AdamW state plus the fp32 main copies of low-precision weights (exact resume)."""
+        return {"adamw": self.optimizer.state_dict(),
+                "fp32_main_params": [main for param, main in zip(self.params, self.main_params) if main is not param]}
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict)
+        self.optimizer.load_state_dict(state_dict["adamw"])
+        copies = [main for param, main in zip(self.params, self.main_params) if main is not param]
+        for main, saved in zip(copies, state_dict["fp32_main_params"], strict=True):
+            main.copy_(saved)
 
 
 def build_optimizer(model: torch.nn.Module, args) -> TorchAdamW:

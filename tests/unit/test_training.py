@@ -127,3 +127,23 @@ def test_checkpoint_refuses_other_model_shape(tiny_training_state, tmp_path):
     with pytest.raises(checkpointing.CheckpointError, match="--hidden-size 32 but this run has --hidden-size 64"):
         checkpointing.load_checkpoint(str(tmp_path), model, optimizer, scheduler, other)
     assert checkpointing.load_checkpoint(str(tmp_path / "empty"), model, optimizer, scheduler, args) == (0, 0)
+
+
+def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
+    """Updates far below bf16 resolution accumulate in the fp32 main weight and reach the bf16
+    weight once they add up; the main copy survives a state_dict round trip."""
+    from megatron_lcot.training.optimizer import TorchAdamW
+
+    layer = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+    torch.nn.init.ones_(layer.weight)
+    optimizer = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    for _ in range(100):  # Adam moves each weight by ~lr per step; bf16 spacing at 1.0 is 2^-7
+        optimizer.zero_grad()
+        layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
+        optimizer.step()
+    main = optimizer.main_params[0]
+    assert main.dtype == torch.float32 and main[0, 0].item() == pytest.approx(1 - 100 * 1e-4, rel=1e-3)
+    assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, main.to(torch.bfloat16))
+    restored = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    restored.load_state_dict(optimizer.state_dict())
+    assert torch.equal(restored.main_params[0], main)
