@@ -75,3 +75,19 @@ def build_gpt_model(config, vocab_size: int, max_sequence_length: int):
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def single_thread_fixture():
+    """A module-scoped autouse fixture running the module's tests on 1 intra-op thread, then
+    restoring the setting. These tests are thousands of tiny ops: a second OpenMP thread buys
+    nothing, and on a busy 2-core machine its spin-waiting made single calls up to 100x slower."""
+    import pytest
+
+    @pytest.fixture(scope="module", autouse=True)
+    def _single_thread():
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+
+    return _single_thread

@@ -9,24 +9,21 @@ windows, tests/reference/helpers.py); norm weights are randomised so a misplaced
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:
-    sys.path.insert(0, _ROOT)
 
-from tests.reference import naive_lm as ref  # noqa: E402
-from tests.reference.helpers import (  # noqa: E402
+from tests.reference import naive_lm as ref
+from tests.reference.helpers import (
     build_gpt_model,
     init_megatron,
     max_abs,
     randomize_norm_weights,
     real_token_batch,
+    single_thread_fixture,
 )
+
+_single_thread = single_thread_fixture()
 
 VOCAB, T, B, MAX_LEN = 320, 12, 2, 64
 SEED = 4321
@@ -169,6 +166,30 @@ def test_adaptive_equals_naive_reference(batch):
     # the penalty itself, which must be large enough to be seen next to the CE
     assert want.penalty.mean() > 1e-2, want.penalty.mean()
     assert max_abs((out.loss - out.lm_loss) / model.config.halting_loss_weight, want.penalty) < 1e-4
+
+
+@pytest.mark.parametrize("router_bias", [-40.0, 40.0], ids=["all-halt", "none-halt"])
+def test_adaptive_extremes(batch, router_bias):
+    """Proves the adaptive model's edge paths: when every token halts after step 0 (the schedule
+    stops early) it gives the step-0 (vanilla, scaled-embedding) logits with 0 latent steps and a
+    penalty of r(t,1) p(t,0)^beta ~ 0; when no token halts it gives the stepwise fixed-K logits."""
+    ids, labels = batch
+    model = adaptive_model(router_std=0.0, router_bias=router_bias)
+    c = model.config
+    with torch.no_grad():
+        out = model(ids, positions(), labels=labels)
+        logits = model(ids, positions())
+        want = ref_adaptive(model, ids, labels)
+        w = ref.NaiveWeights.from_model(model)
+        if router_bias < 0:
+            plain, steps = ref.vanilla_logits(w, ids, c.embedding_scale), 0
+        else:
+            plain, steps = ref.stepwise_logits(w, ids, c.latent_steps, c.embedding_scale), c.latent_steps
+    assert (want.latent_steps == steps).all() and (out.latent_steps == steps).all()
+    assert max_abs(want.logits, plain) < 1e-5
+    assert max_abs(logits, want.logits) < 1e-4
+    assert max_abs(out.loss, want.loss) < 1e-4
+    assert max_abs(out.expected_latent_steps, want.expected_latent_steps) < 1e-5
 
 
 @pytest.mark.parametrize("jacobi_iters", [0, 1, 2])

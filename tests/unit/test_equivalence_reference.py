@@ -8,24 +8,21 @@ All in fp32 on real token ids (byte-level State of the Union text, see tests/ref
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if _ROOT not in sys.path:  # tests/reference is imported as a package from the repository root
-    sys.path.insert(0, _ROOT)
 
-from tests.reference import naive_lm as ref  # noqa: E402
-from tests.reference.helpers import (  # noqa: E402
+from tests.reference import naive_lm as ref
+from tests.reference.helpers import (
     build_gpt_model,
     init_megatron,
     max_abs,
     randomize_norm_weights,
     real_token_batch,
+    single_thread_fixture,
 )
+
+_single_thread = single_thread_fixture()
 
 VOCAB, T, B = 320, 12, 2
 SEED = 1234
