@@ -14,9 +14,11 @@ import sys
 import warnings
 from functools import partial
 
-# megatron-core warns at import time that the optional Apex / Transformer Engine kernels are
-# absent; the local implementations are what we use on purpose.
+# megatron-core warns that the optional Apex / Transformer Engine kernels are absent (the local
+# implementations are what we use on purpose) and that its own default CUDA-graph scope is
+# deprecated (we use no CUDA graphs).
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
+warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 import torch  # noqa: E402
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 
 import torch
@@ -93,6 +94,7 @@ class MetricsLogger:
         if not enabled:
             return
         if args.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
             self.metrics_file = open(args.metrics_file, "a", encoding="utf-8")
         if args.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
