@@ -224,7 +224,7 @@ def test_interleaved_converged_equals_sequential_decoding(batch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gradients
+# Gradients (in training mode, as the training loop runs the model)
 
 GRAD_PARAMS = [
     "embedding.word_embeddings.weight",
@@ -256,7 +256,7 @@ def test_stepwise_gradients_equal_reference(batch):
     gives autograd's gradients of the naive reference's mean loss (relative error < 1e-4)."""
     ids, labels = batch
     K = 2
-    model = build(lcot_config(latent_steps=K, latent_layout="stepwise", halting="none"))
+    model = build(lcot_config(latent_steps=K, latent_layout="stepwise", halting="none")).train()
     loss = model(ids, positions(), labels=labels).loss.mean()
     want = ref.per_token_ce(
         ref.stepwise_logits(ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale), labels
@@ -269,7 +269,7 @@ def test_adaptive_gradients_equal_reference(batch):
     the penalty's reach with stop-gradient on p, and the reused keys/values of halted slots)
     equal autograd through the naive reference, including the router's weight and bias."""
     ids, labels = batch
-    model = adaptive_model()
+    model = adaptive_model().train()
     out = model(ids, positions(), labels=labels)
     want = ref_adaptive(model, ids, labels)
     assert_real_halting_mix(want, model.config.halting_threshold)
@@ -282,7 +282,7 @@ def test_interleaved_gradients_equal_reference(batch):
     """Proves gradients flow through every Jacobi pass exactly as in the plain loop (J = 1)."""
     ids, labels = batch
     K = 2
-    model = build(lcot_config(latent_steps=K, latent_layout="interleaved"))
+    model = build(lcot_config(latent_steps=K, latent_layout="interleaved")).train()
     loss = model(ids, positions(), labels=labels, jacobi_iters=1).loss.mean()
     want = ref.per_token_ce(
         ref.interleaved_jacobi_logits(ref.NaiveWeights.from_model(model), ids, K, 1, model.config.embedding_scale),
