@@ -53,3 +53,6 @@ class StrictModeError(RuntimeError):
     def __init__(self, issue: Issue) -> None:
         super().__init__(issue.detail)
         self.issue = issue
+
+    def __reduce__(self):  # crosses the worker -> coordinator pipe
+        return (StrictModeError, (self.issue,))

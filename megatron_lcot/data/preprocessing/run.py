@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -236,23 +238,34 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = _stderr) -
 
 
 def _run_workers(tasks: list[PartitionTask], worker_config: WorkerConfig, workers: int, progress: ProgressLine) -> dict:
-    """Run ``tasks`` on a pool of ``workers`` forked processes, printing progress meanwhile."""
+    """Run ``tasks`` on ``workers`` forked processes, printing progress meanwhile.
+
+    A ``ProcessPoolExecutor`` (not ``multiprocessing.Pool``) so that a worker killed by the
+    system (e.g. out of memory) fails the run with a message instead of hanging it forever.
+    """
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     results = {}
-    with context.Pool(min(workers, len(tasks)), initializer=init_worker, initargs=(worker_config, queue)) as pool:
-        pending = {t.index: pool.apply_async(process_partition, (t,)) for t in tasks}
+    executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context,
+                                   initializer=init_worker, initargs=(worker_config, queue))
+    try:
+        pending = {executor.submit(process_partition, t): t.index for t in tasks}
         while pending:
             _drain(queue, progress, timeout=0.2)
-            for index in [i for i, r in pending.items() if r.ready()]:
+            for future in [f for f in pending if f.done()]:
+                index = pending.pop(future)
                 try:
-                    results[index] = pending.pop(index).get()
-                except StrictModeError as error:
-                    pool.terminate()
-                    raise StrictModeError(error.issue) from None
+                    results[index] = future.result()
+                except BrokenProcessPool:
+                    raise PreprocessError(
+                        "a worker process died (killed, e.g. out of memory); finished partitions are kept: "
+                        "rerun with --resume (and fewer --workers if memory is short)."
+                    ) from None
                 progress.partition_done()
             progress.maybe_print()
         _drain(queue, progress, timeout=0.05)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
     return results
 
 
