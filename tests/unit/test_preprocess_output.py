@@ -51,7 +51,7 @@ def test_writer_and_merge_are_byte_identical_to_megatron_core_builder(tmp_path):
         ours = IndexedWriter(str(tmp_path / f"ours{i}"), np.uint16)
         ours.add_documents(documents[:10])
         for document in documents[10:]:
-            ours.add_array_document([np.asarray(s) for s in document])
+            ours.add_array_document([[np.asarray(s[:2]), np.asarray(s[2:])] for s in document])
         ours.finalize()
         builder = IndexedDatasetBuilder(str(tmp_path / f"ref{i}.bin"), dtype=np.uint16)
         for document in documents:

@@ -142,3 +142,19 @@ def test_accepted_by_megatron_core_mock_gpt_dataset(trained_tokenizers):
     assert int(sample["tokens"].max()) < tok.vocab_size
     eod_positions = sample["tokens"] == tok.eod
     assert bool((sample["loss_mask"][eod_positions] == 0).all())  # eod_mask_loss used our eod id
+
+
+def test_real_gpt2_from_tiktoken_ranks(tmp_path):
+    """GPT-2's real ranks (whisper's gpt2.tiktoken) -> vocab.json + merges.txt -> GPT2BPETokenizer."""
+    import os
+
+    from megatron_lcot.data.tiktoken_convert import tiktoken_to_gpt2_files
+
+    ranks = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "gpt2.tiktoken.gz")
+    vocab, merges = tiktoken_to_gpt2_files(ranks, str(tmp_path))
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=vocab, merge_file=merges)
+    assert tok.tokenize("Hello world") == [15496, 995]  # GPT-2's published ids
+    assert tok.tokenize(" The quick brown fox") == [383, 2068, 7586, 21831]
+    assert tok.eod == 50256 and tok.vocab_size == 50257
+    reference = _gpt2_reference(vocab, merges)
+    assert tok.tokenize_batch(SAMPLE[2:]) == [reference(t) for t in SAMPLE[2:]]

@@ -84,11 +84,17 @@ class IndexedWriter:
         self._append_index(lengths, [len(doc) for doc in documents])
         self.num_tokens += total
 
-    def add_array_document(self, sequences: Sequence[np.ndarray]) -> None:
-        """Append one document whose sequences are already arrays (the long-document path)."""
-        for seq in sequences:
-            self._data.write(np.ascontiguousarray(seq, dtype=self.dtype).tobytes())
-        lengths = [len(seq) for seq in sequences]
+    def add_array_document(self, sequences: Sequence[Sequence[np.ndarray]]) -> None:
+        """Append one document given as sequences of array pieces (the long-document path).
+
+        Each sequence is a list of arrays written back to back, so a 100 MB document is never
+        held as one token array.
+        """
+        lengths = []
+        for pieces in sequences:
+            for piece in pieces:
+                self._data.write(np.ascontiguousarray(piece, dtype=self.dtype).tobytes())
+            lengths.append(sum(len(piece) for piece in pieces))
         self._append_index(lengths, [len(sequences)])
         self.num_tokens += sum(lengths)
 

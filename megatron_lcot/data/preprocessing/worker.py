@@ -223,25 +223,26 @@ class _PartitionRun:
         return sequences
 
     def _add_long_document(self, key: str, text: str, where: Issue, unit: Unit, segment: Segment) -> None:
-        """Tokenize piecewise into arrays, so memory is a few times the text, not ~40-130x."""
-        arrays = []
+        """Tokenize piecewise into small arrays, so memory is a few times the text, not ~40-130x."""
+        sequences = []
         try:
             for sequence in self._sequences(text):
-                pieces = [np.asarray(self.tokenizer.tokenize(p), dtype=self.config.dtype) for p in split_long_text(sequence, self.config.long_document_chars)]
-                arrays.append(np.concatenate(pieces))
+                pieces = [np.asarray(self.tokenizer.tokenize(p), dtype=self.config.dtype)
+                          for p in split_long_text(sequence, self.config.long_document_chars)]
+                if sum(len(p) for p in pieces):
+                    sequences.append(pieces)
         except Exception as error:
             where.detail = f"tokenizer failed: {type(error).__name__}: {error}"[:300]
             self._skip(where, unit, segment)
             return
-        arrays = [a for a in arrays if len(a)]
-        if not arrays:
+        if not sequences:
             self.stats.skipped["empty"] += 1
             return
         if self.config.append_eod:
-            arrays[-1] = np.append(arrays[-1], np.asarray(self.tokenizer.eod, dtype=self.config.dtype))
-        self.writers[key].add_array_document(arrays)
+            sequences[-1].append(np.asarray([self.tokenizer.eod], dtype=self.config.dtype))
+        self.writers[key].add_array_document(sequences)
         self.stats.documents += 1
-        self.stats.tokens += sum(len(a) for a in arrays)
+        self.stats.tokens += sum(len(p) for pieces in sequences for p in pieces)
 
     def _maybe_report(self) -> None:
         if time.monotonic() - self.last_report >= _PROGRESS_SECONDS:
