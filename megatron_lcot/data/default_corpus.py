@@ -20,9 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
+from megatron_lcot.data.preprocessing.indexed_writer import IndexedWriter, token_dtype
 from megatron_lcot.data.tokenizer_training import train_sentencepiece
 from megatron_lcot.data.tokenizers import build_tokenizer
 
@@ -77,8 +75,8 @@ def default_documents(seed: int = 1234) -> list:
 def prepare_default_corpus(out_dir: str, vocab_size: int = 8192) -> CorpusFiles:
     """Train the tokenizer and write the indexed dataset into `out_dir` (once; reruns reuse).
 
-    Both files are written under temporary names and renamed when complete, so an interrupted
-    run never leaves a file that looks finished.
+    Both files are written under temporary names and renamed when complete (the index last),
+    so an interrupted run never leaves a file that looks finished.
     """
     os.makedirs(out_dir, exist_ok=True)
     files = CorpusFiles(
@@ -95,13 +93,7 @@ def prepare_default_corpus(out_dir: str, vocab_size: int = 8192) -> CorpusFiles:
         os.replace(tmp_prefix + ".model", files.tokenizer_model)
 
     tokenizer = build_tokenizer("SentencePieceTokenizer", tokenizer_model=files.tokenizer_model)
-    dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
-    tmp_bin, tmp_idx = files.data_prefix + ".bin.tmp", files.data_prefix + ".idx.tmp"
-    builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
-    for tokens in tokenizer.tokenize_batch(documents):
-        tokens.append(tokenizer.eod)
-        builder.add_document(np.asarray(tokens, dtype=dtype), [len(tokens)])
-    builder.finalize(tmp_idx)
-    os.replace(tmp_bin, files.data_prefix + ".bin")
-    os.replace(tmp_idx, files.data_prefix + ".idx")
+    writer = IndexedWriter(files.data_prefix, token_dtype(tokenizer.vocab_size))
+    writer.add_documents([[tokens + [tokenizer.eod]] for tokens in tokenizer.tokenize_batch(documents)])
+    writer.finalize()
     return files
