@@ -94,24 +94,11 @@ def _describe_run(model, args, iteration: int) -> str:
             f"{args.num_microbatches} micro-batches x dp | {start}")
 
 
-def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
-    """Initialise, build, resume, train for `--train-iters`, evaluate; returns the final
-    validation summary on the logging rank (None elsewhere)."""
-    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
-    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
-    optimizer = build_optimizer(model, args)
-    scheduler = build_lr_scheduler(optimizer, args)
-    iteration, consumed_samples = load_checkpoint(args.load, model, optimizer, scheduler, args) if args.load else (0, 0)
-    start_iteration = iteration
-
-    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
-    train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
-    train_iterator = _data_iterator(train_dataset, consumed_samples, args) if iteration < args.train_iters else None
-
-    logger = MetricsLogger(args, enabled=_is_logging_rank())
-    if _is_logging_rank():
-        print(_describe_run(model, args, iteration), flush=True)
+def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_dataset, logger, args,
+          iteration: int, consumed_samples: int) -> tuple:
+    """Steps from `iteration` to `--train-iters`: logs every `--log-interval`, saves every
+    `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
+    Returns (iteration, consumed_samples)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
@@ -137,9 +124,32 @@ def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_s
             summary = evaluate(forward_step_func, valid_dataset, model, args)
             if summary is not None:
                 logger.log_eval(iteration, summary, final=False)
+    return iteration, consumed_samples
 
-    saved_last_iteration = args.save_interval and iteration % args.save_interval == 0
-    if args.save and iteration > start_iteration and not saved_last_iteration:
+
+def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
+    """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
+    validation summary on the logging rank (None elsewhere)."""
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    optimizer = build_optimizer(model, args)
+    scheduler = build_lr_scheduler(optimizer, args)
+    start_iteration, consumed_samples = (load_checkpoint(args.load, model, optimizer, scheduler, args)
+                                         if args.load else (0, 0))
+
+    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
+    train_iterator = (_data_iterator(train_dataset, consumed_samples, args)
+                      if start_iteration < args.train_iters else None)
+
+    logger = MetricsLogger(args, enabled=_is_logging_rank())
+    if _is_logging_rank():
+        print(_describe_run(model, args, start_iteration), flush=True)
+    iteration, consumed_samples = train(forward_step_func, model, optimizer, scheduler, train_iterator,
+                                        valid_dataset, logger, args, start_iteration, consumed_samples)
+    saved_by_interval = args.save_interval and iteration % args.save_interval == 0
+    if args.save and iteration > start_iteration and not saved_by_interval:
         save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
     final = evaluate(forward_step_func, valid_dataset, model, args)
     if final is not None:
