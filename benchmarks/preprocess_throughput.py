@@ -12,7 +12,8 @@ For each worker count (1, 2, ..., all cores) on the same JSON lines corpus and t
 
 Every variant runs in a fresh forked process that times itself after its imports (CPU time of
 its coordinating process by ``getrusage``, wall time by the clock). Prints MB/s, tokens/s,
-ours/baseline, ours/limit, the coordinator's CPU seconds per GB of input and the worker count at
+ours/baseline, ours/limit (by wall time, and by CPU seconds of all processes, which other jobs on the machine
+do not distort), the coordinator's CPU seconds per GB of input and the worker count at
 which the coordinator would saturate one core, and checks that ours and the baseline wrote
 byte-identical datasets. Last, peak RSS of ``tools/preprocess_data.py`` (coordinator and largest
 worker, sampled every 0.1 s with psutil) on the full input and on a 4x smaller one.
@@ -66,18 +67,20 @@ def build_corpus(workdir: str, target_mb: int) -> tuple[str, str, int]:
 
 
 class _Clock:
-    """Wall time and this process's CPU time since construction."""
+    """Wall time, this process's CPU time and its reaped children's CPU time since construction."""
 
     def __init__(self) -> None:
-        self.wall, self.cpu = time.perf_counter(), self._cpu()
+        self.wall, self.cpu, self.children = time.perf_counter(), self._cpu(resource.RUSAGE_SELF), self._cpu(resource.RUSAGE_CHILDREN)
 
     @staticmethod
-    def _cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
+    def _cpu(who: int) -> float:
+        usage = resource.getrusage(who)
         return usage.ru_utime + usage.ru_stime
 
     def read(self) -> dict:
-        return {"wall": time.perf_counter() - self.wall, "coordinator_cpu": self._cpu() - self.cpu}
+        coordinator = self._cpu(resource.RUSAGE_SELF) - self.cpu
+        workers = self._cpu(resource.RUSAGE_CHILDREN) - self.children
+        return {"wall": time.perf_counter() - self.wall, "coordinator_cpu": coordinator, "total_cpu": coordinator + workers}
 
 
 def _in_child(function, *args):
@@ -139,9 +142,9 @@ def _limit_worker(corpus: str, share: int, workers: int, tokenizer_args: dict, b
     with open(corpus, encoding="utf-8") as f:
         texts = [json.loads(line)["text"] for i, line in enumerate(f) if i % workers == share]
     barrier.wait()
-    start = time.perf_counter()
+    start = time.process_time()
     tokens = sum(len(tokenizer.tokenize(t)) for t in texts)
-    out.put((tokens, time.perf_counter() - start))
+    out.put((tokens, time.process_time() - start))
 
 
 def run_limit(corpus: str, tokenizer_args: dict, workers: int) -> dict:
@@ -156,7 +159,7 @@ def run_limit(corpus: str, tokenizer_args: dict, workers: int) -> dict:
     wall = time.perf_counter() - start
     for p in processes:
         p.join()
-    return {"tokens": sum(r[0] for r in results), "wall": wall}
+    return {"tokens": sum(r[0] for r in results), "wall": wall, "total_cpu": sum(r[1] for r in results)}
 
 
 def same_files(a: str, b: str) -> bool:
@@ -195,6 +198,10 @@ def main() -> None:
             print(f"  {name:<9} {size_mb / r['wall']:6.2f} MB/s  {r['tokens'] / r['wall'] / 1e6:6.3f} M tokens/s  ({r['wall']:.1f} s)")
         print(f"  ours/baseline {base['wall'] / ours['wall']:.3f}   ours/limit {limit['wall'] / ours['wall']:.3f}   "
               f"identical output: {identical}")
+        # CPU seconds of all processes per MB: insensitive to other jobs sharing the cores.
+        print("  CPU s/MB, all processes: " + ", ".join(f"{n} {r['total_cpu'] / size_mb:.3f}" for n, r in
+              (("ours", ours), ("baseline", base), ("limit", limit)))
+              + f"   -> by CPU: ours/baseline {base['total_cpu'] / ours['total_cpu']:.3f}, ours/limit {limit['total_cpu'] / ours['total_cpu']:.3f}")
         for name, r in (("ours", ours), ("baseline", base)):
             cpu_per_gb = r["coordinator_cpu"] / (size_mb / 1000)
             per_worker_mb_s = size_mb / rows[0][3]["wall"]  # one worker at the tokenizer-bound limit

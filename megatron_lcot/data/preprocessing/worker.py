@@ -109,7 +109,7 @@ class _PartitionRun:
             for key in config.keys
         }
         self.batch: dict[str, list[str]] = {key: [] for key in config.keys}
-        self.batch_where: dict[str, list[Issue]] = {key: [] for key in config.keys}  # for tokenizer errors
+        self.batch_where: dict[str, list[tuple[Issue, Unit, Segment]]] = {key: [] for key in config.keys}  # for tokenizer errors
         self.batch_chars = 0
         self.reported = (0, 0, 0)  # bytes, documents, tokens already sent to the coordinator
         self.last_report = time.monotonic()
