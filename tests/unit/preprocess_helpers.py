@@ -13,7 +13,6 @@ import json
 import os
 import re
 
-import numpy as np
 import pytest
 
 from megatron_lcot.data.preprocessing.run import PreprocessConfig, preprocess
@@ -79,7 +78,3 @@ def corpus(tmp_path_factory):
     texts = sotu_texts(30, start=100)
     path = write_jsonl(tmp_path_factory.mktemp("corpus") / "sotu.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
     return path, texts
-
-
-def as_array(ids) -> np.ndarray:
-    return np.asarray(ids, dtype=np.int64)
