@@ -29,14 +29,21 @@ def _train_records(tmp_path, name: str, extra: list, launcher) -> list:
     return [r for r in read_metrics(metrics) if r["split"] == "train"]
 
 
-def test_data_and_tensor_parallel_match_one_process(tmp_path):
-    reference = _train_records(tmp_path, "one", [], (sys.executable,))
+ADAPTIVE = ["--latent-steps", "2", "--latent-layout", "stepwise", "--halting", "adaptive"]
+
+
+@pytest.mark.parametrize("mode", [[], ADAPTIVE], ids=["vanilla", "adaptive"])
+def test_data_and_tensor_parallel_match_one_process(tmp_path, mode):
+    """Adaptive mode under TP=2 exercises head-sharded stepwise passes with the KV store, the
+    vocab-parallel correctness penalty and the replicated router (counted once in the norm)."""
+    reference = _train_records(tmp_path, "one", mode, (sys.executable,))
     for name, extra in (("dp2", []), ("tp2", ["--tensor-model-parallel-size", "2"])):
-        records = _train_records(tmp_path, name, extra, TORCHRUN_2)
+        records = _train_records(tmp_path, name, [*mode, *extra], TORCHRUN_2)
         assert len(records) == len(reference) == 4, name
         for got, want in zip(records, reference):
             assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), name
             assert got["grad_norm"] == pytest.approx(want["grad_norm"], rel=1e-4), name
+            assert got["mean_latent_steps"] == want["mean_latent_steps"], name
     assert reference[-1]["loss"] < reference[0]["loss"] - 0.5
 
 
