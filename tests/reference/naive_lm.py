@@ -385,7 +385,7 @@ def adaptive_forward(
     p(t,k) = softmax(head(y(t,k)))[label].
     """
     assert w.router_weight is not None and w.router_bias is not None, "model has no halting_router"
-    batch_logits, batch_lm, batch_pen, batch_steps, batch_exp, batch_reach, batch_live = [], [], [], [], [], [], []
+    batch_logits, batch_pen, batch_steps, batch_exp, batch_reach, batch_live = [], [], [], [], [], []
     for b, seq in enumerate(tokens.tolist()):
         dec = SlotDecoder(w)
         T = len(seq)

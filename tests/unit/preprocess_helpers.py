@@ -8,23 +8,19 @@ Tokenizers: a sentencepiece BPE and a Hugging Face byte-level BPE (also written 
 
 from __future__ import annotations
 
-import glob
+import itertools
 import json
-import os
-import re
 
 import pytest
 
+from megatron_lcot.data.default_corpus import sotu_speeches
 from megatron_lcot.data.preprocessing.run import PreprocessConfig, preprocess
 from megatron_lcot.data.tokenizer_training import train_bpe, train_sentencepiece
 
 
 def sotu_texts(count: int, start: int = 0) -> list[str]:
-    import sotu
-
-    directory = os.path.join(os.path.dirname(sotu.__file__), "data", "speeches")
-    paths = sorted(glob.glob(os.path.join(directory, "*.txt")))[start : start + count]
-    return [re.sub(r"\[[^\]]*\]", "", open(p, encoding="utf-8").read()).strip() for p in paths]
+    """Speeches start .. start+count-1 in chronological order (the default corpus' reader)."""
+    return list(itertools.islice(sotu_speeches(), start, start + count))
 
 
 def write_jsonl(path, records) -> str:
