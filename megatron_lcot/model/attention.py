@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
 
 from megatron_lcot.model.masking import StepwisePass
 
@@ -48,8 +47,7 @@ class LcotCoreAttention(MegatronModule):
             raise ValueError("LcotCoreAttention does not support context parallelism")
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
-        head_dim = divide(config.kv_channels * config.num_attention_heads, config.num_attention_heads)
-        self.softmax_scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        self.softmax_scale = softmax_scale if softmax_scale is not None else config.kv_channels**-0.5
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
 
     def forward(
