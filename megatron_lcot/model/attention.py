@@ -6,10 +6,12 @@ megatron-core's DotProductAttention without patching megatron-core. It handles t
 
 * `None`: plain causal attention (vanilla mode, the interleaved layout's slot sequence);
 * a megatron bool tensor `[b or 1, 1, sq, sk]`, True = masked out (megatron's convention);
-* a `StepwisePass` (masking.py): pass k of the stepwise layout. Queries are step k of all T
-  tokens; keys are steps 0..k, read from the pass's per-layer KV store, into which this layer
-  first writes what step k exposes (its own keys, or for tokens that halted before step k the
-  keys of their last executed step: KV reuse).
+* a structured mask: any object with `expose(layer_number, key, value) -> (keys, values)` and
+  `allowed_keys(device) -> bool [sq, sk] or None`. `StepwisePass` (masking.py) is pass k of the
+  stepwise layout: queries are step k of all T tokens; keys are steps 0..k, read from the
+  pass's per-layer KV store, into which this layer first writes what step k exposes (its own
+  keys, or for tokens that halted before step k the keys of their last executed step: KV
+  reuse). An inference KV cache is the same protocol with one entry per decoded slot.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-
-from megatron_lcot.model.masking import StepwisePass
 
 
 class LcotCoreAttention(MegatronModule):
@@ -64,7 +64,7 @@ class LcotCoreAttention(MegatronModule):
             raise ValueError("LcotCoreAttention supports neither attention_bias nor packed sequences")
         attn_mask_type = attn_mask_type or self.attn_mask_type
         is_causal = False
-        if isinstance(attention_mask, StepwisePass):
+        if hasattr(attention_mask, "expose"):  # a structured mask (StepwisePass, inference cache)
             key, value = attention_mask.expose(self.layer_number, key, value)
             allowed = attention_mask.allowed_keys(query.device)  # [sq, (k+1) sq]
         elif attention_mask is None:

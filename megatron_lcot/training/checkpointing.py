@@ -156,19 +156,45 @@ def _check_compatible(saved_args: dict, args) -> None:
                                   f"{name} {current}; pass the checkpoint's value or use another --load.")
 
 
+def _rank_file(root: str, iteration: int | None) -> tuple:
+    """(iteration, path of this rank's file) of `iteration` (default: the marker's) in `root`."""
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise CheckpointError(f"--load {root!r}: no {TRACKER_FILENAME} there; pass a directory written "
+                                  "by pretrain_lcot.py --save (or tools/convert_checkpoint.py).")
+    path = os.path.join(iteration_dir(root, iteration), _rank_subdir(), CHECKPOINT_FILENAME)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no {path}; restore that directory, "
+                              "pick another --iteration, or point the marker at an existing iteration.")
+    return iteration, path
+
+
+def saved_args(root: str, iteration: int | None = None) -> dict:
+    """The flags a checkpoint was trained with (plain values), read without building anything:
+    tools rebuild the model from these (`argparse.Namespace(**saved_args(root))`)."""
+    _, path = _rank_file(root, iteration)
+    return torch.load(path, map_location="cpu", weights_only=True)["args"]
+
+
+def load_model_weights(root: str, model: torch.nn.Module, iteration: int | None = None) -> int:
+    """Load only the model weights of a checkpoint into `model` (built with the checkpoint's
+    flags and parallel layout); returns the iteration. The seam for export, generation and
+    evaluation: they never see the optimizer or the file layout."""
+    iteration, path = _rank_file(root, iteration)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    return iteration
+
+
 def load_checkpoint(root: str, model: torch.nn.Module, optimizer, scheduler, args) -> tuple:
     """Restore the latest checkpoint in `root` into model, optimizer, scheduler and the RNGs.
 
     Returns (iteration, consumed_samples); (0, 0) when `root` holds no checkpoint yet, so
     `--save D --load D` starts fresh the first time and resumes afterwards.
     """
-    iteration = latest_iteration(root)
-    if iteration is None:
+    if latest_iteration(root) is None:
         return 0, 0
-    path = os.path.join(iteration_dir(root, iteration), _rank_subdir(), CHECKPOINT_FILENAME)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"--load {root!r}: the marker names iteration {iteration} but {path} is "
-                              "missing; restore that directory or point the marker at an existing iteration.")
+    _, path = _rank_file(root, None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     _check_compatible(state["args"], args)
     model.load_state_dict(state["model"])
