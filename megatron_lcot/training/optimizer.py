@@ -20,6 +20,8 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from megatron_lcot import parallel
+
 
 def _param_groups(main_params: list, weight_decay: float) -> list:
     """Matrices decay; vectors (norm weights, biases, router biases) do not, as in Megatron-LM.
@@ -73,18 +75,17 @@ class TorchAdamW:
         if size == 1 or not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
+        parallel.all_reduce(flat, group)
         flat /= size
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
     def _global_grad_norm(self) -> float:
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=parallel.device())
         for param, main in zip(self.params, self.main_params):
             if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += main.grad.detach().double().pow(2).sum().cpu()
-        if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
-            dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+                squares += main.grad.detach().double().pow(2).sum()
+        parallel.all_reduce(squares, parallel_state.get_model_parallel_group())
         return math.sqrt(squares.item())
 
     @torch.no_grad()
