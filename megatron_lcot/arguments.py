@@ -254,10 +254,10 @@ def _validate_precision_and_optimizer(args) -> None:
     _require(os.path.isfile(args.deepspeed_config),
              f"--deepspeed_config {args.deepspeed_config!r}: no such file; pass a DeepSpeed JSON config "
              "such as examples/ds_configs/zero2.json.")
-    from megatron_lcot.training.deepspeed_config import DeepSpeedConfigError, zero_stage_of
+    from megatron_lcot.training.deepspeed_config import DeepSpeedConfigError, effective_config
 
     try:
-        stage = zero_stage_of(args.deepspeed_config, args.zero_stage)
+        stage = effective_config(args)["zero_optimization"]["stage"]
     except DeepSpeedConfigError as error:
         raise ArgumentError(str(error)) from error
     _require(stage < 2 or args.pipeline_model_parallel_size == 1,
@@ -320,9 +320,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _validate_model(args)
     _validate_latent(args)
     _validate_parallel(args)
-    _validate_precision_and_optimizer(args)
     _validate_batch(args)
     _validate_schedule(args)
+    _validate_precision_and_optimizer(args)
     _validate_data(args)
     return args
 
