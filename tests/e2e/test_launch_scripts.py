@@ -1,7 +1,8 @@
 """examples/pretrain_*.sh and pretrain_slurm.sbatch: the command each builds (DRY_RUN=1, fast)
-and a real tiny CPU run through each launcher (slow): the deepspeed launcher on one node, the
-deepspeed launcher with a one-host hostfile, torchrun, and the sbatch script's torchrun with its
-c10d rendezvous (srun left out, SLURM's variables set as sbatch would)."""
+and a real tiny CPU run through each launcher that can run here (slow): the deepspeed launcher
+on one node, torchrun, and the sbatch script's torchrun with its c10d rendezvous (srun left out,
+SLURM's variables set as sbatch would). The hostfile script is checked by its command only: the
+deepspeed launcher insists on reaching every hostfile entry over ssh, even a lone localhost."""
 
 from __future__ import annotations
 
@@ -91,7 +92,6 @@ def _tiny_env(tmp_path) -> dict:
 
 REAL_RUNS = {
     "single_node": ("pretrain_single_node.sh", {}),
-    "multi_node_one_host": ("pretrain_multi_node.sh", {"HOSTFILE": "hostfile"}),
     "torchrun": ("pretrain_torchrun.sh", {}),
     "slurm_without_srun": ("pretrain_slurm.sbatch", {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "1",
                                                      "MASTER_ADDR": "127.0.0.1"}),
@@ -102,8 +102,7 @@ REAL_RUNS = {
 @pytest.mark.parametrize("case", list(REAL_RUNS), ids=list(REAL_RUNS))
 def test_script_trains_a_tiny_model_on_two_cpu_ranks(tmp_path, case):
     script, env = REAL_RUNS[case]
-    (tmp_path / "hostfile").write_text("localhost slots=2\n")
-    env = {**_tiny_env(tmp_path), **{k: str(tmp_path / v) if k == "HOSTFILE" else v for k, v in env.items()}}
+    env = {**_tiny_env(tmp_path), **env}
     result = _run_script(script, env, dry_run=False, cwd=tmp_path)
     assert "dp 2 tp 1 pp 1" in result.stdout
     train = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["split"] == "train"]
