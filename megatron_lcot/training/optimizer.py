@@ -83,14 +83,31 @@ class MegatronCoreOptimizer:
         with parallel.schedule_device_context():
             state = {"optimizer": self.optimizer.state_dict()}
             if self.distributed:
-                state["param_state"] = self.optimizer.get_parameter_state_dp_zero()
+                state["param_state"] = [chained.get_parameter_state_dp_zero()
+                                        for chained in self.optimizer.chained_optimizers]
         return state
 
+    @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load_state_dict(self, state_dict: dict) -> None:
         with parallel.schedule_device_context():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             if self.distributed:
-                self.optimizer.load_parameter_state_from_dp_zero(state_dict["param_state"])
+                for chained, param_state in zip(self.optimizer.chained_optimizers, state_dict["param_state"],
+                                                strict=True):
+                    _load_dp_zero_parameter_state(chained, param_state)
+
+
+def _load_dp_zero_parameter_state(distributed_optimizer, param_state) -> None:
+    """`load_parameter_state_from_dp_zero` of megatron-core 0.16.1 on torch's AdamW (no Apex /
+    TE) copies every key of the live Adam state from the gathered shards, which carry no
+    "step" (it travels in the param groups and `load_state_dict` has already restored it):
+    set the steps aside for the copy and give every parameter its own step tensor back
+    (a shared one would be advanced once per parameter)."""
+    state = distributed_optimizer.optimizer.state
+    steps = {param: entry.pop("step") for param, entry in state.items() if "step" in entry}
+    distributed_optimizer.load_parameter_state_from_dp_zero(param_state)
+    for param, step in steps.items():
+        state[param]["step"] = step.clone()
 
 
 def build_optimizer(model_parts: list, args):

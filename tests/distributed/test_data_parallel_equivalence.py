@@ -92,3 +92,15 @@ def test_deepspeed_layouts_match_one_process(tmp_path, sotu_indexed_dataset, one
 def test_megatron_core_data_parallel_matches_one_process(tmp_path, sotu_indexed_dataset, one_process, extra):
     records = _train_records(tmp_path, sotu_indexed_dataset, "ddp", extra, TORCHRUN_2)
     assert_same_run(records, one_process)
+
+
+@pytest.mark.slow
+def test_zero1_composes_with_pipeline_parallelism(tmp_path, sotu_indexed_dataset):
+    """ZeRO-1 on each pipeline stage (vanilla, PP=2, DP=1): DeepSpeed steps each stage's
+    parameters while megatron-core's 1F1B schedule moves activations between the stages."""
+    vanilla = ["--latent-steps", "0", "--halting", "none"]
+    reference = _train_records(tmp_path, sotu_indexed_dataset, "one_vanilla", vanilla, (sys.executable,))
+    records = _train_records(tmp_path, sotu_indexed_dataset, "pp2_zero1",
+                             [*vanilla, *_deepspeed("zero1.json", "--pipeline-model-parallel-size", "2")],
+                             deepspeed_launcher(2))
+    assert_same_run(records, reference)

@@ -100,8 +100,8 @@ def test_resume_is_exact_on_real_data(tmp_path, sotu_indexed_dataset):
     for name, tensor in final[0]["model"].items():
         if tensor is not None:
             assert torch.equal(tensor, final[1]["model"][name]), name
-    for index, state in final[0]["optimizer"]["adamw"]["state"].items():
-        assert torch.equal(state["exp_avg_sq"], final[1]["optimizer"]["adamw"]["state"][index]["exp_avg_sq"])
+    for index, state in final[0]["optimizer"]["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg_sq"], final[1]["optimizer"]["optimizer"]["state"][index]["exp_avg_sq"])
 
 
 def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
