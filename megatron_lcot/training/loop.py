@@ -26,6 +26,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
+from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -104,6 +105,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_
     run_start = time.perf_counter()
     while iteration < args.train_iters:
         step_start = time.perf_counter()
+        set_training_iteration(model, iteration)  # halting warm-up (also right after a resume)
         stats, grad_norm, lr = train_step(forward_step_func, train_iterator, model, optimizer, scheduler, args)
         iteration += 1
         consumed_samples += args.global_batch_size
