@@ -220,18 +220,21 @@ class ScheduleCall:
 
 
 @contextlib.contextmanager
-def pipeline_schedule(model, data_iterator, seq_length: int, forward_only: bool):
+def pipeline_schedule(model_parts: list, data_iterator, seq_length: int, forward_only: bool):
     """The schedule, model chunk list, data iterators and p2p rows for one global batch.
 
     Latent modes at pipeline size > 1: V pass chunks over this stage's model, one view of the
     data per chunk (each chunk reads every micro-batch), payload rows T' + R, and
     `config.virtual_pipeline_model_parallel_size = V` while the schedule runs. Otherwise the
     model and data as they are, with megatron-core's default schedule.
+
+    model_parts: the modules the schedule runs (one per stage here: the model or its
+    data-parallel wrapper; the pass chunks call the bare model underneath).
     """
-    lcot_model = get_attr_wrapped_model(model, "latent_schedule", return_model_obj=True)
+    lcot_model = get_attr_wrapped_model(model_parts[0], "latent_schedule", return_model_obj=True)
     config = lcot_model.config
     if parallel_state.get_pipeline_model_parallel_world_size() == 1 or config.latent_steps == 0:
-        yield ScheduleCall(get_forward_backward_func(), model, data_iterator, seq_length)
+        yield ScheduleCall(get_forward_backward_func(), model_parts, data_iterator, seq_length)
         return
     passes = StagePasses(lcot_model, num_passes(config, forward_only))
     slots = seq_length * (config.latent_steps + 1) if config.latent_layout == "interleaved" else seq_length
