@@ -243,9 +243,6 @@ def _validate_batch(args) -> None:
                  f"{args.num_microbatches} (--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size "
                  f"{args.data_parallel_size})); use --global-batch-size "
                  f"{per_step * pp * max(1, args.num_microbatches // pp)}.")
-        _require(args.latent_layout == "stepwise",
-                 f"--pipeline-model-parallel-size {pp} is not supported with --latent-layout interleaved yet; "
-                 "use --latent-layout stepwise or --pipeline-model-parallel-size 1.")
 
 
 def _validate_schedule(args) -> None:

@@ -145,26 +145,39 @@ class InterleavedJacobiSchedule(MegatronModule):
         return draw
 
     def forward(self, decoder, token_states, rotary, router, jacobi_iters=None) -> LatentThoughts:
-        num_tokens, batch, hidden = token_states.shape
-
         def run(slots: torch.Tensor) -> torch.Tensor:
-            """slots [T, n, b, h] in interleaved order -> outputs [T, n, b, h]."""
-            n = slots.shape[1]
-            positions = interleaved_positions(num_tokens, n - 1, slots.device)
-            out = decoder(
-                hidden_states=slots.reshape(num_tokens * n, batch, hidden),
-                attention_mask=None,
-                rotary_pos_emb=rotary_at_positions(rotary, positions),
-            )
-            return out.view(num_tokens, n, batch, hidden)
+            flat = slots.flatten(0, 1)  # [T n, b, h]
+            return interleaved_pass(decoder, flat, slots.shape[0], rotary).view(slots.shape)
 
         slots = token_states.unsqueeze(1)
         for _ in range(self.config.latent_steps):
-            slots = torch.cat([slots, run(slots)[:, -1:]], dim=1)
+            slots = warm_up_slots(slots, run(slots))
         iterations = self.num_iterations() if jacobi_iters is None else jacobi_iters
         for _ in range(iterations):
-            slots = torch.cat([slots[:, :1], run(slots)[:, :-1]], dim=1)
-        outputs = run(slots)
-        steps = self.config.latent_steps + 1
-        ones = token_states.new_ones(steps, num_tokens, batch)
-        return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())
+            slots = jacobi_slots(slots, run(slots))
+        return interleaved_thoughts(run(slots))
+
+
+def interleaved_pass(decoder, slots: torch.Tensor, num_tokens: int, rotary) -> torch.Tensor:
+    """One causal pass over slots [T n, b, h] in interleaved order (n slots per token, every
+    slot of token t at position t) -> outputs [T n, b, h]. Shared by the one-stage schedule and
+    the pipeline stages (pipeline_passes.py)."""
+    positions = interleaved_positions(num_tokens, slots.shape[0] // num_tokens - 1, slots.device)
+    return decoder(hidden_states=slots, attention_mask=None, rotary_pos_emb=rotary_at_positions(rotary, positions))
+
+
+def warm_up_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Warm-up: slots [T, n, b, h] and their outputs -> [T, n+1, b, h], step n filled from step n-1."""
+    return torch.cat([slots, outputs[:, -1:]], dim=1)
+
+
+def jacobi_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Jacobi update: every thought k >= 1 becomes step k-1's output; step 0 stays the token."""
+    return torch.cat([slots[:, :1], outputs[:, :-1]], dim=1)
+
+
+def interleaved_thoughts(outputs: torch.Tensor) -> LatentThoughts:
+    """The final pass's outputs [T, K+1, b, h] as LatentThoughts (every step executed)."""
+    num_tokens, steps, batch, _ = outputs.shape
+    ones = outputs.new_ones(steps, num_tokens, batch)
+    return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())

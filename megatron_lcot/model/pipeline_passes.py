@@ -35,7 +35,11 @@ from megatron_lcot.model.latent import (
     LatentThoughts,
     continue_reach,
     halting_decision,
+    interleaved_pass,
+    interleaved_thoughts,
+    jacobi_slots,
     stepwise_pass,
+    warm_up_slots,
 )
 from megatron_lcot.model.masking import StepwiseKVStore
 
@@ -88,14 +92,16 @@ class MicroBatchPasses:
     executed: [T, b] bool per pass run so far (pass 0: every token).
     step_states: last stage, detached outputs y_k of passes k < current (for the loss chunk).
     reach: last stage, no-grad r(t, k) for the next decision.
-    token_states: first stage, interleaved layout: detached token embeddings.
+    slots: first stage, interleaved layout: detached slots [T, n, b, h] of the previous pass.
+    jacobi: interleaved layout: the Jacobi iterations this micro-batch drew.
     """
 
     store: StepwiseKVStore = field(default_factory=StepwiseKVStore)
     executed: list = field(default_factory=list)
     step_states: list = field(default_factory=list)
     reach: list = field(default_factory=list)
-    token_states: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+    jacobi: int = 0
 
 
 def _hand_over_pass(store: StepwiseKVStore, step: int) -> tuple:
@@ -178,7 +184,44 @@ class StagePasses:
         return LatentThoughts(states, torch.stack(reach), torch.stack(state.executed))
 
     def _interleaved(self, index, state, received, input_ids, position_ids, labels):
-        raise NotImplementedError
+        """Pass `index` of the interleaved layout: K warm-up passes (n = index + 1 slots per
+        token), then J Jacobi passes and the final pass over all K+1 slots. The first stage
+        rebuilds each pass's slots from the previous pass's slots and the received outputs; a
+        micro-batch that drew J below the chunks' maximum passes its payload through the
+        chunks of the Jacobi passes it did not draw, on every stage."""
+        model, latent_steps = self.model, self.config.latent_steps
+        num_tokens, batch = input_ids.shape[1], input_ids.shape[0]
+        if index == 0:  # every stage draws J once per micro-batch, in the same order
+            state.jacobi = model.latent_schedule.num_iterations()
+        final = index == self.num_passes - 1
+        if latent_steps + state.jacobi <= index and not final:
+            return received.clone()
+        previous = latent_steps + state.jacobi - 1 if final else index - 1
+        slots_per_token = min(index, latent_steps) + 1
+        if model.pre_process:
+            if index == 0:
+                slots = model.embed_tokens(input_ids, position_ids).unsqueeze(1)  # [T, 1, b, h]
+            else:
+                rows = num_tokens * (min(previous, latent_steps) + 1)
+                outputs = unpack_payload(received, num_tokens)[0][:rows].view(num_tokens, -1, batch, self.config.hidden_size)
+                update = warm_up_slots if previous < latent_steps else jacobi_slots
+                slots = update(state.slots, outputs)
+            hidden = slots.flatten(0, 1)
+        else:
+            hidden = unpack_payload(received, num_tokens)[0][: num_tokens * slots_per_token]
+            model.decoder.set_input_tensor(hidden)
+        outputs = interleaved_pass(model.decoder, hidden, num_tokens, model.rotary_pos_emb)
+        if final and model.post_process:
+            steps = outputs.view(num_tokens, latent_steps + 1, batch, -1)
+            return model.language_model_output(interleaved_thoughts(steps), labels)
+        originals, twins = [], []
+        if model.pre_process and not final:
+            state.slots = hand_over(slots)
+            originals, twins = [slots], [state.slots]
+        outputs = InjectGrads.apply(outputs, twins, *originals)
+        padding = outputs.new_zeros(num_tokens * (latent_steps + 1) - outputs.shape[0], *outputs.shape[1:])
+        everyone = torch.ones(num_tokens, batch, dtype=torch.bool, device=outputs.device)
+        return pack_payload(torch.cat([outputs, padding]), everyone)
 
 
 class PassChunk(torch.nn.Module):
