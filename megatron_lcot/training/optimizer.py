@@ -80,6 +80,21 @@ class TorchAdamW:
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
+    def _average_replicated_over_tensor_parallel(self) -> None:
+        """Average the gradients of parameters replicated on tensor-parallel ranks that ask for
+        it (`average_gradients_across_tp_domain`, megatron-core's flag: the halting router), so
+        their copies stay identical (finalize_model_grads does the same under megatron DDP)."""
+        group = parallel_state.get_tensor_model_parallel_group()
+        grads = [main.grad for param, main in zip(self.params, self.main_params)
+                 if main.grad is not None and getattr(param, "average_gradients_across_tp_domain", False)]
+        if dist.get_world_size(group) == 1 or not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        parallel.all_reduce(flat, group)
+        flat /= dist.get_world_size(group)
+        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(synced)
+
     def _global_grad_norm(self) -> float:
         squares = torch.zeros((), dtype=torch.float64, device=parallel.device())
         for param, main in zip(self.params, self.main_params):
@@ -92,6 +107,7 @@ class TorchAdamW:
     def step(self) -> float:
         """Apply one update from the accumulated gradients; returns the pre-clip grad norm."""
         grads = self._main_grads()
+        self._average_replicated_over_tensor_parallel()
         self._average_data_parallel(grads)
         grad_norm = self._global_grad_norm()
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
