@@ -42,6 +42,10 @@ class LcotConfig(TransformerConfig):
     halting_correctness_exponent: float = 1.0
     """beta: the penalty uses sg(p_gold)^beta; larger beta prunes less."""
 
+    halting_warmup_iters: int = 0
+    """Training iterations without pruning, with the halting loss weight ramped from 0 to lambda
+    (halting.HaltingRouter). 0 = prune and penalise from the first step."""
+
     halting_init_continue_prob: float = 0.9
     """Initial continue probability of every router gate (bias init), so most tokens think."""
 

@@ -51,8 +51,8 @@ class LatentThoughts:
 
     def output_states(self) -> torch.Tensor:
         """[s, b, h] the exit-mass mixture of step states (the last step when nothing halts)."""
-        weights = self.exit_mass.unsqueeze(-1).to(self.step_states[0].dtype)
-        return (weights * torch.stack(self.step_states)).sum(0)
+        weights = self.exit_mass.unsqueeze(-1)  # fp32: the mixture is summed in fp32 under bf16
+        return (weights * torch.stack(self.step_states).float()).sum(0).to(self.step_states[0].dtype)
 
     def latent_steps(self) -> torch.Tensor:
         """[s, b] executed latent steps (k >= 1) per token."""
@@ -104,10 +104,10 @@ class StepwiseSchedule(MegatronModule):
         store = StepwiseKVStore()
         states = [stepwise_pass(decoder, token_states, 0, store, None, rotary_pos_emb)]
         all_tokens = torch.ones(token_states.shape[:2], dtype=torch.bool, device=token_states.device)
-        reach, executed = [all_tokens.to(token_states.dtype)], [all_tokens]
+        reach, executed = [all_tokens.float()], [all_tokens]  # reach and exit mass in fp32
         for step in range(1, self.config.latent_steps + 1):
             reach.append(continue_reach(router, reach[-1], states[-1], step - 1))
-            executing = halting_decision(executed[-1], reach[-1], self.config.halting_threshold)
+            executing = halting_decision(executed[-1], reach[-1], router.threshold())
             if not executing.any():
                 break
             executed.append(executing)
@@ -173,5 +173,5 @@ def jacobi_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
 def interleaved_thoughts(outputs: torch.Tensor) -> LatentThoughts:
     """The final pass's outputs [T, K+1, b, h] as LatentThoughts (every step executed)."""
     num_tokens, steps, batch, _ = outputs.shape
-    ones = outputs.new_ones(steps, num_tokens, batch)
+    ones = outputs.new_ones(steps, num_tokens, batch, dtype=torch.float32)
     return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())

@@ -123,7 +123,7 @@ class LcotGPTModel(GPTModel):
                 lambda states: self.compute_language_model_loss(labels, self.output_layer(states)[0]),
                 self.config.halting_correctness_exponent,
             )
-            loss = lm_loss + self.config.halting_loss_weight * penalty
+            loss = lm_loss + self.halting_router.loss_weight() * penalty
         return LcotOutput(
             loss=loss,
             lm_loss=lm_loss,

@@ -165,10 +165,10 @@ class StagePasses:
         originals, twins = _hand_over_pass(state.store, index) if not last_pass else ([], [])
         if model.post_process:  # decide pass index+1 from this pass's output
             if not state.reach:
-                state.reach.append(torch.ones_like(executing, dtype=outputs.dtype))
+                state.reach.append(torch.ones_like(executing, dtype=torch.float32))  # fp32, as one stage
             with torch.no_grad():
                 state.reach.append(continue_reach(model.halting_router, state.reach[-1], outputs, index))
-            executing = halting_decision(executing, state.reach[-1], self.config.halting_threshold)
+            executing = halting_decision(executing, state.reach[-1], model.halting_router.threshold())
             state.step_states.append(hand_over(outputs))
             originals.append(outputs)
             twins.append(state.step_states[-1])
@@ -178,7 +178,7 @@ class StagePasses:
         """The step states, reach (with gradient, into the router) and executed steps of every
         pass, as StepwiseSchedule returns them in one process."""
         states = [*state.step_states, last_output]
-        reach = [torch.ones_like(state.executed[0], dtype=last_output.dtype)]
+        reach = [torch.ones_like(state.executed[0], dtype=torch.float32)]
         for step, step_state in enumerate(states[:-1]):
             reach.append(continue_reach(self.model.halting_router, reach[-1], step_state, step))
         return LatentThoughts(states, torch.stack(reach), torch.stack(state.executed))

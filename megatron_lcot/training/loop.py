@@ -29,6 +29,7 @@ from megatron.core import parallel_state
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
+from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -107,6 +108,8 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
     run_start = time.perf_counter()
     while state.iteration < args.train_iters:
         step_start = time.perf_counter()
+        for part in components.model_parts:  # halting warm-up (also right after a resume)
+            set_training_iteration(part, state.iteration)
         stats, grad_norm, lr = train_step(components, args)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size

@@ -21,15 +21,26 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_lcot import parallel
+from megatron_lcot.model.halting import is_router_param
 
 
-def _param_groups(main_params: list, weight_decay: float) -> list:
-    """Matrices decay; vectors (norm weights, biases, router biases) do not, as in Megatron-LM.
-    `wd_mult` is what OptimizerParamScheduler multiplies the scheduled weight decay by."""
-    return [
-        {"params": [p for p in main_params if p.ndim > 1], "weight_decay": weight_decay, "wd_mult": 1.0},
-        {"params": [p for p in main_params if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
+def _param_groups(names: list, main_params: list, weight_decay: float, lr: float, min_lr: float,
+                  router_lr_mult: float) -> list:
+    """Matrices decay; vectors (norm weights, biases) do not, as in Megatron-LM. Halting-router
+    parameters (`halting.is_router_param`) form a third group with `max_lr`/`min_lr` scaled by
+    `--halting-router-lr-mult` and no weight decay (docs/method.md, the stable adaptive recipe).
+    `wd_mult`, `max_lr`, `min_lr` are what OptimizerParamScheduler reads per group."""
+    router = [is_router_param(name, p) for name, p in zip(names, main_params)]
+    rest = [p for p, is_router in zip(main_params, router) if not is_router]
+    groups = [
+        {"params": [p for p in rest if p.ndim > 1], "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
     ]
+    if any(router):
+        groups.append({"params": [p for p, is_router in zip(main_params, router) if is_router],
+                       "weight_decay": 0.0, "wd_mult": 0.0, "max_lr": lr * router_lr_mult,
+                       "min_lr": min_lr * router_lr_mult})
+    return groups
 
 
 class TorchAdamW:
@@ -47,12 +58,15 @@ class TorchAdamW:
     """
 
     def __init__(self, model_parts: list, lr: float, weight_decay: float, betas: tuple,
-                 eps: float, clip_grad: float) -> None:
+                 eps: float, clip_grad: float, min_lr: float = 0.0, router_lr_mult: float = 1.0) -> None:
         self.schedule_parts = model_parts
-        self.params = [p for part in model_parts for p in part.parameters() if p.requires_grad]
+        named = [(name, p) for part in model_parts for name, p in part.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.main_params = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self.clip_grad = clip_grad
-        self.optimizer = torch.optim.AdamW(_param_groups(self.main_params, weight_decay), lr=lr, betas=betas, eps=eps)
+        groups = _param_groups([name for name, _ in named], self.main_params, weight_decay, lr, min_lr,
+                               router_lr_mult)
+        self.optimizer = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps)
 
     @property
     def param_groups(self) -> list:
@@ -135,7 +149,8 @@ class TorchAdamW:
 
 def build_optimizer(model_parts: list, args) -> TorchAdamW:
     return TorchAdamW(model_parts, lr=args.lr, weight_decay=args.weight_decay,
-                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad)
+                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
+                      min_lr=args.min_lr, router_lr_mult=args.halting_router_lr_mult)
 
 
 def build_lr_scheduler(optimizer, args) -> OptimizerParamScheduler:
