@@ -45,6 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "the weights of the one-process run")
     model.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
+    model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
+                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+                                            "CUDA for training; dense: the materialised-mask reference)")
+    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
+                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
+                            "(every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")

@@ -19,11 +19,12 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.utils.checkpoint
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.halting import exit_mass
-from megatron_lcot.model.masking import StepwiseKVStore, StepwisePass, interleaved_positions
+from megatron_lcot.model.masking import LivePacking, StepwiseKVStore, StepwisePass, interleaved_positions
 from megatron_lcot.model.rotary import rotary_at_positions
 
 
@@ -61,22 +62,33 @@ class LatentThoughts:
         return (self.reach[1:n] * self.executed[1:]).sum(0).float()
 
 
+def decoder_pass(config: LcotConfig, decoder, hidden_states, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """One pass of the decoder block; under `latent_recompute == 'full'` in training, inside
+    torch.utils.checkpoint (non-reentrant: the KV store's tensors read from earlier passes keep
+    their graph, and a recomputed stepwise pass rewrites its own store entry)."""
+    def run():
+        return decoder(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+
+    if config.latent_recompute == "full" and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)
+    return run()
+
+
 class StepwiseSchedule(MegatronModule):
-    """K+1 exact passes of the stepwise layout, with halting and KV reuse."""
+    """K+1 exact passes of the stepwise layout, with halting and KV reuse.
+
+    Pass k runs only the tokens that execute step k (`run_pass`), so halted tokens cost no
+    compute; a pipeline stage can call `run_pass` on its own layers.
+    """
 
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
 
     def forward(self, decoder, token_states, rotary, router) -> LatentThoughts:
         num_tokens = token_states.shape[0]
-        rotary_pos_emb = rotary(num_tokens)  # every pass: token t at position t
+        rotary_table = rotary(num_tokens)  # every pass: token t at position t
         store = StepwiseKVStore()
-
-        def run(step: int, inputs: torch.Tensor, executing: torch.Tensor | None) -> torch.Tensor:
-            mask = StepwisePass(step, num_tokens, store, executing)
-            return decoder(hidden_states=inputs, attention_mask=mask, rotary_pos_emb=rotary_pos_emb)
-
-        states = [run(0, token_states, None)]
+        states = [self.run_pass(decoder, 0, token_states, None, rotary_table, store)]
         all_tokens = torch.ones(token_states.shape[:2], dtype=torch.bool, device=token_states.device)
         reach, executed = [all_tokens.to(token_states.dtype)], [all_tokens]
         for step in range(1, self.config.latent_steps + 1):
@@ -85,8 +97,23 @@ class StepwiseSchedule(MegatronModule):
             if not executing.any():
                 break
             executed.append(executing)
-            states.append(run(step, states[-1], executing))
+            states.append(self.run_pass(decoder, step, states[-1], executing, rotary_table, store))
         return LatentThoughts(states, torch.stack(reach), torch.stack(executed))
+
+    def run_pass(self, decoder, step, inputs, executing, rotary_table, store) -> torch.Tensor:
+        """Step `step` of the tokens in `executing` ([T, b] bool, None = all).
+
+        inputs: [T, b, h] the previous step's states (the token states for step 0);
+        rotary_table: [T, 1, 1, dim]; store: this forward's StepwiseKVStore.
+        Returns [T, b, h]: the step's states; a token that does not execute keeps its input.
+        """
+        if executing is None or bool(executing.all()):
+            mask = StepwisePass(step, inputs.shape[0], store)
+            return decoder_pass(self.config, decoder, inputs, mask, rotary_table)
+        live = LivePacking(executing)
+        mask = StepwisePass(step, inputs.shape[0], store, live)
+        packed = decoder_pass(self.config, decoder, live.gather(inputs), mask, live.rotary(rotary_table))
+        return live.scatter(packed, inputs)  # [width, b, h] -> [T, b, h]
 
 
 class InterleavedJacobiSchedule(MegatronModule):
@@ -119,11 +146,8 @@ class InterleavedJacobiSchedule(MegatronModule):
             """slots [T, n, b, h] in interleaved order -> outputs [T, n, b, h]."""
             n = slots.shape[1]
             positions = interleaved_positions(num_tokens, n - 1, slots.device)
-            out = decoder(
-                hidden_states=slots.reshape(num_tokens * n, batch, hidden),
-                attention_mask=None,
-                rotary_pos_emb=rotary_at_positions(rotary, positions),
-            )
+            out = decoder_pass(self.config, decoder, slots.reshape(num_tokens * n, batch, hidden), None,
+                               rotary_at_positions(rotary, positions))
             return out.view(num_tokens, n, batch, hidden)
 
         slots = token_states.unsqueeze(1)
