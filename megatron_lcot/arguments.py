@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     latent.add_argument("--halting-threshold", type=float, default=0.05)
     latent.add_argument("--halting-loss-weight", type=float, default=0.1)
     latent.add_argument("--halting-correctness-exponent", type=float, default=1.0)
+    latent.add_argument("--halting-warmup-iters", type=int, default=0,
+                        help="training iterations without pruning while the halting loss weight ramps from 0")
+    latent.add_argument("--halting-router-lr-mult", type=float, default=1.0,
+                        help="router learning rate = --lr x this (its own param group, no weight decay)")
     latent.add_argument("--jacobi-iters", default="2,3", help="Jacobi iterations drawn per training step, e.g. 2,3")
     latent.add_argument("--jacobi-eval-iters", type=int, default=3)
 
@@ -211,6 +215,10 @@ def _validate_latent(args) -> None:
              f"--halting-threshold {args.halting_threshold} must be in [0, 1), e.g. 0.05.")
     _require(args.halting_loss_weight >= 0, "--halting-loss-weight must be >= 0.")
     _require(args.halting_correctness_exponent > 0, "--halting-correctness-exponent must be > 0.")
+    _require(args.halting_warmup_iters >= 0,
+             f"--halting-warmup-iters {args.halting_warmup_iters} is negative; use 0 (no warm-up) or more.")
+    _require(args.halting_router_lr_mult > 0,
+             f"--halting-router-lr-mult {args.halting_router_lr_mult} must be > 0, e.g. 0.1.")
     args.jacobi_iters = _parse_jacobi_iters(args.jacobi_iters)
     _require(args.jacobi_eval_iters >= 1, "--jacobi-eval-iters must be >= 1.")
 

@@ -43,6 +43,10 @@ class LcotConfig(TransformerConfig):
     halting_correctness_exponent: float = 1.0
     """beta: the penalty uses sg(p_gold)^beta; larger beta prunes less."""
 
+    halting_warmup_iters: int = 0
+    """Training iterations without pruning, with the halting loss weight ramped from 0 to lambda
+    (halting.HaltingRouter). 0 = prune and penalise from the first step."""
+
     halting_init_continue_prob: float = 0.9
     """Initial continue probability of every router gate (bias init), so most tokens think."""
 
@@ -63,6 +67,11 @@ class LcotConfig(TransformerConfig):
     pass inputs and the KV store stay in memory, and in vanilla mode megatron-core's full
     recompute of every layer. megatron-core's own full/core-attention recompute would be
     silently wrong in latent modes (PLATFORM.md), hence a field of ours."""
+
+    seed: int = 1234
+    """--seed. With `use_cpu_initialization`, initial weights are drawn from streams seeded by it
+    and the global layer number, so every TP/PP layout starts from the same weights
+    (seeded_init.py)."""
 
     embedding_scale: float = field(default=None)
     """Token embeddings are multiplied by this before the decoder. None: 1 in vanilla mode,

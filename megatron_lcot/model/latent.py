@@ -49,8 +49,8 @@ class LatentThoughts:
 
     def output_states(self) -> torch.Tensor:
         """[s, b, h] the exit-mass mixture of step states (the last step when nothing halts)."""
-        weights = self.exit_mass.unsqueeze(-1).to(self.step_states[0].dtype)
-        return (weights * torch.stack(self.step_states)).sum(0)
+        weights = self.exit_mass.unsqueeze(-1)  # fp32: the mixture is summed in fp32 under bf16
+        return (weights * torch.stack(self.step_states).float()).sum(0).to(self.step_states[0].dtype)
 
     def latent_steps(self) -> torch.Tensor:
         """[s, b] executed latent steps (k >= 1) per token."""
@@ -90,10 +90,10 @@ class StepwiseSchedule(MegatronModule):
         store = StepwiseKVStore()
         states = [self.run_pass(decoder, 0, token_states, None, rotary_table, store)]
         all_tokens = torch.ones(token_states.shape[:2], dtype=torch.bool, device=token_states.device)
-        reach, executed = [all_tokens.to(token_states.dtype)], [all_tokens]
+        reach, executed = [all_tokens.float()], [all_tokens]  # reach and exit mass in fp32
         for step in range(1, self.config.latent_steps + 1):
             reach.append(reach[-1] * router(states[-1], step - 1))
-            executing = executed[-1] & (reach[-1].detach() >= self.config.halting_threshold)
+            executing = executed[-1] & (reach[-1].detach() >= router.threshold())
             if not executing.any():
                 break
             executed.append(executing)
@@ -158,5 +158,5 @@ class InterleavedJacobiSchedule(MegatronModule):
             slots = torch.cat([slots[:, :1], run(slots)[:, :-1]], dim=1)
         outputs = run(slots)
         steps = self.config.latent_steps + 1
-        ones = token_states.new_ones(steps, num_tokens, batch)
+        ones = token_states.new_ones(steps, num_tokens, batch, dtype=torch.float32)
         return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.loss import LcotOutput, correctness_penalty
+from megatron_lcot.model.seeded_init import seed_model_init
 
 if TYPE_CHECKING:
     from megatron_lcot.model.layer_specs import LcotSubmodules
@@ -40,6 +41,7 @@ class LcotGPTModel(GPTModel):
         rotary_base: int = 10000,
         **gpt_model_kwargs,
     ):
+        seed_model_init(config)
         super().__init__(
             config=config,
             transformer_layer_spec=submodules.decoder,
@@ -104,7 +106,7 @@ class LcotGPTModel(GPTModel):
                 lambda states: self.compute_language_model_loss(labels, self.output_layer(states)[0]),
                 self.config.halting_correctness_exponent,
             )
-            loss = lm_loss + self.config.halting_loss_weight * penalty
+            loss = lm_loss + self.halting_router.loss_weight() * penalty
         return LcotOutput(
             loss=loss,
             lm_loss=lm_loss,
