@@ -13,7 +13,8 @@ shapes matter for time; the optimizer step is the same for every mode and left o
   its measured step shares enter the FLOPs, as a learned router's would).
 
 Modes are timed round-robin `--repeats` times and the median counts, so a load change on a
-shared machine hits every mode alike. Columns: step time, tokens/s, model TFLOP/s and MFU
+shared machine hits every mode alike; on a crowded CPU machine `--clock cpu --threads 1` times
+CPU seconds instead of wall seconds. Columns: step time, tokens/s, model TFLOP/s and MFU
 (training FLOPs per token from `megatron_lcot.model.flops`: executed slots only, backward = 2x
 forward; recompute is not counted), time / ideal where ideal = baseline time x FLOPs ratio, and
 memory: on CUDA the peak allocated during the step above what was allocated before it; on CPU
@@ -155,16 +156,17 @@ def device_peak_tflops(args) -> float:
         return float("nan")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     a = torch.randn(1024, 1024, dtype=dtype)
-    best = min(_timed(lambda: a @ a) for _ in range(20))
+    best = min(_timed(lambda: a @ a, time.process_time if args.clock == "cpu" else time.perf_counter)
+               for _ in range(20))
     return 2 * 1024**3 / best / 1e12
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn, clock=time.perf_counter) -> float:
+    start = clock()
     fn()
     if parallel.device().type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def step_memory_mib(model, run) -> float:
@@ -200,9 +202,16 @@ def main() -> None:
     parser.add_argument("--num-layers", type=int, default=None, help="override the size's layer count")
     parser.add_argument("--seq-length", type=int, default=None, help="override the size's sequence length")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="override the size's micro batch")
+    parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex", "dense"), default="auto",
+                        help="our modes' core attention (the baseline keeps megatron-core's)")
+    parser.add_argument("--recompute-granularity", choices=("selective", "full"), default=None,
+                        help="our modes' activation recompute (the baseline runs without)")
     parser.add_argument("--modes", default=None, help="comma-separated subset (baseline always runs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: CPU seconds of this process per step (robust to other jobs on a shared "
+                             "CPU machine; use with --threads 1, where no thread spins)")
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -222,10 +231,14 @@ def main() -> None:
     labels = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     positions = torch.arange(seq, device=device).expand(batch, -1)
 
+    if args.clock == "cpu" and args.device == "cuda":
+        sys.exit("train_throughput.py: error: --clock cpu measures CPU work; use --clock wall with --device cuda")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     modes = build_modes(args, size)
     models, configs, runs, memory, shares = {}, {}, {}, {}, {}
     for name, (builder, fields, _) in modes.items():
-        models[name], configs[name] = build_model(name, builder, fields, args, size, {})
+        ours = {"core_attention_backend": args.attention_backend, "latent_recompute": args.recompute_granularity}
+        models[name], configs[name] = build_model(name, builder, fields, args, size, ours)
 
         def run(model=models[name], name=name):
             output = model(ids, positions, attention_mask=None, labels=labels)
@@ -242,7 +255,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for name, model in models.items():
             model.zero_grad(set_to_none=True)
-            times[name].append(_timed(runs[name]))
+            times[name].append(_timed(runs[name], clock))
 
     peak = device_peak_tflops(args)
     tokens = batch * seq
@@ -266,7 +279,8 @@ def main() -> None:
     memory_kind = "peak MiB" if device.type == "cuda" else "saved MiB"
     print(f"device {device} threads {args.threads} {'bf16' if args.bf16 else 'fp32'} | size {args.size}: "
           f"{size[0]} layers h {hidden} heads {heads}/{groups} ffn {ffn} vocab {vocab} | batch {batch} x seq {seq} "
-          f"| median of {args.repeats} | peak {peak:.2f} TFLOP/s")
+          f"| attention {args.attention_backend}, recompute {args.recompute_granularity} "
+          f"| median of {args.repeats}, {args.clock} clock | peak {peak:.2f} TFLOP/s")
     print(f"{'mode':<24} {'s/step':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'x ideal':>8} {memory_kind:>10}  step shares")
     for name, row in rows.items():
         share_text = "" if row["step_shares"] is None else " ".join(f"{s:.2f}" for s in row["step_shares"])
