@@ -237,9 +237,9 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(pp == 1 or args.latent_steps == 0,
-             "--pipeline-model-parallel-size > 1 is not supported with latent thoughts yet "
-             "(--latent-steps > 0); use --pipeline-model-parallel-size 1 or --latent-steps 0.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
+             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
+             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
 
 
 def _validate_batch(args) -> None:
@@ -252,6 +252,14 @@ def _validate_batch(args) -> None:
              f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
              f"use a multiple of {per_step}, e.g. --global-batch-size {per_step * max(1, args.global_batch_size // per_step)}.")
     args.num_microbatches = args.global_batch_size // per_step
+    pp = args.pipeline_model_parallel_size
+    if pp > 1 and args.latent_steps > 0:  # latent passes run as virtual pipeline chunks
+        _require(args.num_microbatches % pp == 0,
+                 f"--pipeline-model-parallel-size {pp} with latent thoughts runs each latent pass as a "
+                 f"virtual pipeline chunk, which needs a multiple of {pp} micro-batches per step; got "
+                 f"{args.num_microbatches} (--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                 f"{args.data_parallel_size})); use --global-batch-size "
+                 f"{per_step * pp * max(1, args.num_microbatches // pp)}.")
 
 
 def _validate_schedule(args) -> None:
