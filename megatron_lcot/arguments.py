@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
     model.add_argument("--fp16", action="store_true",
                        help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
+    model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
+                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+                                            "CUDA for training; dense: the materialised-mask reference)")
+    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
+                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
+                            "(every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
@@ -243,6 +249,9 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
+             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
+             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
 
 
 def _validate_precision_and_optimizer(args) -> None:
