@@ -26,9 +26,10 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
-from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.data.datasets import build_data_iterator
+from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 
@@ -101,6 +102,7 @@ def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
     Returns (iteration, consumed_samples)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = TrainingFlops(model.config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
     while iteration < args.train_iters:
@@ -115,7 +117,8 @@ def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_
             interval_stats = stats if interval_stats is None else interval_stats + stats
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             if interval_stats is not None:
-                logger.log_train(iteration, consumed_samples * args.seq_length, lr, grad_norm, summarize(interval_stats),
+                summary = flops.add_interval(summarize(interval_stats), interval_iters * tokens_per_iteration)
+                logger.log_train(iteration, consumed_samples * args.seq_length, lr, grad_norm, summary,
                                  tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
                                  seconds_per_iter=interval_seconds / interval_iters,
                                  elapsed=time.perf_counter() - run_start)
