@@ -13,23 +13,16 @@ from megatron_lcot.model.flops import step_shares_from_halted, training_flops_pe
 
 
 class TrainingFlops:
-    """Running total of training FLOPs; `state_dict` travels with the training state so a
-    resumed run continues the total instead of restarting it."""
+    """Counts each logging interval's FLOPs into `TrainState.train_flops`, which checkpoints
+    save with the rest of the training state, so a resumed run continues the total."""
 
     def __init__(self, config, seq_length: int, vocab_size: int) -> None:
         self.config, self.seq_length, self.vocab_size = config, seq_length, vocab_size
-        self.train_flops = 0.0
 
-    def add_interval(self, summary: dict, tokens: int) -> dict:
-        """Count `tokens` training tokens at the interval's halting shares; returns `summary`
-        with `flops_per_token` and the cumulative `train_flops` added."""
+    def add_interval(self, state, summary: dict, tokens: int) -> dict:
+        """Count `tokens` training tokens at the interval's halting shares into `state`;
+        returns `summary` with `flops_per_token` and the cumulative `train_flops` added."""
         shares = step_shares_from_halted(summary["halted_share"]) if self.config.adaptive else None
         per_token = training_flops_per_token(self.config, self.seq_length, self.vocab_size, shares)
-        self.train_flops += per_token * tokens
-        return {**summary, "flops_per_token": per_token, "train_flops": self.train_flops}
-
-    def state_dict(self) -> dict:
-        return {"train_flops": self.train_flops}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.train_flops = float(state_dict["train_flops"])
+        state.train_flops += per_token * tokens
+        return {**summary, "flops_per_token": per_token, "train_flops": state.train_flops}

@@ -1,7 +1,8 @@
 """The optimizer seam: everything between "gradients are in `param.grad`" and "weights moved".
 
 The training loop only calls `zero_grad()`, `step() -> grad_norm`, `state_dict()` and
-`load_state_dict()`, and hands `param_groups` to the LR scheduler. `TorchAdamW` implements
+`load_state_dict()`, hands `param_groups` to the LR scheduler and `schedule_parts` (the modules
+the pipeline schedule runs) to megatron-core's schedule. `TorchAdamW` implements
 that with plain PyTorch (data-parallel gradient averaging, global-norm clipping that counts
 tensor-parallel shards once); a DeepSpeed ZeRO engine plugs in behind the same four methods.
 
@@ -19,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from megatron_lcot import parallel
 from megatron_lcot.model.halting import is_router_param
 
 
@@ -55,9 +57,10 @@ class TorchAdamW:
     (0 = off) and steps.
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple,
+    def __init__(self, model_parts: list, lr: float, weight_decay: float, betas: tuple,
                  eps: float, clip_grad: float, min_lr: float = 0.0, router_lr_mult: float = 1.0) -> None:
-        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.schedule_parts = model_parts
+        named = [(name, p) for part in model_parts for name, p in part.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.main_params = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self.clip_grad = clip_grad
@@ -86,18 +89,17 @@ class TorchAdamW:
         if size == 1 or not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
+        parallel.all_reduce(flat, group)
         flat /= size
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
     def _global_grad_norm(self) -> float:
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=parallel.device())
         for param, main in zip(self.params, self.main_params):
             if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += main.grad.detach().double().pow(2).sum().cpu()
-        if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
-            dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+                squares += main.grad.detach().double().pow(2).sum()
+        parallel.all_reduce(squares, parallel_state.get_model_parallel_group())
         return math.sqrt(squares.item())
 
     @torch.no_grad()
@@ -129,10 +131,10 @@ class TorchAdamW:
             main.copy_(saved)
 
 
-def build_optimizer(model: torch.nn.Module, args) -> TorchAdamW:
-    return TorchAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
+def build_optimizer(model_parts: list, args) -> TorchAdamW:
+    return TorchAdamW(model_parts, lr=args.lr, weight_decay=args.weight_decay,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad,
-                      min_lr=args.min_lr, router_lr_mult=getattr(args, "halting_router_lr_mult", 1.0))
+                      min_lr=args.min_lr, router_lr_mult=args.halting_router_lr_mult)
 
 
 def build_lr_scheduler(optimizer, args) -> OptimizerParamScheduler:

@@ -154,5 +154,6 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     per_token = [training_flops_per_token(config, 64, vocab, shares) for shares in ([1, 1, 1], [1, 1, 0])]
     assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)
     assert straight[-1]["train_flops"] == pytest.approx(2 * 64 * (4 * per_token[0] + 2 * per_token[1]))
+    assert again[-1]["train_flops"] == pytest.approx(straight[-1]["train_flops"])  # the total survives resume
     assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [(r["loss"], r["mean_latent_steps"])
                                                                       for r in straight[3:]]

@@ -88,7 +88,7 @@ def test_router_parameters_get_their_own_group():
     args = argparse.Namespace(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
                               adam_eps=1e-8, clip_grad=1.0, halting_router_lr_mult=0.1, lr_warmup_iters=0,
                               train_iters=10, lr_decay_style="cosine")
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer([model], args)
     scheduler = build_lr_scheduler(optimizer, args)
     scheduler.step(1)
     main, _, router = optimizer.param_groups

@@ -56,10 +56,22 @@ def tiny_training_state():
         padded_vocab_size=128, latent_steps=0, halting="none", tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
         train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
-        jacobi_iters=(2, 3))
+        jacobi_iters=(2, 3), halting_router_lr_mult=1.0)
     model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer([model], args)
     return args, model, optimizer, build_lr_scheduler(optimizer, args)
+
+
+def _components(model, optimizer, scheduler):
+    from megatron_lcot.training.state import TrainComponents
+
+    return TrainComponents(model_parts=[model], optimizer=optimizer, scheduler=scheduler)
+
+
+def _at(iteration: int, consumed_samples: int):
+    from megatron_lcot.training.state import TrainState
+
+    return TrainState(iteration=iteration, consumed_train_samples=consumed_samples)
 
 
 def _train_one_step(model, optimizer, scheduler) -> float:
@@ -95,7 +107,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
-    checkpointing.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, consumed_samples=2, args=args)
+    components = _components(model, optimizer, scheduler)
+    checkpointing.save_checkpoint(str(tmp_path), _at(1, 2), components, args)
     saved = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
     _train_one_step(model, optimizer, scheduler)
 
@@ -105,16 +118,17 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 
     monkeypatch.setattr(checkpointing.torch, "save", crash_midway)
     with pytest.raises(OSError):
-        checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+        checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
     monkeypatch.undo()
     assert checkpointing.latest_iteration(str(tmp_path)) == 1
     assert not os.path.exists(tmp_path / "iter_0000002")
 
     fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
-    assert checkpointing.load_checkpoint(str(tmp_path), model, optimizer, fresh_scheduler, args) == (1, 2)
+    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args)
+    assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
-    checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+    checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
 
 
@@ -122,11 +136,13 @@ def test_checkpoint_refuses_other_model_shape(tiny_training_state, tmp_path):
     from megatron_lcot.training import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
-    checkpointing.save_checkpoint(str(tmp_path), 3, model, optimizer, scheduler, consumed_samples=6, args=args)
+    components = _components(model, optimizer, scheduler)
+    checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
     other = argparse.Namespace(**{**vars(args), "hidden_size": 64})
     with pytest.raises(checkpointing.CheckpointError, match="--hidden-size 32 but this run has --hidden-size 64"):
-        checkpointing.load_checkpoint(str(tmp_path), model, optimizer, scheduler, other)
-    assert checkpointing.load_checkpoint(str(tmp_path / "empty"), model, optimizer, scheduler, args) == (0, 0)
+        checkpointing.load_checkpoint(str(tmp_path), components, other)
+    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args)
+    assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
@@ -136,7 +152,7 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
 
     layer = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     torch.nn.init.ones_(layer.weight)
-    optimizer = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    optimizer = TorchAdamW([layer], lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
     for _ in range(100):  # Adam moves each weight by ~lr per step; bf16 spacing at 1.0 is 2^-7
         optimizer.zero_grad()
         layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
@@ -144,6 +160,6 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
     main = optimizer.main_params[0]
     assert main.dtype == torch.float32 and main[0, 0].item() == pytest.approx(1 - 100 * 1e-4, rel=1e-3)
     assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, main.to(torch.bfloat16))
-    restored = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    restored = TorchAdamW([layer], lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
     restored.load_state_dict(optimizer.state_dict())
     assert torch.equal(restored.main_params[0], main)
