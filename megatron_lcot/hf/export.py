@@ -22,7 +22,7 @@ import torch
 
 from megatron_lcot.hf.errors import ConversionError
 from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, megatron_to_hf
-from megatron_lcot.hf.tokenizer_files import TokenizerConversionError, hf_tokenizer
+from megatron_lcot.hf.tokenizer_files import NoHFTokenizer, hf_tokenizer
 from megatron_lcot.inference.loading import TrainedModel, load_trained_model
 
 HF_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -121,7 +121,7 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
         tokenizer_note = "tokenizer.json"
         try:
             hf_tokenizer(trained.tokenizer).save_pretrained(staging)
-        except TokenizerConversionError as error:
+        except NoHFTokenizer as error:
             tokenizer_note = str(error)
         if trained.args.latent_steps > 0:
             for name in REMOTE_CODE:

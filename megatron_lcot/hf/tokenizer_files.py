@@ -23,7 +23,7 @@ from megatron_lcot.data.tokenizers import (
 )
 
 
-class TokenizerExportError(ValueError):
+class NoHFTokenizer(ValueError):
     """A tokenizer that has no Hugging Face form; the message says what to do."""
 
 
@@ -46,7 +46,7 @@ def hf_tokenizer(tokenizer: LcotTokenizer):
     elif isinstance(tokenizer, (HuggingFaceTokenizer, GPT2BPETokenizer)):
         backend = tokenizer._tk
     else:
-        raise TokenizerExportError(
+        raise NoHFTokenizer(
             f"the checkpoint was trained with {type(tokenizer).__name__}, which has no Hugging Face form "
             "(its text is already token ids); export writes no tokenizer files for it.")
     eos = backend.id_to_token(tokenizer.eod)

@@ -55,10 +55,10 @@ def load_trained_model(root: str, iteration: int | None = None, tokenizer_model:
     if not os.path.isdir(root):
         raise CheckpointError(f"--load {root!r}: no such directory; pass a directory written by "
                               "pretrain_lcot.py --save.")
+    parallel.initialize()  # one process; the checkpoint's file is found through parallel_state
     args = argparse.Namespace(**saved_args(root, iteration))
     tokenizer = _tokenizer_of(args, tokenizer_model)
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
-    parallel.initialize(seed=args.seed)
     model = model_provider(args).to(parallel.device())
     loaded = load_model_weights(root, model, iteration)
     model.eval()
