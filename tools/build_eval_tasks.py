@@ -99,16 +99,18 @@ def multiple_choice_items(task: dict) -> list:
 
 
 def held_out_documents(split: str) -> list:
-    """The validation share of the default corpus under `--split` (megatron-core's split
-    arithmetic over the documents in the order the corpus is written)."""
+    """The validation share of the default corpus under `--split`: megatron-core's own split
+    arithmetic over the documents in the order the corpus writes them."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix,
+        parse_and_normalize_split,
+    )
+
     from megatron_lcot.data.default_corpus import default_documents
 
-    shares = [float(s) for s in split.replace("/", ",").split(",")]
-    shares = [s / sum(shares) for s in shares]
     documents = default_documents()
-    begin = int(round(shares[0] * len(documents)))
-    end = begin + int(round(shares[1] * len(documents)))
-    return documents[begin:end]
+    begin, end = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))[1]
+    return documents[int(round(begin * len(documents))) : int(round(end * len(documents)))]
 
 
 def cloze_items(documents: list, count: int, max_words: int = 60) -> list:
