@@ -65,13 +65,13 @@ MODES = {
 
 def _flops_of(checkpoint: str, final: dict) -> float:
     """Inference FLOPs per token of a checkpoint at its final validation's halting shares."""
-    import argparse as _argparse
-
+    from megatron_lcot import parallel
     from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
     from megatron_lcot.training.checkpointing import saved_args
     from megatron_lcot.training.providers import lcot_config_from_args
 
-    args = _argparse.Namespace(**saved_args(checkpoint))
+    parallel.initialize()  # one process: saved_args finds the rank's file through parallel_state
+    args = argparse.Namespace(**saved_args(checkpoint))
     config = lcot_config_from_args(args)
     return inference_flops_per_token(config, args.seq_length, args.padded_vocab_size,
                                      step_shares_from_halted(final["halted_share"]))
