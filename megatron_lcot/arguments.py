@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
     model.add_argument("--fp16", action="store_true",
                        help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
+    model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
+                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+                                            "CUDA for training; dense: the materialised-mask reference)")
+    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
+                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
+                            "(every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
@@ -55,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     latent.add_argument("--halting-threshold", type=float, default=0.05)
     latent.add_argument("--halting-loss-weight", type=float, default=0.1)
     latent.add_argument("--halting-correctness-exponent", type=float, default=1.0)
+    latent.add_argument("--halting-warmup-iters", type=int, default=0,
+                        help="training iterations without pruning while the halting loss weight ramps from 0")
+    latent.add_argument("--halting-router-lr-mult", type=float, default=1.0,
+                        help="router learning rate = --lr x this (its own param group, no weight decay)")
     latent.add_argument("--jacobi-iters", default="2,3", help="Jacobi iterations drawn per training step, e.g. 2,3")
     latent.add_argument("--jacobi-eval-iters", type=int, default=3)
 
@@ -217,6 +227,10 @@ def _validate_latent(args) -> None:
              f"--halting-threshold {args.halting_threshold} must be in [0, 1), e.g. 0.05.")
     _require(args.halting_loss_weight >= 0, "--halting-loss-weight must be >= 0.")
     _require(args.halting_correctness_exponent > 0, "--halting-correctness-exponent must be > 0.")
+    _require(args.halting_warmup_iters >= 0,
+             f"--halting-warmup-iters {args.halting_warmup_iters} is negative; use 0 (no warm-up) or more.")
+    _require(args.halting_router_lr_mult > 0,
+             f"--halting-router-lr-mult {args.halting_router_lr_mult} must be > 0, e.g. 0.1.")
     args.jacobi_iters = _parse_jacobi_iters(args.jacobi_iters)
     _require(args.jacobi_eval_iters >= 1, "--jacobi-eval-iters must be >= 1.")
 
@@ -235,9 +249,9 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(pp == 1 or args.latent_steps == 0,
-             "--pipeline-model-parallel-size > 1 is not supported with latent thoughts yet "
-             "(--latent-steps > 0); use --pipeline-model-parallel-size 1 or --latent-steps 0.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
+             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
+             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
 
 
 def _validate_precision_and_optimizer(args) -> None:
@@ -277,6 +291,14 @@ def _validate_batch(args) -> None:
              f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
              f"use a multiple of {per_step}, e.g. --global-batch-size {per_step * max(1, args.global_batch_size // per_step)}.")
     args.num_microbatches = args.global_batch_size // per_step
+    pp = args.pipeline_model_parallel_size
+    if pp > 1 and args.latent_steps > 0:  # latent passes run as virtual pipeline chunks
+        _require(args.num_microbatches % pp == 0,
+                 f"--pipeline-model-parallel-size {pp} with latent thoughts runs each latent pass as a "
+                 f"virtual pipeline chunk, which needs a multiple of {pp} micro-batches per step; got "
+                 f"{args.num_microbatches} (--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                 f"{args.data_parallel_size})); use --global-batch-size "
+                 f"{per_step * pp * max(1, args.num_microbatches // pp)}.")
 
 
 def _validate_schedule(args) -> None:

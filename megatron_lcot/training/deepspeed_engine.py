@@ -22,6 +22,7 @@ import torch
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
+from megatron_lcot.model.halting import is_router_param
 from megatron_lcot.training.deepspeed_config import effective_config
 
 
@@ -52,11 +53,20 @@ class _ScheduleView:
 
 
 def _adamw(model: torch.nn.Module, args) -> torch.optim.AdamW:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """Client AdamW with megatron-core's groups: matrices decay, vectors do not, and the halting
+    router (`halting.is_router_param`) has its own learning rate (x `--halting-router-lr-mult`)
+    and no decay; `wd_mult`/`max_lr`/`min_lr` are read by OptimizerParamScheduler."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    router = [p for name, p in named if is_router_param(name, p)]
+    rest = [p for name, p in named if not is_router_param(name, p)]
     groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": args.weight_decay, "wd_mult": 1.0},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
+        {"params": [p for p in rest if p.ndim > 1], "weight_decay": args.weight_decay, "wd_mult": 1.0},
+        {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
     ]
+    if router:
+        mult = args.halting_router_lr_mult
+        groups.append({"params": router, "weight_decay": 0.0, "wd_mult": 0.0,
+                       "max_lr": args.lr * mult, "min_lr": args.min_lr * mult})
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 

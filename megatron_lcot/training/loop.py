@@ -26,11 +26,13 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
+from megatron_lcot.model.halting import set_training_iteration
+from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
@@ -43,13 +45,14 @@ def _is_logging_rank() -> bool:
 def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
-    with parallel.schedule_device_context():
-        per_microbatch = get_forward_backward_func()(
+    with parallel.schedule_device_context(), pipeline_schedule(
+            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only) as schedule:
+        per_microbatch = schedule.forward_backward_func(
             forward_step_func=components.forward_step_func,
-            data_iterator=data_iterator,
-            model=components.optimizer.schedule_parts,
+            data_iterator=schedule.data_iterator,
+            model=schedule.model,
             num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
+            seq_length=schedule.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=forward_only,
         )
@@ -102,10 +105,13 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
     """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
     while state.iteration < args.train_iters:
         step_start = time.perf_counter()
+        for part in components.model_parts:  # halting warm-up (also right after a resume)
+            set_training_iteration(part, state.iteration)
         stats, grad_norm, lr = train_step(components, args)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
@@ -115,9 +121,10 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
             interval_stats = stats if interval_stats is None else interval_stats + stats
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
+                summary = flops.add_interval(state, summarize(interval_stats), interval_iters * tokens_per_iteration)
                 components.logger.log_train(
                     state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
-                    summarize(interval_stats), tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
                     seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:

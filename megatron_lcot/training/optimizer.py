@@ -21,15 +21,29 @@ from __future__ import annotations
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
 from megatron_lcot import parallel
+from megatron_lcot.model.halting import is_router_param
 
 
 def _one_or_list(items: list):
     """megatron-core's schedules take one hook for one model chunk, a list for several."""
     return items[0] if len(items) == 1 else items
+
+
+def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: float) -> dict:
+    """megatron-core's standard overrides (no weight decay on vectors) plus the halting router's
+    own group (`halting.is_router_param`): `max_lr`/`min_lr` scaled by
+    `--halting-router-lr-mult` and no weight decay (docs/method.md, the stable adaptive recipe).
+    OptimizerParamScheduler reads these per group."""
+    router = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="halting_router", fn=lambda param, name: is_router_param(name, param)))
+    return {**get_standard_config_overrides(config=optimizer_config),
+            router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
+                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0)}
 
 
 class MegatronCoreOptimizer:
@@ -54,7 +68,9 @@ class MegatronCoreOptimizer:
             use_distributed_optimizer=args.use_distributed_optimizer)
         with parallel.schedule_device_context():
             self.schedule_parts = [DistributedDataParallel(config, ddp_config, module=part) for part in model_parts]
-            self.optimizer = get_megatron_optimizer(optimizer_config, self.schedule_parts)
+            self.optimizer = get_megatron_optimizer(
+                optimizer_config, self.schedule_parts,
+                config_overrides=router_config_overrides(optimizer_config, args.halting_router_lr_mult))
         config.no_sync_func = _one_or_list([part.no_sync for part in self.schedule_parts])
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss if args.fp16 else None

@@ -57,7 +57,7 @@ def tiny_training_state():
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
         train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
         jacobi_iters=(2, 3), bf16=False, fp16=False, loss_scale=None, initial_loss_scale=2.0**32,
-        use_distributed_optimizer=False, deepspeed=False)
+        use_distributed_optimizer=False, deepspeed=False, halting_router_lr_mult=1.0)
     model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
     optimizer = build_optimizer([model], args)
     return args, model, optimizer, build_lr_scheduler(optimizer, args)
