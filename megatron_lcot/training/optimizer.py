@@ -41,9 +41,14 @@ def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: f
     OptimizerParamScheduler reads these per group."""
     router = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="halting_router", fn=lambda param, name: is_router_param(name, param)))
+    # is_decoupled_lr marks the group as one with its own LR (it is what the router group is):
+    # megatron-core 0.16.1 matches saved to live groups on (wd_mult, lr_mult, is_expert_parallel,
+    # is_decoupled_lr) only, and without it the router group and the vectors group (both
+    # wd_mult 0) collide on resume ("doesn't match the size of optimizer's group").
     return {**get_standard_config_overrides(config=optimizer_config),
             router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
-                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0)}
+                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0,
+                                       is_decoupled_lr=True)}
 
 
 class MegatronCoreOptimizer:
