@@ -62,6 +62,9 @@ def test_pipeline_parallel_with_zero_2_or_3_is_refused(two_ranks, stage):
 
 
 REFUSED = {
+    "zero_stage_0": (["--deepspeed_config", ZERO2, "--zero-stage", "0"], "drop --deepspeed"),
+    "pipeline_with_latent_steps": (["--deepspeed_config", ZERO2, "--zero-stage", "1", "--latent-steps", "1",
+                                    "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"], "vanilla models only"),
     "no_config": ([], "--deepspeed needs --deepspeed_config FILE"),
     "missing_file": (["--deepspeed_config", "/nonexistent/ds.json"], "no such file"),
     "with_distributed_optimizer": (["--deepspeed_config", ZERO2, "--use-distributed-optimizer"],
@@ -70,7 +73,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
-def test_bad_deepspeed_flags_are_refused(case):
+def test_bad_deepspeed_flags_are_refused(case, two_ranks):
     extra, message = REFUSED[case]
     with pytest.raises(ArgumentError, match=message):
         parse_args([*BASE, "--deepspeed", *extra])
