@@ -2,7 +2,7 @@
 
 pretrain_lcot.py runs 10 iterations of adaptive latent CoT (fp32, gloo, SOTU, global batch 8 =
 4 micro-batches in one process, 2 per rank on 2 ranks) and the losses, grad norms and latent-step
-statistics of every layout must agree within 1e-5 relative:
+statistics of every layout, and the final validation loss, must agree within 1e-5 relative:
 
 * DeepSpeed ZeRO-1/2/3 (and ZeRO-3 with optimizer and parameter offload), launched with the real
   `deepspeed` launcher (`--num_gpus 2` on the CPU), from the shipped examples/ds_configs/;
@@ -49,15 +49,16 @@ def _train_records(tmp_path, dataset, name: str, extra: list, launcher: tuple) -
     result = run_pretrain([*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics], cwd=tmp_path,
                           launcher=launcher, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    return [r for r in read_metrics(metrics) if r["split"] == "train"]
+    return read_metrics(metrics)  # training records and the final validation
 
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory, sotu_indexed_dataset) -> list:
     tmp_path = tmp_path_factory.mktemp("one_process")
     records = _train_records(tmp_path, sotu_indexed_dataset, "one", [], (sys.executable,))
-    assert max(r["grad_norm"] for r in records) > 0.5  # clipping acts
-    assert records[-1]["lm_loss"] < records[0]["lm_loss"]
+    train = [r for r in records if r["split"] == "train"]
+    assert max(r["grad_norm"] for r in train) > 0.5  # clipping acts
+    assert train[-1]["lm_loss"] < train[0]["lm_loss"]
     return records
 
 
