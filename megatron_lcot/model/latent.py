@@ -5,8 +5,9 @@ Both schedules are spec'd submodules (`LcotSubmodules.latent_schedule`) called a
 model's TransformerBlock (its output is final-normed: exactly the state fed back as a thought),
 `token_states` [T, b, h] the scaled token embeddings and `rotary` the model's RotaryEmbedding.
 
-* `StepwiseSchedule` (adaptive latent CoT): K+1 exact passes; pass k computes step k of all
-  tokens, attending steps 0..k of earlier tokens and itself through the per-layer KV store.
+* `StepwiseSchedule` (adaptive latent CoT): K+1 exact passes; pass k computes step k of the
+  tokens that execute it, attending steps 0..k of earlier tokens and itself through the
+  per-layer KV store.
   The halting router gates each step; tokens whose reach falls below the threshold stop
   executing and expose their last executed step's keys/values (KV reuse).
 * `InterleavedJacobiSchedule` (PonderLM-2): slots x1 z11..z1K x2 ... under a plain causal mask,
@@ -20,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.halting import exit_mass
-from megatron_lcot.model.masking import StepwiseKVStore, StepwisePass, interleaved_positions
+from megatron_lcot.model.masking import LivePacking, StepwiseKVStore, StepwisePass, interleaved_positions
 from megatron_lcot.model.rotary import rotary_at_positions
 
 
@@ -64,12 +66,37 @@ class LatentThoughts:
         return (self.reach[1:n] * self.executed[1:]).sum(0).float()
 
 
+def decoder_pass(decoder, hidden_states, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """One pass of `decoder` (a TransformerBlock); under `latent_recompute == 'full'` with grad
+    enabled, inside torch.utils.checkpoint (non-reentrant: tensors read from earlier passes' KV
+    store keep their graph, and a recomputed stepwise pass rewrites its own store entry)."""
+
+    def run():
+        return decoder(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+
+    if getattr(decoder.config, "latent_recompute", None) == "full" and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)
+    return run()
+
+
 def stepwise_pass(decoder, inputs, step: int, store: StepwiseKVStore, executing, rotary_pos_emb):
     """Pass `step` of the stepwise layout through `decoder` (a whole model's or one pipeline
-    stage's TransformerBlock): inputs [T, b, h] -> outputs [T, b, h]. The layers write what
-    this step exposes into `store` (KV reuse for tokens not `executing` [T, b]; None = all)."""
-    mask = StepwisePass(step, inputs.shape[0], store, executing)
-    return decoder(hidden_states=inputs, attention_mask=mask, rotary_pos_emb=rotary_pos_emb)
+    stage's TransformerBlock): inputs [T, b, h] -> outputs [T, b, h]; rotary_pos_emb: the
+    table [T, 1, 1, dim]. The layers write what this step exposes into `store`.
+
+    Only the tokens in `executing` ([T, b] bool, None = all) are computed: they are packed to
+    the front of each sequence (LivePacking), the pass runs on those rows with RoPE at their
+    positions, and its outputs (and, in each layer, its keys/values) are scattered back onto
+    the previous step's: a token that does not execute keeps its input as its state and
+    exposes its last executed step's keys/values (KV reuse). Halted tokens cost nothing.
+    """
+    if executing is None or bool(executing.all()):
+        mask = StepwisePass(step, inputs.shape[0], store)
+        return decoder_pass(decoder, inputs, mask, rotary_pos_emb)
+    live = LivePacking(executing)
+    mask = StepwisePass(step, inputs.shape[0], store, live)
+    packed = decoder_pass(decoder, live.gather(inputs), mask, live.rotary(rotary_pos_emb))  # [width, b, h]
+    return live.scatter(packed, inputs)
 
 
 def continue_reach(router, reach: torch.Tensor, step_state: torch.Tensor, step: int) -> torch.Tensor:
@@ -94,7 +121,8 @@ def halting_decision(executed: torch.Tensor, reach: torch.Tensor, threshold: flo
 
 
 class StepwiseSchedule(MegatronModule):
-    """K+1 exact passes of the stepwise layout, with halting and KV reuse."""
+    """K+1 exact passes of the stepwise layout, with halting and KV reuse; pass k computes only
+    the tokens that execute step k (`stepwise_pass`)."""
 
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
@@ -157,7 +185,7 @@ def interleaved_pass(decoder, slots: torch.Tensor, num_tokens: int, rotary) -> t
     slot of token t at position t) -> outputs [T n, b, h]. Shared by the one-stage schedule and
     the pipeline stages (pipeline_passes.py)."""
     positions = interleaved_positions(num_tokens, slots.shape[0] // num_tokens - 1, slots.device)
-    return decoder(hidden_states=slots, attention_mask=None, rotary_pos_emb=rotary_at_positions(rotary, positions))
+    return decoder_pass(decoder, slots, None, rotary_at_positions(rotary, positions))
 
 
 def warm_up_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
@@ -173,5 +201,5 @@ def jacobi_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
 def interleaved_thoughts(outputs: torch.Tensor) -> LatentThoughts:
     """The final pass's outputs [T, K+1, b, h] as LatentThoughts (every step executed)."""
     num_tokens, steps, batch, _ = outputs.shape
-    ones = outputs.new_ones(steps, num_tokens, batch, dtype=torch.float32)
+    ones = outputs.new_ones(steps, num_tokens, batch, dtype=torch.float32)  # reach in fp32
     return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())

@@ -120,7 +120,8 @@ class LcotGPTModel(GPTModel):
         if self.config.adaptive:
             penalty = correctness_penalty(
                 thoughts,
-                lambda states: self.compute_language_model_loss(labels, self.output_layer(states)[0]),
+                lambda states, gold: self.compute_language_model_loss(gold, self.output_layer(states)[0]),
+                labels,
                 self.config.halting_correctness_exponent,
             )
             loss = lm_loss + self.halting_router.loss_weight() * penalty

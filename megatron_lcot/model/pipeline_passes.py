@@ -178,7 +178,7 @@ class StagePasses:
         originals, twins = _hand_over_pass(state.store, index) if not last_pass else ([], [])
         if model.post_process:  # decide pass index+1 from this pass's output
             if not state.reach:
-                state.reach.append(torch.ones_like(executing, dtype=torch.float32))  # fp32, as one stage
+                state.reach.append(torch.ones_like(executing, dtype=torch.float32))  # reach in fp32
             with torch.no_grad():
                 state.reach.append(continue_reach(model.halting_router, state.reach[-1], outputs, index))
             executing = halting_decision(executing, state.reach[-1], model.halting_router.threshold())
