@@ -274,6 +274,11 @@ def _validate_precision_and_optimizer(args) -> None:
         stage = effective_config(args)["zero_optimization"]["stage"]
     except DeepSpeedConfigError as error:
         raise ArgumentError(str(error)) from error
+    _require(args.pipeline_model_parallel_size == 1 or args.latent_steps == 0,
+             f"--deepspeed with --pipeline-model-parallel-size {args.pipeline_model_parallel_size} and latent "
+             "thoughts is not supported: latent passes run as virtual pipeline chunks, which the DeepSpeed "
+             "engine does not drive; use megatron-core's optimizer (drop --deepspeed, optionally "
+             "--use-distributed-optimizer) or --pipeline-model-parallel-size 1.")
     _require(stage < 2 or args.pipeline_model_parallel_size == 1,
              f"ZeRO stage {stage} (--zero-stage / --deepspeed_config) shards gradients, which pipeline "
              f"parallelism (--pipeline-model-parallel-size {args.pipeline_model_parallel_size}) accumulates "
