@@ -147,10 +147,14 @@ _COMPILED_FLEX = None
 
 def _block_mask(structured, allowed, is_causal, query, key):
     """The FlexAttention block mask of this call, built once per structured mask (every layer
-    of a pass shares it) from its `mask_mod`, else from the materialised mask."""
+    of a pass shares it) from its `mask_mod`, once per shape for plain causal attention, else
+    from the materialised mask."""
     cached = getattr(structured, "_flex_block_mask", None)
     if cached is not None:
         return cached
+    causal_key = (query.shape[0], query.shape[2], key.shape[2], query.device)
+    if structured is None and is_causal and causal_key in _CAUSAL_BLOCK_MASKS:
+        return _CAUSAL_BLOCK_MASKS[causal_key]
     if structured is not None and hasattr(structured, "mask_mod"):
         mask_mod = structured.mask_mod()
     elif is_causal:
@@ -165,4 +169,9 @@ def _block_mask(structured, allowed, is_causal, query, key):
                                    device=query.device)
     if structured is not None:
         structured._flex_block_mask = block_mask
+    elif is_causal:
+        _CAUSAL_BLOCK_MASKS[causal_key] = block_mask
     return block_mask
+
+
+_CAUSAL_BLOCK_MASKS = {}  # (batch, sq, sk, device) -> the causal block mask (vanilla, interleaved)

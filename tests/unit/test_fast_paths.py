@@ -142,12 +142,25 @@ def test_flex_backend_forward_equals_dense_reference(batch, mode):  # noqa: F811
     assert max_abs(got, want) < 1e-4
 
 
-def test_unknown_attention_backend_is_refused():
-    from megatron_lcot.arguments import parse_args
+FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+         "--train-iters", "1", "--mock-data"]
 
+
+def test_attention_and_recompute_flags_reach_the_config(capsys):
+    """Proves --attention-backend and --recompute-granularity arrive in LcotConfig by field name
+    (lcot_config_from_args), that `selective` turns on megatron-core's MLP recompute only, and
+    that a wrong backend is refused by argparse naming the flag."""
+    from megatron_lcot.arguments import parse_args
+    from megatron_lcot.training.providers import lcot_config_from_args
+
+    args = parse_args(FLAGS + ["--attention-backend", "dense", "--recompute-granularity", "selective",
+                               "--latent-steps", "2", "--vocab-size", "128"])
+    config = lcot_config_from_args(args)
+    assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
+    assert (config.recompute_granularity, config.recompute_modules) == ("selective", ["mlp"])
     with pytest.raises(SystemExit):
-        parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
-                    "--train-iters", "1", "--mock-data", "--attention-backend", "flash3"])
+        parse_args(FLAGS + ["--attention-backend", "flash3"])
+    assert "--attention-backend: invalid choice: 'flash3'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
