@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.halting import exit_mass
 from megatron_lcot.model.masking import LivePacking, StepwiseKVStore, StepwisePass, interleaved_positions
@@ -107,23 +108,16 @@ def halting_decision(executed: torch.Tensor, reach: torch.Tensor, threshold: flo
     """[s, b] bool: the tokens that execute the next step (monotone; reach below tau prunes).
 
     The hard threshold turns any drift between tensor-parallel ranks of the replicated router
-    into different executed steps (different KV per head shard, mismatched collectives), so the
-    decision of tensor-parallel rank 0 is broadcast to the others: identical by construction.
+    into different executed steps (different KV per head shard, mismatched collectives), so a
+    token executes only where every tensor-parallel rank says so (a MIN all-reduce): the
+    decision is identical by construction.
     """
     executing = executed & (reach.detach() >= threshold)
-    return broadcast_over_tensor_parallel(executing)
-
-
-def broadcast_over_tensor_parallel(mask: torch.Tensor) -> torch.Tensor:
-    """`mask` as tensor-parallel rank 0 holds it (a no-op without tensor parallelism)."""
     if not parallel_state.model_parallel_is_initialized():
-        return mask
-    group = parallel_state.get_tensor_model_parallel_group()
-    if dist.get_world_size(group) == 1:
-        return mask
-    payload = mask.to(torch.uint8)
-    dist.broadcast(payload, src=parallel_state.get_tensor_model_parallel_src_rank(), group=group)
-    return payload.bool()
+        return executing
+    agreed = executing.to(torch.uint8)
+    parallel.all_reduce(agreed, parallel_state.get_tensor_model_parallel_group(), op=dist.ReduceOp.MIN)
+    return agreed.bool()
 
 
 class StepwiseSchedule(MegatronModule):

@@ -63,6 +63,10 @@ class LcotGPTModel(GPTModel):
             self.latent_schedule = build_module(submodules.latent_schedule, config=config)
             if post_process:  # the last pipeline stage decides and mixes (pipeline_passes.py)
                 self.halting_router = build_module(submodules.halting_router, config=config)
+                for param in self.halting_router.parameters():
+                    # Replicated on tensor-parallel ranks: averaged there like megatron-core's
+                    # replicated parameters, so the copies cannot drift apart.
+                    param.average_gradients_across_tp_domain = True
 
     def forward(
         self,

@@ -104,6 +104,21 @@ class MicroBatchPasses:
     jacobi: int = 0
 
 
+def stage_block(decoder):
+    """This stage's TransformerBlock as a function of the hidden states it is called with.
+
+    megatron-core's block on a non-first stage ignores its `hidden_states` argument and reads
+    `input_tensor`; setting that to whatever a pass runs (all rows, or only some) keeps the
+    shared per-pass functions of latent.py valid on every stage.
+    """
+
+    def run(hidden_states, **kwargs):
+        decoder.set_input_tensor(hidden_states)
+        return decoder(hidden_states=hidden_states, **kwargs)
+
+    return run
+
+
 def _hand_over_pass(store: StepwiseKVStore, step: int) -> tuple:
     """Replace pass `step`'s keys/values in every layer by detached twins: (originals, twins)."""
     originals, twins = [], []
@@ -148,16 +163,14 @@ class StagePasses:
         if received is None:  # first stage, first pass
             tokens = self.model.embed_tokens(input_ids, position_ids)
             return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        hidden, executing = unpack_payload(received, input_ids.shape[1])
-        self.model.decoder.set_input_tensor(hidden)  # a non-first stage's block reads this
-        return hidden, executing
+        return unpack_payload(received, input_ids.shape[1])
 
     def _stepwise(self, index, state, received, input_ids, position_ids, labels):
         model = self.model
         inputs, executing = self._stage_inputs(index, received, input_ids, position_ids)
         state.executed.append(executing)
         rotary_pos_emb = model.rotary_pos_emb(input_ids.shape[1])
-        outputs = stepwise_pass(model.decoder, inputs, index, state.store,
+        outputs = stepwise_pass(stage_block(model.decoder), inputs, index, state.store,
                                 executing if index > 0 else None, rotary_pos_emb)
         last_pass = index == self.num_passes - 1
         if model.post_process and last_pass:
@@ -209,8 +222,7 @@ class StagePasses:
             hidden = slots.flatten(0, 1)
         else:
             hidden = unpack_payload(received, num_tokens)[0][: num_tokens * slots_per_token]
-            model.decoder.set_input_tensor(hidden)
-        outputs = interleaved_pass(model.decoder, hidden, num_tokens, model.rotary_pos_emb)
+        outputs = interleaved_pass(stage_block(model.decoder), hidden, num_tokens, model.rotary_pos_emb)
         if final and model.post_process:
             steps = outputs.view(num_tokens, latent_steps + 1, batch, -1)
             return model.language_model_output(interleaved_thoughts(steps), labels)

@@ -32,6 +32,7 @@ from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
@@ -104,6 +105,7 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
     """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
     while state.iteration < args.train_iters:
@@ -119,9 +121,10 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
             interval_stats = stats if interval_stats is None else interval_stats + stats
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
+                summary = flops.add_interval(state, summarize(interval_stats), interval_iters * tokens_per_iteration)
                 components.logger.log_train(
                     state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
-                    summarize(interval_stats), tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
                     seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:

@@ -18,10 +18,12 @@ from typing import Any, Callable
 @dataclasses.dataclass
 class TrainState:
     """Progress of a run: the iteration reached and the training samples consumed so far
-    (Megatron-LM's `consumed_train_samples`: the data position a resumed run continues from)."""
+    (Megatron-LM's `consumed_train_samples`: the data position a resumed run continues from),
+    and the training FLOPs spent so far (`flops_meter.TrainingFlops`, on the logging rank)."""
 
     iteration: int = 0
     consumed_train_samples: int = 0
+    train_flops: float = 0.0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
