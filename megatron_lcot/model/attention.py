@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -81,6 +82,14 @@ class LcotCoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("LcotCoreAttention supports neither attention_bias nor packed sequences")
         attn_mask_type = attn_mask_type or self.attn_mask_type
+        if getattr(self.config, "latent_recompute", None) == "selective" and torch.is_grad_enabled():
+            # selective recompute: keep q/k/v of this pass (and the store's per-step entries,
+            # which live anyway), rebuild the concatenated keys and the attention in backward
+            return torch.utils.checkpoint.checkpoint(self._attend, query, key, value, attention_mask,
+                                                     attn_mask_type, use_reentrant=False)
+        return self._attend(query, key, value, attention_mask, attn_mask_type)
+
+    def _attend(self, query, key, value, attention_mask, attn_mask_type) -> torch.Tensor:
         structured = attention_mask if hasattr(attention_mask, "expose") else None
         if structured is not None:  # a StepwisePass, an inference cache
             key, value = structured.expose(self.layer_number, key, value)

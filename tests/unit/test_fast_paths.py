@@ -148,8 +148,8 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 def test_attention_and_recompute_flags_reach_the_config(capsys):
     """Proves --attention-backend and --recompute-granularity arrive in LcotConfig by field name
-    (lcot_config_from_args), that `selective` turns on megatron-core's MLP recompute only, and
-    that a wrong backend is refused by argparse naming the flag."""
+    (lcot_config_from_args), that `selective` leaves megatron-core's own recompute off (ours
+    wraps the core attention), and that a wrong backend is refused by argparse naming the flag."""
     from megatron_lcot.arguments import parse_args
     from megatron_lcot.training.providers import lcot_config_from_args
 
@@ -157,7 +157,7 @@ def test_attention_and_recompute_flags_reach_the_config(capsys):
                                "--latent-steps", "2", "--vocab-size", "128"])
     config = lcot_config_from_args(args)
     assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
-    assert (config.recompute_granularity, config.recompute_modules) == ("selective", ["mlp"])
+    assert config.recompute_granularity is None
     with pytest.raises(SystemExit):
         parse_args(FLAGS + ["--attention-backend", "flash3"])
     assert "--attention-backend: invalid choice: 'flash3'" in capsys.readouterr().err
@@ -171,8 +171,9 @@ def test_attention_and_recompute_flags_reach_the_config(capsys):
 @pytest.mark.parametrize("mode", ["vanilla", "stepwise", "adaptive", "interleaved"])
 def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # noqa: F811
     """Proves --recompute-granularity leaves the loss and every gradient unchanged (relative
-    error < 1e-6) in every mode: full wraps each latent pass in a non-reentrant checkpoint whose
-    recompute rewrites its own KV-store entry; selective recomputes megatron-core's MLPs."""
+    error < 1e-6) in every mode: full wraps each latent pass, selective each core attention call
+    (expose + attention), in a non-reentrant checkpoint whose recompute rewrites its own
+    KV-store entry."""
     ids, labels = batch
     fields = {"vanilla": {}, "stepwise": {"latent_steps": 2}, "interleaved": {"latent_steps": 1,
               "latent_layout": "interleaved", "jacobi_iters": (1,)},
