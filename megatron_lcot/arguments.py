@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
                                             "CUDA for training; dense: the materialised-mask reference)")
     model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
-                       help="activation recompute: selective = each core attention (saved keys/values "
-                            "linear in --latent-steps); full = each latent pass (every layer in vanilla mode)")
+                       help="activation recompute: selective = each core attention (the per-pass KV "
+                            "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")

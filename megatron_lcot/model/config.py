@@ -63,8 +63,7 @@ class LcotConfig(TransformerConfig):
     latent_recompute: str = None
     """Activation recompute (flag --recompute-granularity): None; 'selective' = every core
     attention call under torch.utils.checkpoint (use_reentrant=False): the per-pass concatenation
-    of the KV store (O(K^2 T) saved) is rebuilt in backward, so saved keys/values grow linearly
-    in K; 'full' = each latent pass under torch.utils.checkpoint, so only the pass inputs and the
+    of the KV store (O(K^2 T) saved) is rebuilt in backward instead of kept; 'full' = each latent pass under torch.utils.checkpoint, so only the pass inputs and the
     KV store stay in memory, and in vanilla mode megatron-core's full recompute of every layer. megatron-core's own full/core-attention recompute would be
     silently wrong in latent modes (PLATFORM.md), hence a field of ours."""
 
