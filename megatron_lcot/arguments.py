@@ -249,9 +249,10 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
-             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
-             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute is not None),
+             f"--recompute-granularity {args.latent_recompute} is not supported yet with latent thoughts across "
+             "pipeline stages (--pipeline-model-parallel-size > 1: untested with the stage hand-over of the "
+             "KV store); drop --recompute-granularity or use --pipeline-model-parallel-size 1.")
 
 
 def _validate_precision_and_optimizer(args) -> None:
