@@ -1,36 +1,55 @@
-"""Training checkpoints: atomic directories, Megatron-LM's layout and `latest` marker.
+"""Training checkpoints: layout-free weights, per-rank training state, atomic directories.
 
-    <save>/iter_0000100/mp_rank_00/model_optim_rng.pt        (one file per model-parallel rank;
-    <save>/iter_0000100/mp_rank_00_001/model_optim_rng.pt     the _PPP suffix only when PP > 1)
-    <save>/latest_checkpointed_iteration.txt                 written last: "100"
+    <save>/iter_0000100/
+        run.pt                                  the flags and the iteration (global rank 0): what
+                                                tools read before building anything
+        model/                                  the weights, megatron-core `dist_checkpointing`
+                                                (torch_dist): loads into a model of any TP/PP
+        mp_rank_00[_PPP]/model_optim_rng.pt     one model-parallel rank's optimizer, LR schedule,
+                                                RNG states, data position and fault counters:
+                                                exact resume at the same layout
+    <save>/latest_checkpointed_iteration.txt    written last: "100"
+
+A *weights-only* checkpoint (tools/convert_checkpoint.py reshard) has `run.pt` and either
+`model/` (sharded) or `mp_rank_*/model_optim_rng.pt` files holding only `{"model": state_dict}`
+of that layout (plain: readable with torch.load alone). It evaluates (`--skip-train`) and
+exports, but does not resume training.
 
 An iteration directory is written under a temporary name, every file is fsync'ed, and the
-directory is renamed into place; the marker is then replaced atomically. A crash therefore
-leaves either the previous checkpoint or the new one, never a half-written one behind the
-marker. Files hold only tensors and plain Python values and are read with
-`torch.load(weights_only=True)`.
-
-Each file holds the model shard, optimizer and LR-scheduler state, iteration, consumed
-samples, every RNG state, and the flags: enough to resume a run exactly.
+directory is renamed into place; the marker is then replaced atomically and `--keep-last`
+prunes older iterations. A crash therefore leaves either the previous checkpoint or the new
+one, never a half-written one behind the marker. Files hold only tensors and plain Python
+values and are read with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import random
+import re
 import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
-# Flags whose values fix the parameter shapes: a checkpoint only loads under the same ones.
-SHAPE_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "padded_vocab_size", "latent_steps", "halting", "tensor_model_parallel_size",
-               "pipeline_model_parallel_size")
+RUN_FILENAME = "run.pt"
+MODEL_DIRNAME = "model"
+
+# Flags that fix the parameters (their shapes, their dtype, or what they mean): weights saved
+# under other values are another model.
+MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+               "padded_vocab_size", "latent_steps", "latent_layout", "halting", "init_method_std", "bf16")
+# Flags that fix the LR/weight-decay schedule: megatron-core's scheduler cannot follow a change
+# (its load_state_dict asserts on them).
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
+# The per-rank optimizer and RNG state belongs to one parallel layout.
+LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 
 class CheckpointError(ValueError):
@@ -46,6 +65,14 @@ def _rank_subdir() -> str:
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return f"mp_rank_{tp_rank:02d}"
     return f"mp_rank_{tp_rank:02d}_{parallel_state.get_pipeline_model_parallel_rank():03d}"
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The LcotGPTModel inside data-parallel wrappers (megatron DDP, DeepSpeed engine), whose
+    `sharded_state_dict()` names the weights independently of the wrapper."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 def _fsync_dir(path: str) -> None:
@@ -89,41 +116,49 @@ def _restore_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["model_parallel_tracker"])
 
 
-def _plain_args(args) -> dict:
+def plain_args(args) -> dict:
     """The flags as plain values (what weights_only loading accepts)."""
     plain = (bool, int, float, str, type(None))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
             if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
-def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer, scheduler,
-                    consumed_samples: int, args) -> str:
-    """Write iteration `iteration` atomically and point the marker at it (collective call)."""
-    final_dir = iteration_dir(root, iteration)
+def _use_in_process_results_queue() -> None:
+    """dist_checkpointing's torch_dist writer collects its (forked) writers' results through a
+    queue that by default lives in a *spawned* multiprocessing Manager: a fresh interpreter
+    that re-imports `__main__` (13 s per process here, and a crash for scripts without a
+    `__main__` guard). Saving is synchronous: the results are put and read by this process,
+    so a thread queue serves (a multiprocessing one could still be empty when read)."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def save_model_weights(model: torch.nn.Module, directory: str) -> None:
+    """Write the weights as a dist_checkpointing directory (collective; `directory` must exist
+    and be empty). Every rank contributes its shards; replicated tensors are written once."""
+    _use_in_process_results_queue()
+    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
+
+
+def _prepare_staging(root: str, iteration: int) -> str:
+    """An empty temporary iteration directory (rank 0 creates it; collective)."""
     staging_dir = os.path.join(root, f".tmp_iter_{iteration:07d}")
-    is_writer_of_dir = dist.get_rank() == 0
-    if is_writer_of_dir:
+    if dist.get_rank() == 0:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(staging_dir, ignore_errors=True)  # left by a crash during an earlier save
-        os.makedirs(staging_dir)
+        os.makedirs(os.path.join(staging_dir, MODEL_DIRNAME))
     dist.barrier()
-    if parallel_state.get_data_parallel_rank() == 0:
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "opt_param_scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "consumed_train_samples": consumed_samples,
-            "rng_state": _rng_state(),
-            "args": _plain_args(args),
-        }
-        rank_dir = os.path.join(staging_dir, _rank_subdir())
-        os.makedirs(rank_dir, exist_ok=True)
-        _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
-        _fsync_dir(rank_dir)
+    return staging_dir
+
+
+def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_last: int | None) -> str:
+    """Rename the staged directory into place, then move the marker (collective)."""
+    final_dir = iteration_dir(root, iteration)
     dist.barrier()
-    if is_writer_of_dir:
-        _fsync_dir(staging_dir)
+    if dist.get_rank() == 0:
+        _write_durably(os.path.join(staging_dir, RUN_FILENAME), lambda f: torch.save(run_state, f))
+        for dirpath, _, _ in os.walk(staging_dir):
+            _fsync_dir(dirpath)
         if os.path.exists(final_dir):  # saving the same iteration again replaces it
             shutil.rmtree(final_dir)
         os.rename(staging_dir, final_dir)
@@ -131,8 +166,71 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer
         _write_durably(tracker_tmp, lambda f: f.write(str(iteration).encode()))
         os.replace(tracker_tmp, os.path.join(root, TRACKER_FILENAME))
         _fsync_dir(root)
+        if keep_last:
+            prune_old_iterations(root, keep_last)
     dist.barrier()
     return final_dir
+
+
+def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer, scheduler,
+                    consumed_samples: int, args, counters: dict | None = None) -> str:
+    """Write iteration `iteration` atomically and point the marker at it (collective call).
+
+    `counters`: plain values the loop restores on resume (skipped-step counts). The optimizer
+    seam either returns its state from `state_dict()` (kept in the per-rank file) or, as a
+    DeepSpeed engine does, writes its own partitioned files with `save(directory)`.
+    """
+    staging_dir = _prepare_staging(root, iteration)
+    save_model_weights(model, os.path.join(staging_dir, MODEL_DIRNAME))
+    own_files = getattr(optimizer, "save", None)
+    if own_files is not None:
+        own_files(os.path.join(staging_dir, "optimizer"))
+    if parallel_state.get_data_parallel_rank() == 0:
+        state = {
+            "optimizer": None if own_files is not None else optimizer.state_dict(),
+            "opt_param_scheduler": scheduler.state_dict(),
+            "iteration": iteration,
+            "consumed_train_samples": consumed_samples,
+            "counters": dict(counters or {}),
+            "rng_state": _rng_state(),
+            "args": plain_args(args),
+        }
+        rank_dir = os.path.join(staging_dir, _rank_subdir())
+        os.makedirs(rank_dir, exist_ok=True)
+        _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False}
+    return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
+
+
+def save_weights_only(root: str, iteration: int, model: torch.nn.Module, args, sharded: bool) -> str:
+    """A weights-only checkpoint of `model` (built with `args`' layout) at `iteration`:
+    dist_checkpointing (`sharded`, any layout loads it) or one plain torch file per
+    model-parallel rank. Collective; what tools/convert_checkpoint.py reshard writes."""
+    staging_dir = _prepare_staging(root, iteration)
+    if sharded:
+        save_model_weights(model, os.path.join(staging_dir, MODEL_DIRNAME))
+    else:
+        if dist.get_rank() == 0:
+            os.rmdir(os.path.join(staging_dir, MODEL_DIRNAME))
+        if parallel_state.get_data_parallel_rank() == 0:
+            rank_dir = os.path.join(staging_dir, _rank_subdir())
+            os.makedirs(rank_dir, exist_ok=True)
+            weights = {"model": unwrap_model(model).state_dict(), "args": plain_args(args)}
+            _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True}
+    return _publish(root, staging_dir, iteration, run_state, None)
+
+
+def prune_old_iterations(root: str, keep_last: int) -> list:
+    """Delete all but the `keep_last` newest iteration directories, never the one the marker
+    names; returns the deleted iterations."""
+    iterations = sorted(int(m.group(1)) for name in os.listdir(root)
+                        if (m := re.fullmatch(r"iter_(\d{7})", name)))
+    keep = set(iterations[-keep_last:]) | {latest_iteration(root)}
+    deleted = [it for it in iterations if it not in keep]
+    for iteration in deleted:
+        shutil.rmtree(iteration_dir(root, iteration))
+    return deleted
 
 
 def latest_iteration(root: str) -> int | None:
@@ -147,58 +245,91 @@ def latest_iteration(root: str) -> int | None:
     return int(text)
 
 
-def _check_compatible(saved_args: dict, args) -> None:
-    for flag in SHAPE_FLAGS:
-        saved, current = saved_args.get(flag), getattr(args, flag, None)
-        if saved != current:
-            name = "--" + flag.replace("_", "-")
-            raise CheckpointError(f"the checkpoint was trained with {name} {saved} but this run has "
-                                  f"{name} {current}; pass the checkpoint's value or use another --load.")
-
-
-def _rank_file(root: str, iteration: int | None) -> tuple:
-    """(iteration, path of this rank's file) of `iteration` (default: the marker's) in `root`."""
+def _resolve_iteration(root: str, iteration: int | None) -> int:
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
             raise CheckpointError(f"--load {root!r}: no {TRACKER_FILENAME} there; pass a directory written "
                                   "by pretrain_lcot.py --save (or tools/convert_checkpoint.py).")
+    if not os.path.isdir(iteration_dir(root, iteration)):
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no directory "
+                              f"{iteration_dir(root, iteration)}; restore it, pick another iteration, "
+                              "or point the marker at an existing iteration.")
+    return iteration
+
+
+def _rank_file(root: str, iteration: int) -> str:
     path = os.path.join(iteration_dir(root, iteration), _rank_subdir(), CHECKPOINT_FILENAME)
     if not os.path.isfile(path):
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no {path}; restore that directory, "
-                              "pick another --iteration, or point the marker at an existing iteration.")
-    return iteration, path
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no {path}; restore that file, "
+                              "or load with the parallel layout the checkpoint was saved with.")
+    return path
+
+
+def _run_state(root: str, iteration: int) -> dict:
+    return torch.load(os.path.join(iteration_dir(root, iteration), RUN_FILENAME), map_location="cpu",
+                      weights_only=True)
 
 
 def saved_args(root: str, iteration: int | None = None) -> dict:
-    """The flags a checkpoint was trained with (plain values), read without building anything:
-    tools rebuild the model from these (`argparse.Namespace(**saved_args(root))`)."""
-    _, path = _rank_file(root, iteration)
-    return torch.load(path, map_location="cpu", weights_only=True)["args"]
+    """The flags a checkpoint was trained with (plain values), read without building anything
+    and whatever its layout: tools rebuild the model from these
+    (`argparse.Namespace(**saved_args(root))`)."""
+    return _run_state(root, _resolve_iteration(root, iteration))["args"]
+
+
+def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
+    """Raise a CheckpointError naming the first of `flags` whose value differs from `saved`."""
+    for flag in flags:
+        before, now = saved.get(flag), getattr(args, flag, None)
+        if before != now:
+            name = "--" + flag.replace("_", "-")
+            hint = ("resume at the checkpoint's layout (its weights alone load at any layout: "
+                    "--skip-train, tools/convert_checkpoint.py reshard)" if flag in LAYOUT_FLAGS
+                    else "pass the checkpoint's value or use another --load")
+            raise CheckpointError(f"--load {root!r}: the checkpoint was trained with {name} {before} but this "
+                                  f"run has {name} {now}; {hint}.")
 
 
 def load_model_weights(root: str, model: torch.nn.Module, iteration: int | None = None) -> int:
     """Load only the model weights of a checkpoint into `model` (built with the checkpoint's
-    flags and parallel layout); returns the iteration. The seam for export, generation and
-    evaluation: they never see the optimizer or the file layout."""
-    iteration, path = _rank_file(root, iteration)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+    model flags; any tensor/pipeline layout when the weights are sharded); returns the
+    iteration. Collective over all ranks. The seam for evaluation, export and generation:
+    they never see the optimizer or the file layout."""
+    iteration = _resolve_iteration(root, iteration)
+    model = unwrap_model(model)
+    model_dir = os.path.join(iteration_dir(root, iteration), MODEL_DIRNAME)
+    if os.path.isdir(model_dir):
+        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), model_dir))
+    else:
+        model.load_state_dict(torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)["model"])
     return iteration
 
 
 def load_checkpoint(root: str, model: torch.nn.Module, optimizer, scheduler, args) -> tuple:
     """Restore the latest checkpoint in `root` into model, optimizer, scheduler and the RNGs.
 
-    Returns (iteration, consumed_samples); (0, 0) when `root` holds no checkpoint yet, so
-    `--save D --load D` starts fresh the first time and resumes afterwards.
+    Returns (iteration, consumed_samples, counters); (0, 0, {}) when `root` holds no checkpoint
+    yet, so `--save D --load D` starts fresh the first time and resumes afterwards. Raises
+    CheckpointError, before touching anything, when a flag that fixes the model, the schedule
+    or the layout differs.
     """
     if latest_iteration(root) is None:
-        return 0, 0
-    _, path = _rank_file(root, None)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    _check_compatible(state["args"], args)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+        return 0, 0, {}
+    iteration = _resolve_iteration(root, None)
+    run_state = _run_state(root, iteration)
+    if run_state["weights_only"]:
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds weights only (written by "
+                              "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "
+                              "from a checkpoint written by pretrain_lcot.py --save.")
+    check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
+    state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
+    load_model_weights(root, model, iteration)
+    own_files = getattr(optimizer, "load", None)
+    if own_files is not None:
+        own_files(os.path.join(iteration_dir(root, iteration), "optimizer"))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
-    return state["iteration"], state["consumed_train_samples"]
+    return state["iteration"], state["consumed_train_samples"], state.get("counters", {})

@@ -11,13 +11,15 @@ Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) ove
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
 the number of micro-batches. The update itself is behind the optimizer seam
-(`training/optimizer.py`). Evaluation runs the same schedule forward-only over the first
+(`training/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
+signals, time and iteration limits stop the run after a step (`training/faults.py`). Evaluation runs the same schedule forward-only over the first
 `--eval-iters` global batches of the validation split, every `--eval-interval` iterations
 and once at the end.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -27,7 +29,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
-from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.checkpointing import (MODEL_FLAGS, check_compatible, load_checkpoint,
+                                                  load_model_weights, save_checkpoint, saved_args)
+from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 
@@ -73,14 +77,19 @@ def evaluate(forward_step_func, valid_dataset, model, args) -> dict | None:
     return summarize(total) if total is not None else None
 
 
-def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args) -> tuple:
-    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used)."""
+def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, guard: RunGuard, args) -> tuple:
+    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used,
+    the ranks' StepVerdict). No update (and no LR step) when the loss or grad norm is not finite."""
     optimizer.zero_grad()
     stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
-    grad_norm = optimizer.step()
-    scheduler.step(1)
-    return stats, grad_norm, lr
+    verdict = guard.agree(summarize(stats)["loss"] if stats is not None else None)
+    grad_norm = optimizer.step() if verdict.loss_is_finite else math.nan
+    applied = verdict.loss_is_finite and math.isfinite(grad_norm)
+    if applied:
+        scheduler.step(1)
+    guard.record_update(applied)
+    return stats, grad_norm, lr, verdict
 
 
 def _describe_run(model, args, iteration: int) -> str:
@@ -95,16 +104,17 @@ def _describe_run(model, args, iteration: int) -> str:
 
 
 def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_dataset, logger, args,
-          iteration: int, consumed_samples: int) -> tuple:
+          iteration: int, consumed_samples: int, guard: RunGuard) -> tuple:
     """Steps from `iteration` to `--train-iters`: logs every `--log-interval`, saves every
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
-    Returns (iteration, consumed_samples)."""
+    Returns (iteration, consumed_samples, why it stopped early or None)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
     while iteration < args.train_iters:
         step_start = time.perf_counter()
-        stats, grad_norm, lr = train_step(forward_step_func, train_iterator, model, optimizer, scheduler, args)
+        stats, grad_norm, lr, verdict = train_step(forward_step_func, train_iterator, model, optimizer, scheduler,
+                                                   guard, args)
         iteration += 1
         consumed_samples += args.global_batch_size
         interval_seconds += time.perf_counter() - step_start
@@ -118,27 +128,52 @@ def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_
                                  seconds_per_iter=interval_seconds / interval_iters,
                                  elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
+        if guard.skipped.in_a_row and _is_logging_rank():
+            print(f"iteration {iteration}: skipped the update (loss or grad norm not finite: grad norm "
+                  f"{grad_norm}); {guard.skipped.in_a_row} in a row, {guard.skipped.total} in all", flush=True)
         if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
+            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args,
+                            guard.counters())
+        stop_reason = guard.stop_reason(iteration, verdict)
+        if stop_reason is not None:
+            return iteration, consumed_samples, stop_reason
         if iteration % args.eval_interval == 0 and iteration < args.train_iters:
             summary = evaluate(forward_step_func, valid_dataset, model, args)
             if summary is not None:
                 logger.log_eval(iteration, summary, final=False)
-    return iteration, consumed_samples
+    return iteration, consumed_samples, None
+
+
+def _evaluate_checkpoint(forward_step_func, model, valid_dataset, args) -> dict | None:
+    """--skip-train: the weights of --load (saved at any layout), evaluated and logged."""
+    iteration = load_model_weights(args.load, model)
+    logger = MetricsLogger(args, enabled=_is_logging_rank())
+    final = evaluate(forward_step_func, valid_dataset, model, args)
+    if final is not None:
+        logger.log_eval(iteration, final, final=True)
+    logger.close()
+    return final if _is_logging_rank() else None
 
 
 def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
     """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
-    validation summary on the logging rank (None elsewhere)."""
-    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    validation summary on the logging rank (None elsewhere, and when the run stopped early).
+    Raises TooManySkippedSteps (after saving) when steps keep producing NaN/inf."""
+    if args.skip_train:
+        check_compatible(saved_args(args.load), args, MODEL_FLAGS, args.load)
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                        timeout_minutes=args.distributed_timeout_minutes)
     model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    if args.skip_train:
+        _, valid_dataset, _ = train_valid_test_datasets_provider(samples)
+        return _evaluate_checkpoint(forward_step_func, model, valid_dataset, args)
     optimizer = build_optimizer(model, args)
     scheduler = build_lr_scheduler(optimizer, args)
-    start_iteration, consumed_samples = (load_checkpoint(args.load, model, optimizer, scheduler, args)
-                                         if args.load else (0, 0))
+    start_iteration, consumed_samples, counters = (load_checkpoint(args.load, model, optimizer, scheduler, args)
+                                                   if args.load else (0, 0, {}))
 
-    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
     train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
     train_iterator = (_data_iterator(train_dataset, consumed_samples, args)
                       if start_iteration < args.train_iters else None)
@@ -146,11 +181,21 @@ def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_s
     logger = MetricsLogger(args, enabled=_is_logging_rank())
     if _is_logging_rank():
         print(_describe_run(model, args, start_iteration), flush=True)
-    iteration, consumed_samples = train(forward_step_func, model, optimizer, scheduler, train_iterator,
-                                        valid_dataset, logger, args, start_iteration, consumed_samples)
+    with RunGuard(args, counters) as guard:
+        iteration, consumed_samples, stop_reason = train(forward_step_func, model, optimizer, scheduler,
+                                                         train_iterator, valid_dataset, logger, args,
+                                                         start_iteration, consumed_samples, guard)
     saved_by_interval = args.save_interval and iteration % args.save_interval == 0
     if args.save and iteration > start_iteration and not saved_by_interval:
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
+        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args, guard.counters())
+    if stop_reason is not None:
+        logger.close()
+        saved = f"; saved iteration {iteration} to {args.save}" if args.save else " (no --save: nothing saved)"
+        if guard.failed():
+            raise TooManySkippedSteps(f"stopped at iteration {iteration}: {stop_reason}{saved}.")
+        if _is_logging_rank():
+            print(f"exiting at iteration {iteration}: {stop_reason}{saved}.", flush=True)
+        return None
     final = evaluate(forward_step_func, valid_dataset, model, args)
     if final is not None:
         logger.log_eval(iteration, final, final=True)

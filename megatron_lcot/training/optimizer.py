@@ -1,6 +1,6 @@
 """The optimizer seam: everything between "gradients are in `param.grad`" and "weights moved".
 
-The training loop only calls `zero_grad()`, `step() -> grad_norm`, `state_dict()` and
+The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf), `state_dict()` and
 `load_state_dict()`, and hands `param_groups` to the LR scheduler. `TorchAdamW` implements
 that with plain PyTorch (data-parallel gradient averaging, global-norm clipping that counts
 tensor-parallel shards once); a DeepSpeed ZeRO engine plugs in behind the same four methods.
@@ -87,10 +87,13 @@ class TorchAdamW:
 
     @torch.no_grad()
     def step(self) -> float:
-        """Apply one update from the accumulated gradients; returns the pre-clip grad norm."""
+        """Apply one update from the accumulated gradients; returns the pre-clip grad norm.
+        A NaN/inf norm applies no update (the loop counts the step as skipped)."""
         grads = self._main_grads()
         self._average_data_parallel(grads)
         grad_norm = self._global_grad_norm()
+        if not math.isfinite(grad_norm):
+            return grad_norm
         if self.clip_grad > 0 and grad_norm > self.clip_grad:
             scale = self.clip_grad / (grad_norm + 1e-6)
             for grad in grads:
