@@ -291,6 +291,16 @@ def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
                                   f"run has {name} {now}; {hint}.")
 
 
+def check_weights_loadable(root: str, args) -> None:
+    """Before building a model to receive `root`'s weights at this run's layout (--skip-train):
+    take over the checkpoint's vocabulary padding (it depends on the TP it was saved at) when
+    this TP divides it, then refuse any other model flag that differs."""
+    saved = saved_args(root)
+    if saved.get("padded_vocab_size") and saved["padded_vocab_size"] % args.tensor_model_parallel_size == 0:
+        args.padded_vocab_size = saved["padded_vocab_size"]
+    check_compatible(saved, args, MODEL_FLAGS, root)
+
+
 def load_model_weights(root: str, model: torch.nn.Module, iteration: int | None = None) -> int:
     """Load only the model weights of a checkpoint into `model` (built with the checkpoint's
     model flags; any tensor/pipeline layout when the weights are sharded); returns the

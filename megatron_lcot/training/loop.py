@@ -29,8 +29,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
-from megatron_lcot.training.checkpointing import (MODEL_FLAGS, check_compatible, load_checkpoint,
-                                                  load_model_weights, save_checkpoint, saved_args)
+from megatron_lcot.training.checkpointing import (check_weights_loadable, load_checkpoint, load_model_weights,
+                                                  save_checkpoint)
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
@@ -160,7 +160,7 @@ def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_s
     validation summary on the logging rank (None elsewhere, and when the run stopped early).
     Raises TooManySkippedSteps (after saving) when steps keep producing NaN/inf."""
     if args.skip_train:
-        check_compatible(saved_args(args.load), args, MODEL_FLAGS, args.load)
+        check_weights_loadable(args.load, args)
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                         timeout_minutes=args.distributed_timeout_minutes)
     model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
