@@ -35,6 +35,24 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+class WrongDeviceError(RuntimeError):
+    """A tensor handed to a collective lives off `device()` (NCCL would fail or hang on it)."""
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group`: the one door our code's collectives go through.
+
+    Refuses a tensor that is not on `device()`, also in a world of one, so that CPU runs (where
+    gloo would accept it) catch what would break on GPUs with NCCL.
+    """
+    if tensor.device != device():
+        raise WrongDeviceError(f"all_reduce got a tensor on {tensor.device}, but collectives run on "
+                               f"{device()}: create it with device=parallel.device().")
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (other jobs may hold the default 29500)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -51,6 +51,11 @@ class LcotConfig(TransformerConfig):
     jacobi_eval_iters: int = 3
     """Interleaved layout: Jacobi iterations at evaluation."""
 
+    seed: int = 1234
+    """--seed. With `use_cpu_initialization`, initial weights are drawn from streams seeded by it
+    and the global layer number, so every TP/PP layout starts from the same weights
+    (seeded_init.py)."""
+
     embedding_scale: float = field(default=None)
     """Token embeddings are multiplied by this before the decoder. None: 1 in vanilla mode,
     1/init_method_std = sqrt(2.5 h) with the PonderLM-2 init in latent modes, so token slots

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.loss import LcotOutput, correctness_penalty
+from megatron_lcot.model.seeded_init import seed_model_init
 
 if TYPE_CHECKING:
     from megatron_lcot.model.layer_specs import LcotSubmodules
@@ -40,6 +41,7 @@ class LcotGPTModel(GPTModel):
         rotary_base: int = 10000,
         **gpt_model_kwargs,
     ):
+        seed_model_init(config)
         super().__init__(
             config=config,
             transformer_layer_spec=submodules.decoder,

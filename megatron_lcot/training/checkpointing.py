@@ -6,8 +6,8 @@
         model/                                  the weights, megatron-core `dist_checkpointing`
                                                 (torch_dist): loads into a model of any TP/PP
         mp_rank_00[_PPP]/model_optim_rng.pt     one model-parallel rank's optimizer, LR schedule,
-                                                RNG states, data position and fault counters:
-                                                exact resume at the same layout
+                                                RNG states and TrainState (iteration, data position,
+                                                skipped-step counters): exact resume at this layout
     <save>/latest_checkpointed_iteration.txt    written last: "100"
 
 A *weights-only* checkpoint (tools/convert_checkpoint.py reshard) has `run.pt` and either
@@ -35,6 +35,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+from megatron_lcot.training.state import TrainState
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
@@ -133,11 +135,22 @@ def _use_in_process_results_queue() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-def save_model_weights(model: torch.nn.Module, directory: str) -> None:
-    """Write the weights as a dist_checkpointing directory (collective; `directory` must exist
-    and be empty). Every rank contributes its shards; replicated tensors are written once."""
+def _as_parts(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _sharded_weights(model_parts: list) -> dict:
+    """One entry per model part (pipeline chunk). dist_checkpointing stores each tensor under
+    its global name (layer numbers offset by the stage), so any chunking loads it."""
+    return {f"model{index}": unwrap_model(part).sharded_state_dict() for index, part in enumerate(model_parts)}
+
+
+def save_model_weights(model, directory: str) -> None:
+    """Write the weights of `model` (a module or the list of model parts) as a dist_checkpointing
+    directory (collective; `directory` must exist and be empty). Every rank contributes its
+    shards; replicated tensors are written once."""
     _use_in_process_results_queue()
-    dist_checkpointing.save(unwrap_model(model).sharded_state_dict(), directory)
+    dist_checkpointing.save(_sharded_weights(_as_parts(model)), directory)
 
 
 def _prepare_staging(root: str, iteration: int) -> str:
@@ -172,26 +185,24 @@ def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_
     return final_dir
 
 
-def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer, scheduler,
-                    consumed_samples: int, args, counters: dict | None = None) -> str:
-    """Write iteration `iteration` atomically and point the marker at it (collective call).
+def save_checkpoint(root: str, train_state: TrainState, components, args) -> str:
+    """Write `train_state.iteration` atomically and point the marker at it (collective call).
 
-    `counters`: plain values the loop restores on resume (skipped-step counts). The optimizer
-    seam either returns its state from `state_dict()` (kept in the per-rank file) or, as a
-    DeepSpeed engine does, writes its own partitioned files with `save(directory)`.
+    components: the TrainComponents whose model parts, optimizer and scheduler are saved. The
+    optimizer seam either returns its state from `state_dict()` (kept in the per-rank file)
+    or, as a DeepSpeed engine does, writes its own partitioned files with `save(directory)`.
     """
+    iteration, optimizer = train_state.iteration, components.optimizer
     staging_dir = _prepare_staging(root, iteration)
-    save_model_weights(model, os.path.join(staging_dir, MODEL_DIRNAME))
+    save_model_weights(components.model_parts, os.path.join(staging_dir, MODEL_DIRNAME))
     own_files = getattr(optimizer, "save", None)
     if own_files is not None:
         own_files(os.path.join(staging_dir, "optimizer"))
     if parallel_state.get_data_parallel_rank() == 0:
         state = {
             "optimizer": None if own_files is not None else optimizer.state_dict(),
-            "opt_param_scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "consumed_train_samples": consumed_samples,
-            "counters": dict(counters or {}),
+            "opt_param_scheduler": components.scheduler.state_dict(),
+            "train_state": train_state.state_dict(),
             "rng_state": _rng_state(),
             "args": plain_args(args),
         }
@@ -202,8 +213,8 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer
     return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
 
 
-def save_weights_only(root: str, iteration: int, model: torch.nn.Module, args, sharded: bool) -> str:
-    """A weights-only checkpoint of `model` (built with `args`' layout) at `iteration`:
+def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> str:
+    """A weights-only checkpoint of `model` (one part; built with `args`' layout) at `iteration`:
     dist_checkpointing (`sharded`, any layout loads it) or one plain torch file per
     model-parallel rank. Collective; what tools/convert_checkpoint.py reshard writes."""
     staging_dir = _prepare_staging(root, iteration)
@@ -301,31 +312,38 @@ def check_weights_loadable(root: str, args) -> None:
     check_compatible(saved, args, MODEL_FLAGS, root)
 
 
-def load_model_weights(root: str, model: torch.nn.Module, iteration: int | None = None) -> int:
-    """Load only the model weights of a checkpoint into `model` (built with the checkpoint's
-    model flags; any tensor/pipeline layout when the weights are sharded); returns the
-    iteration. Collective over all ranks. The seam for evaluation, export and generation:
-    they never see the optimizer or the file layout."""
+def load_model_weights(root: str, model, iteration: int | None = None) -> int:
+    """Load only the model weights of a checkpoint into `model` (a module, or the list of model
+    parts; built with the checkpoint's model flags, at any tensor/pipeline layout when the
+    weights are sharded); returns the iteration. Collective over all ranks. The seam for
+    evaluation, export and generation: they never see the optimizer or the file layout."""
     iteration = _resolve_iteration(root, iteration)
-    model = unwrap_model(model)
+    parts = [unwrap_model(part) for part in _as_parts(model)]
     model_dir = os.path.join(iteration_dir(root, iteration), MODEL_DIRNAME)
     if os.path.isdir(model_dir):
-        model.load_state_dict(dist_checkpointing.load(model.sharded_state_dict(), model_dir))
+        loaded = dist_checkpointing.load(_sharded_weights(parts), model_dir)
+        for index, part in enumerate(parts):
+            part.load_state_dict(loaded[f"model{index}"])
+    elif len(parts) == 1:
+        state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
+        parts[0].load_state_dict(state["model"])
     else:
-        model.load_state_dict(torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)["model"])
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds plain weights of one model part; "
+                              "reshard it to the sharded format (tools/convert_checkpoint.py reshard) first.")
     return iteration
 
 
-def load_checkpoint(root: str, model: torch.nn.Module, optimizer, scheduler, args) -> tuple:
-    """Restore the latest checkpoint in `root` into model, optimizer, scheduler and the RNGs.
+def load_checkpoint(root: str, components, args) -> TrainState:
+    """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
+    scheduler and the RNGs; returns the run's TrainState.
 
-    Returns (iteration, consumed_samples, counters); (0, 0, {}) when `root` holds no checkpoint
-    yet, so `--save D --load D` starts fresh the first time and resumes afterwards. Raises
-    CheckpointError, before touching anything, when a flag that fixes the model, the schedule
-    or the layout differs.
+    A fresh TrainState when `root` holds no checkpoint yet, so `--save D --load D` starts
+    fresh the first time and resumes afterwards. Raises CheckpointError, before touching
+    anything, when a flag that fixes the model, the schedule or the layout differs.
     """
+    train_state = TrainState()
     if latest_iteration(root) is None:
-        return 0, 0, {}
+        return train_state
     iteration = _resolve_iteration(root, None)
     run_state = _run_state(root, iteration)
     if run_state["weights_only"]:
@@ -334,12 +352,13 @@ def load_checkpoint(root: str, model: torch.nn.Module, optimizer, scheduler, arg
                               "from a checkpoint written by pretrain_lcot.py --save.")
     check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
-    load_model_weights(root, model, iteration)
-    own_files = getattr(optimizer, "load", None)
+    load_model_weights(root, components.model_parts, iteration)
+    own_files = getattr(components.optimizer, "load", None)
     if own_files is not None:
         own_files(os.path.join(iteration_dir(root, iteration), "optimizer"))
     else:
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["opt_param_scheduler"])
+        components.optimizer.load_state_dict(state["optimizer"])
+    components.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
-    return state["iteration"], state["consumed_train_samples"], state.get("counters", {})
+    train_state.load_state_dict(state["train_state"])
+    return train_state

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lcot import parallel
+from megatron_lcot.training.state import TrainState
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -45,28 +46,19 @@ class StepVerdict:
     duration_exceeded: bool
 
 
-@dataclasses.dataclass
-class SkippedSteps:
-    """Counts of steps whose update was skipped; saved in checkpoints (`counters`)."""
-
-    in_a_row: int = 0
-    total: int = 0
-
-
 class RunGuard:
-    """Owns the exit-signal handler, the run clock and the skipped-step counters.
+    """Owns the exit-signal handler and the run clock; counts skipped steps in the TrainState.
 
     Use as a context manager around the training loop (the signal handler is installed only
     inside it), call `agree()` once per step before the update, `record_update()` after it, and
     `stop_reason()` at the end of the step.
     """
 
-    def __init__(self, args, counters: dict | None = None) -> None:
+    def __init__(self, args) -> None:
         self.exit_signal_handler = args.exit_signal_handler
         self.exit_duration_in_mins = args.exit_duration_in_mins
         self.exit_interval = args.exit_interval
         self.max_skipped_in_a_row = args.max_skipped_steps_in_a_row
-        self.skipped = SkippedSteps(**(counters or {}))
         self.received_signal: int | None = None
         self._previous_handlers: dict = {}
         self._start = time.monotonic()
@@ -86,9 +78,6 @@ class RunGuard:
     def _on_signal(self, signum, frame) -> None:
         self.received_signal = signum
 
-    def counters(self) -> dict:
-        return dataclasses.asdict(self.skipped)
-
     def agree(self, loss: float | None) -> StepVerdict:
         """All-reduce this rank's view of the step (collective; `loss` is None off the last
         pipeline stage)."""
@@ -98,31 +87,32 @@ class RunGuard:
             self.received_signal is not None,
             self.exit_duration_in_mins is not None and minutes >= self.exit_duration_in_mins,
         ], dtype=torch.int32, device=parallel.device())
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        parallel.all_reduce(flags, op=dist.ReduceOp.MAX)
         loss_not_finite, signal_received, duration_exceeded = (bool(flag) for flag in flags.tolist())
         return StepVerdict(not loss_not_finite, signal_received, duration_exceeded)
 
-    def record_update(self, applied: bool) -> None:
+    @staticmethod
+    def record_update(state: TrainState, applied: bool) -> None:
         if applied:
-            self.skipped.in_a_row = 0
+            state.skipped_steps_in_a_row = 0
         else:
-            self.skipped.in_a_row += 1
-            self.skipped.total += 1
+            state.skipped_steps_in_a_row += 1
+            state.skipped_steps_total += 1
 
-    def stop_reason(self, iteration: int, verdict: StepVerdict) -> str | None:
-        """Why the run stops after `iteration` (None: it goes on). The same on every rank."""
-        if self.max_skipped_in_a_row and self.skipped.in_a_row >= self.max_skipped_in_a_row:
-            return (f"{self.skipped.in_a_row} steps in a row had a non-finite loss or grad norm "
+    def stop_reason(self, state: TrainState, verdict: StepVerdict) -> str | None:
+        """Why the run stops after this step (None: it goes on). The same on every rank."""
+        if self.failed(state):
+            return (f"{state.skipped_steps_in_a_row} steps in a row had a non-finite loss or grad norm "
                     f"(--max-skipped-steps-in-a-row {self.max_skipped_in_a_row}); lower --lr, raise "
                     "--lr-warmup-iters or --clip-grad, or resume from an earlier checkpoint")
         if verdict.signal_received:
             return "an exit signal (SIGTERM or SIGUSR1) reached a rank (--exit-signal-handler)"
         if verdict.duration_exceeded:
             return f"the run trained for --exit-duration-in-mins {self.exit_duration_in_mins}"
-        if self.exit_interval and iteration % self.exit_interval == 0:
-            return f"iteration {iteration} is a multiple of --exit-interval {self.exit_interval}"
+        if self.exit_interval and state.iteration % self.exit_interval == 0:
+            return f"iteration {state.iteration} is a multiple of --exit-interval {self.exit_interval}"
         return None
 
-    def failed(self) -> bool:
-        """Whether the stop is an error (too many skipped steps) rather than a requested exit."""
-        return bool(self.max_skipped_in_a_row) and self.skipped.in_a_row >= self.max_skipped_in_a_row
+    def failed(self, state: TrainState) -> bool:
+        """Whether the run must stop with an error (too many skipped steps in a row)."""
+        return bool(self.max_skipped_in_a_row) and state.skipped_steps_in_a_row >= self.max_skipped_in_a_row

@@ -7,6 +7,9 @@ An entry point supplies three functions, as `pretrain_gpt.py` does:
     forward_step(data_iterator, model) -> (output, loss_func)   loss_func(output) ->
         (loss_sum, num_tokens, {"stats": token_statistics(...)})
 
+`pretrain()` builds them once into a `TrainComponents` bundle and keeps the run's progress in
+one `TrainState` (`training/state.py`); everything below takes those two objects.
+
 Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) over
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
@@ -34,20 +37,21 @@ from megatron_lcot.training.checkpointing import (check_weights_loadable, load_c
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.training.state import TrainComponents, TrainState
 
 
 def _is_logging_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def _run_schedule(forward_step_func, data_iterator, model, args, forward_only: bool):
+def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
     with parallel.schedule_device_context():
         per_microbatch = get_forward_backward_func()(
-            forward_step_func=forward_step_func,
+            forward_step_func=components.forward_step_func,
             data_iterator=data_iterator,
-            model=model,
+            model=components.optimizer.schedule_parts,
             num_microbatches=args.num_microbatches,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
@@ -64,140 +68,139 @@ def _data_iterator(dataset, consumed_samples: int, args):
                                args.num_workers)
 
 
-def evaluate(forward_step_func, valid_dataset, model, args) -> dict | None:
+def evaluate(components: TrainComponents, args) -> dict | None:
     """Means over the first `--eval-iters` validation global batches (None off the last stage)."""
-    data_iterator = _data_iterator(valid_dataset, 0, args)
-    model.eval()
+    data_iterator = _data_iterator(components.valid_dataset, 0, args)
+    components.train(False)
     total = None
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=True)
+            stats = _run_schedule(components, data_iterator, args, forward_only=True)
             total = stats if total is None else total + stats
-    model.train()
+    components.train(True)
     return summarize(total) if total is not None else None
 
 
-def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, guard: RunGuard, args) -> tuple:
+def train_step(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> tuple:
     """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used,
-    the ranks' StepVerdict). No update (and no LR step) when the loss or grad norm is not finite."""
+    the ranks' StepVerdict). No update and no LR step when the loss or grad norm is not
+    finite; `state` counts those steps."""
+    optimizer = components.optimizer
     optimizer.zero_grad()
-    stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=False)
+    stats = _run_schedule(components, components.train_iterator, args, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
     verdict = guard.agree(summarize(stats)["loss"] if stats is not None else None)
     grad_norm = optimizer.step() if verdict.loss_is_finite else math.nan
     applied = verdict.loss_is_finite and math.isfinite(grad_norm)
     if applied:
-        scheduler.step(1)
-    guard.record_update(applied)
+        components.scheduler.step(1)
+    guard.record_update(state, applied)
     return stats, grad_norm, lr, verdict
 
 
-def _describe_run(model, args, iteration: int) -> str:
-    params = sum(p.numel() for p in model.parameters())
+def _describe_run(components: TrainComponents, args, iteration: int) -> str:
     mode = "vanilla" if args.latent_steps == 0 else (
         f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
     start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
-    return (f"model: {params:,} parameters on this rank | {mode} | dp {args.data_parallel_size} "
-            f"tp {args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} | "
-            f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x "
-            f"{args.num_microbatches} micro-batches x dp | {start}")
+    return (f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
+            f"dp {args.data_parallel_size} tp {args.tensor_model_parallel_size} "
+            f"pp {args.pipeline_model_parallel_size} | global batch {args.global_batch_size} = micro "
+            f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}")
 
 
-def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_dataset, logger, args,
-          iteration: int, consumed_samples: int, guard: RunGuard) -> tuple:
-    """Steps from `iteration` to `--train-iters`: logs every `--log-interval`, saves every
+def train(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> str | None:
+    """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
-    Returns (iteration, consumed_samples, why it stopped early or None)."""
+    Returns why it stopped early (`guard.stop_reason`), or None."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
-    while iteration < args.train_iters:
+    while state.iteration < args.train_iters:
         step_start = time.perf_counter()
-        stats, grad_norm, lr, verdict = train_step(forward_step_func, train_iterator, model, optimizer, scheduler,
-                                                   guard, args)
-        iteration += 1
-        consumed_samples += args.global_batch_size
+        stats, grad_norm, lr, verdict = train_step(state, components, guard, args)
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
         interval_seconds += time.perf_counter() - step_start
         interval_iters += 1
         if stats is not None:
             interval_stats = stats if interval_stats is None else interval_stats + stats
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
-                logger.log_train(iteration, consumed_samples * args.seq_length, lr, grad_norm, summarize(interval_stats),
-                                 tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
-                                 seconds_per_iter=interval_seconds / interval_iters,
-                                 elapsed=time.perf_counter() - run_start)
+                components.logger.log_train(
+                    state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
+                    summarize(interval_stats), tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
-        if guard.skipped.in_a_row and _is_logging_rank():
-            print(f"iteration {iteration}: skipped the update (loss or grad norm not finite: grad norm "
-                  f"{grad_norm}); {guard.skipped.in_a_row} in a row, {guard.skipped.total} in all", flush=True)
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args,
-                            guard.counters())
-        stop_reason = guard.stop_reason(iteration, verdict)
+        if state.skipped_steps_in_a_row and _is_logging_rank():
+            print(f"iteration {state.iteration}: skipped the update (loss or grad norm not finite: grad norm "
+                  f"{grad_norm}); {state.skipped_steps_in_a_row} in a row, {state.skipped_steps_total} in all",
+                  flush=True)
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save_checkpoint(args.save, state, components, args)
+        stop_reason = guard.stop_reason(state, verdict)
         if stop_reason is not None:
-            return iteration, consumed_samples, stop_reason
-        if iteration % args.eval_interval == 0 and iteration < args.train_iters:
-            summary = evaluate(forward_step_func, valid_dataset, model, args)
+            return stop_reason
+        if state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
+            summary = evaluate(components, args)
             if summary is not None:
-                logger.log_eval(iteration, summary, final=False)
-    return iteration, consumed_samples, None
+                components.logger.log_eval(state.iteration, summary, final=False)
+    return None
 
 
-def _evaluate_checkpoint(forward_step_func, model, valid_dataset, args) -> dict | None:
-    """--skip-train: the weights of --load (saved at any layout), evaluated and logged."""
-    iteration = load_model_weights(args.load, model)
-    logger = MetricsLogger(args, enabled=_is_logging_rank())
-    final = evaluate(forward_step_func, valid_dataset, model, args)
-    if final is not None:
-        logger.log_eval(iteration, final, final=True)
-    logger.close()
-    return final if _is_logging_rank() else None
+def build_components(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> tuple:
+    """Model, optimizer seam, scheduler (restored from `--load` when given; with --skip-train
+    only the weights, from a checkpoint of any layout), data and logger: (TrainState,
+    TrainComponents)."""
+    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    model_parts = [model]
+    optimizer = build_optimizer(model_parts, args)
+    components = TrainComponents(model_parts=model_parts, optimizer=optimizer,
+                                 scheduler=build_lr_scheduler(optimizer, args), forward_step_func=forward_step_func)
+    if args.skip_train:
+        state = TrainState(iteration=load_model_weights(args.load, model_parts))
+    else:
+        state = load_checkpoint(args.load, components, args) if args.load else TrainState()
+
+    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
+    if state.iteration < args.train_iters:
+        components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
+    components.logger = MetricsLogger(args, enabled=_is_logging_rank())
+    return state, components
 
 
 def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
     """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
     validation summary on the logging rank (None elsewhere, and when the run stopped early).
-    Raises TooManySkippedSteps (after saving) when steps keep producing NaN/inf."""
+    --skip-train: load the weights and evaluate only. Raises TooManySkippedSteps (after
+    saving) when steps keep producing NaN/inf."""
     if args.skip_train:
         check_weights_loadable(args.load, args)
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
                         timeout_minutes=args.distributed_timeout_minutes)
-    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
-    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
-    if args.skip_train:
-        _, valid_dataset, _ = train_valid_test_datasets_provider(samples)
-        return _evaluate_checkpoint(forward_step_func, model, valid_dataset, args)
-    optimizer = build_optimizer(model, args)
-    scheduler = build_lr_scheduler(optimizer, args)
-    start_iteration, consumed_samples, counters = (load_checkpoint(args.load, model, optimizer, scheduler, args)
-                                                   if args.load else (0, 0, {}))
-
-    train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
-    train_iterator = (_data_iterator(train_dataset, consumed_samples, args)
-                      if start_iteration < args.train_iters else None)
-
-    logger = MetricsLogger(args, enabled=_is_logging_rank())
-    if _is_logging_rank():
-        print(_describe_run(model, args, start_iteration), flush=True)
-    with RunGuard(args, counters) as guard:
-        iteration, consumed_samples, stop_reason = train(forward_step_func, model, optimizer, scheduler,
-                                                         train_iterator, valid_dataset, logger, args,
-                                                         start_iteration, consumed_samples, guard)
-    saved_by_interval = args.save_interval and iteration % args.save_interval == 0
-    if args.save and iteration > start_iteration and not saved_by_interval:
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args, guard.counters())
+    state, components = build_components(args, train_valid_test_datasets_provider, model_provider,
+                                         forward_step_func)
+    start_iteration = state.iteration
+    if _is_logging_rank() and not args.skip_train:
+        print(_describe_run(components, args, start_iteration), flush=True)
+    stop_reason = None
+    if not args.skip_train:
+        with RunGuard(args) as guard:
+            stop_reason = train(state, components, guard, args)
+    saved_by_interval = args.save_interval and state.iteration % args.save_interval == 0
+    if args.save and state.iteration > start_iteration and not saved_by_interval:
+        save_checkpoint(args.save, state, components, args)
     if stop_reason is not None:
-        logger.close()
-        saved = f"; saved iteration {iteration} to {args.save}" if args.save else " (no --save: nothing saved)"
-        if guard.failed():
-            raise TooManySkippedSteps(f"stopped at iteration {iteration}: {stop_reason}{saved}.")
+        components.logger.close()
+        saved = f"; saved iteration {state.iteration} to {args.save}" if args.save else " (no --save: nothing saved)"
+        if guard.failed(state):
+            raise TooManySkippedSteps(f"stopped at iteration {state.iteration}: {stop_reason}{saved}.")
         if _is_logging_rank():
-            print(f"exiting at iteration {iteration}: {stop_reason}{saved}.", flush=True)
+            print(f"exiting at iteration {state.iteration}: {stop_reason}{saved}.", flush=True)
         return None
-    final = evaluate(forward_step_func, valid_dataset, model, args)
+    final = evaluate(components, args)
     if final is not None:
-        logger.log_eval(iteration, final, final=True)
-    logger.close()
+        components.logger.log_eval(state.iteration, final, final=True)
+    components.logger.close()
     return final if _is_logging_rank() else None

@@ -1,7 +1,8 @@
 """The optimizer seam: everything between "gradients are in `param.grad`" and "weights moved".
 
-The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf), `state_dict()` and
-`load_state_dict()`, and hands `param_groups` to the LR scheduler. `TorchAdamW` implements
+The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf),
+`state_dict()` and `load_state_dict()`, hands `param_groups` to the LR scheduler and `schedule_parts`
+(the modules the pipeline schedule runs) to megatron-core's schedule. `TorchAdamW` implements
 that with plain PyTorch (data-parallel gradient averaging, global-norm clipping that counts
 tensor-parallel shards once); a DeepSpeed ZeRO engine plugs in behind the same four methods.
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+
+from megatron_lcot import parallel
 
 
 def _param_groups(main_params: list, weight_decay: float) -> list:
@@ -43,9 +46,10 @@ class TorchAdamW:
     (0 = off) and steps.
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple,
+    def __init__(self, model_parts: list, lr: float, weight_decay: float, betas: tuple,
                  eps: float, clip_grad: float) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.schedule_parts = model_parts
+        self.params = [p for part in model_parts for p in part.parameters() if p.requires_grad]
         self.main_params = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         self.clip_grad = clip_grad
         self.optimizer = torch.optim.AdamW(_param_groups(self.main_params, weight_decay), lr=lr, betas=betas, eps=eps)
@@ -71,18 +75,17 @@ class TorchAdamW:
         if size == 1 or not grads:
             return
         flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
+        parallel.all_reduce(flat, group)
         flat /= size
         for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
             grad.copy_(synced)
 
     def _global_grad_norm(self) -> float:
-        squares = torch.zeros((), dtype=torch.float64)
+        squares = torch.zeros((), dtype=torch.float64, device=parallel.device())
         for param, main in zip(self.params, self.main_params):
             if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += main.grad.detach().double().pow(2).sum().cpu()
-        if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
-            dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+                squares += main.grad.detach().double().pow(2).sum()
+        parallel.all_reduce(squares, parallel_state.get_model_parallel_group())
         return math.sqrt(squares.item())
 
     @torch.no_grad()
@@ -117,8 +120,8 @@ class TorchAdamW:
             main.copy_(saved)
 
 
-def build_optimizer(model: torch.nn.Module, args) -> TorchAdamW:
-    return TorchAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
+def build_optimizer(model_parts: list, args) -> TorchAdamW:
+    return TorchAdamW(model_parts, lr=args.lr, weight_decay=args.weight_decay,
                       betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad)
 
 

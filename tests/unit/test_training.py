@@ -60,8 +60,20 @@ def tiny_training_state():
         train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
         jacobi_iters=(2, 3))
     model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
-    optimizer = build_optimizer(model, args)
+    optimizer = build_optimizer([model], args)
     return args, model, optimizer, build_lr_scheduler(optimizer, args)
+
+
+def _components(model, optimizer, scheduler):
+    from megatron_lcot.training.state import TrainComponents
+
+    return TrainComponents(model_parts=[model], optimizer=optimizer, scheduler=scheduler)
+
+
+def _at(iteration: int, consumed_samples: int):
+    from megatron_lcot.training.state import TrainState
+
+    return TrainState(iteration=iteration, consumed_train_samples=consumed_samples)
 
 
 def _train_one_step(model, optimizer, scheduler) -> float:
@@ -97,7 +109,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
-    checkpointing.save_checkpoint(str(tmp_path), 1, model, optimizer, scheduler, consumed_samples=2, args=args)
+    components = _components(model, optimizer, scheduler)
+    checkpointing.save_checkpoint(str(tmp_path), _at(1, 2), components, args)
     saved = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
     _train_one_step(model, optimizer, scheduler)
 
@@ -111,16 +124,17 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 
     monkeypatch.setattr(checkpointing.torch, "save", crash_midway)
     with pytest.raises(OSError):
-        checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+        checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
     monkeypatch.undo()
     assert checkpointing.latest_iteration(str(tmp_path)) == 1
     assert not os.path.exists(tmp_path / "iter_0000002")
 
     fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
-    assert checkpointing.load_checkpoint(str(tmp_path), model, optimizer, fresh_scheduler, args) == (1, 2, {})
+    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args)
+    assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
-    checkpointing.save_checkpoint(str(tmp_path), 2, model, optimizer, scheduler, consumed_samples=4, args=args)
+    checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
     assert sorted(os.listdir(tmp_path / "iter_0000002")) == ["model", "mp_rank_00", "run.pt"]
 
@@ -140,23 +154,26 @@ def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_train
     from megatron_lcot.training import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
-    checkpointing.save_checkpoint(str(tmp_path), 3, model, optimizer, scheduler, consumed_samples=6, args=args)
+    components = _components(model, optimizer, scheduler)
+    checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
     other = argparse.Namespace(**{**vars(args), flag: value})
     with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
-        checkpointing.load_checkpoint(str(tmp_path), model, optimizer, scheduler, other)
-    assert checkpointing.load_checkpoint(str(tmp_path / "empty"), model, optimizer, scheduler, args) == (0, 0, {})
+        checkpointing.load_checkpoint(str(tmp_path), components, other)
+    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args)
+    assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
 
 
 def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_state, tmp_path):
     from megatron_lcot.training import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
+    components = _components(model, optimizer, scheduler)
     keep_two = argparse.Namespace(**{**vars(args), "keep_last": 2})
     for iteration in (1, 2, 3, 4):
-        checkpointing.save_checkpoint(str(tmp_path), iteration, model, optimizer, scheduler, iteration, keep_two)
+        checkpointing.save_checkpoint(str(tmp_path), _at(iteration, iteration), components, keep_two)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")  # e.g. a user rolled the marker back
-    checkpointing.save_checkpoint(str(tmp_path), 5, model, optimizer, scheduler, 5, args)  # no pruning
+    checkpointing.save_checkpoint(str(tmp_path), _at(5, 5), components, args)  # no pruning
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
     assert checkpointing.prune_old_iterations(str(tmp_path), 1) == [4]
     assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
@@ -181,7 +198,7 @@ def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_train
         assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
         assert checkpointing.saved_args(root)["hidden_size"] == 32
         with pytest.raises(checkpointing.CheckpointError, match="holds weights only .* --skip-train"):
-            checkpointing.load_checkpoint(root, model, optimizer, scheduler, args)
+            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args)
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
@@ -191,7 +208,7 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
 
     layer = torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
     torch.nn.init.ones_(layer.weight)
-    optimizer = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    optimizer = TorchAdamW([layer], lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
     for _ in range(100):  # Adam moves each weight by ~lr per step; bf16 spacing at 1.0 is 2^-7
         optimizer.zero_grad()
         layer(torch.ones(1, 4, dtype=torch.bfloat16)).sum().backward()
@@ -199,6 +216,6 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
     main = optimizer.main_params[0]
     assert main.dtype == torch.float32 and main[0, 0].item() == pytest.approx(1 - 100 * 1e-4, rel=1e-3)
     assert layer.weight.dtype == torch.bfloat16 and torch.equal(layer.weight, main.to(torch.bfloat16))
-    restored = TorchAdamW(layer, lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
+    restored = TorchAdamW([layer], lr=1e-4, weight_decay=0.0, betas=(0.9, 0.95), eps=1e-8, clip_grad=0.0)
     restored.load_state_dict(optimizer.state_dict())
     assert torch.equal(restored.main_params[0], main)
