@@ -21,8 +21,7 @@ from functools import partial
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
 
-import torch.distributed  # noqa: E402
-
+from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
 from megatron_lcot.training.checkpointing import CheckpointError  # noqa: E402
@@ -52,7 +51,9 @@ def main(argv: list | None = None) -> dict | None:
         _fail(str(error), USAGE_ERROR_EXIT_CODE)
     except TooManySkippedSteps as error:
         _fail(str(error), 1)
-    except torch.distributed.DistBackendError as error:
+    except RuntimeError as error:
+        if not parallel.is_collective_failure(error):
+            raise
         first_line = str(error).strip().splitlines()[0]
         _fail(f"rank {os.environ.get('RANK', '0')}: a collective with the other ranks failed (a rank died, or "
               f"did not answer within --distributed-timeout-minutes): {first_line}", 1, every_rank=True)

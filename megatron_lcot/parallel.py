@@ -53,6 +53,13 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     return tensor
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died or timed out:
+    NCCL raises DistBackendError; gloo raises a RuntimeError from its transport."""
+    return isinstance(error, dist.DistBackendError) or (
+        isinstance(error, RuntimeError) and "third_party/gloo/gloo/" in str(error))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (other jobs may hold the default 29500)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
