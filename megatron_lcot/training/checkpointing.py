@@ -24,6 +24,7 @@ values and are read with `torch.load(weights_only=True)`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import random
@@ -145,12 +146,25 @@ def _sharded_weights(model_parts: list) -> dict:
     return {f"model{index}": unwrap_model(part).sharded_state_dict() for index, part in enumerate(model_parts)}
 
 
+def _gathered_zero3_parameters(model_parts: list):
+    """DeepSpeed ZeRO-3 partitions every parameter over the data-parallel ranks (it marks them
+    with `ds_id`): gather them while their full values are read (collective)."""
+    partitioned = [p for part in model_parts for p in part.parameters() if hasattr(p, "ds_id")]
+    if not partitioned:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 def save_model_weights(model, directory: str) -> None:
     """Write the weights of `model` (a module or the list of model parts) as a dist_checkpointing
     directory (collective; `directory` must exist and be empty). Every rank contributes its
     shards; replicated tensors are written once."""
     _use_in_process_results_queue()
-    dist_checkpointing.save(_sharded_weights(_as_parts(model)), directory)
+    parts = _as_parts(model)
+    with _gathered_zero3_parameters(parts):
+        dist_checkpointing.save(_sharded_weights(parts), directory)
 
 
 def _prepare_staging(root: str, iteration: int) -> str:
@@ -198,9 +212,11 @@ def save_checkpoint(root: str, train_state: TrainState, components, args) -> str
     own_files = getattr(optimizer, "save", None)
     if own_files is not None:
         own_files(os.path.join(staging_dir, "optimizer"))
+    # Every rank asks: a distributed optimizer gathers its shards onto data-parallel rank 0.
+    optimizer_state = None if own_files is not None else optimizer.state_dict()
     if parallel_state.get_data_parallel_rank() == 0:
         state = {
-            "optimizer": None if own_files is not None else optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "opt_param_scheduler": components.scheduler.state_dict(),
             "train_state": train_state.state_dict(),
             "rng_state": _rng_state(),
@@ -352,11 +368,11 @@ def load_checkpoint(root: str, components, args) -> TrainState:
                               "from a checkpoint written by pretrain_lcot.py --save.")
     check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
-    load_model_weights(root, components.model_parts, iteration)
     own_files = getattr(components.optimizer, "load", None)
-    if own_files is not None:
+    if own_files is not None:  # a DeepSpeed engine restores its (possibly ZeRO-3-partitioned) weights too
         own_files(os.path.join(iteration_dir(root, iteration), "optimizer"))
     else:
+        load_model_weights(root, components.model_parts, iteration)
         components.optimizer.load_state_dict(state["optimizer"])
     components.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
