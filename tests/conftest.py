@@ -70,6 +70,16 @@ def read_checkpoint_weights(iteration_dir, tmp_path) -> dict:
     return {k: v for k, v in torch.load(out, weights_only=True).items() if isinstance(v, torch.Tensor)}
 
 
+def nested_tensors(value, path: str = "") -> dict:
+    """Every tensor inside nested dicts/lists/tuples (e.g. an optimizer state), by its path."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return {key: tensor for name, item in items for key, tensor in nested_tensors(item, f"{path}/{name}").items()}
+
+
 def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
     """Run pretrain_lcot.py with `flags` in a subprocess (1 OpenMP thread); returns the
     CompletedProcess with text stdout/stderr."""

@@ -19,7 +19,9 @@ An iteration directory is written under a temporary name, every file is fsync'ed
 directory is renamed into place; the marker is then replaced atomically and `--keep-last`
 prunes older iterations. A crash therefore leaves either the previous checkpoint or the new
 one, never a half-written one behind the marker. Files hold only tensors and plain Python
-values and are read with `torch.load(weights_only=True)`.
+values and are read with `torch.load(weights_only=True)`. A DeepSpeed engine behind the
+optimizer seam writes its own ZeRO-partitioned files into the iteration directory
+(`save(dir)` / `load(dir)`).
 """
 
 from __future__ import annotations
@@ -210,8 +212,8 @@ def save_checkpoint(root: str, train_state: TrainState, components, args) -> str
     staging_dir = _prepare_staging(root, iteration)
     save_model_weights(components.model_parts, os.path.join(staging_dir, MODEL_DIRNAME))
     own_files = getattr(optimizer, "save", None)
-    if own_files is not None:
-        own_files(os.path.join(staging_dir, "optimizer"))
+    if own_files is not None:  # DeepSpeed: every rank writes its ZeRO partition (under deepspeed/)
+        own_files(staging_dir)
     # Every rank asks: a distributed optimizer gathers its shards onto data-parallel rank 0.
     optimizer_state = None if own_files is not None else optimizer.state_dict()
     if parallel_state.get_data_parallel_rank() == 0:
@@ -370,7 +372,7 @@ def load_checkpoint(root: str, components, args) -> TrainState:
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
     own_files = getattr(components.optimizer, "load", None)
     if own_files is not None:  # a DeepSpeed engine restores its (possibly ZeRO-3-partitioned) weights too
-        own_files(os.path.join(iteration_dir(root, iteration), "optimizer"))
+        own_files(iteration_dir(root, iteration))
     else:
         load_model_weights(root, components.model_parts, iteration)
         components.optimizer.load_state_dict(state["optimizer"])

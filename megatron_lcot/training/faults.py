@@ -58,7 +58,10 @@ class RunGuard:
         self.exit_signal_handler = args.exit_signal_handler
         self.exit_duration_in_mins = args.exit_duration_in_mins
         self.exit_interval = args.exit_interval
-        self.max_skipped_in_a_row = args.max_skipped_steps_in_a_row
+        # Under --fp16 with dynamic loss scaling, overflow steps are the scaler's business (it
+        # halves the scale: from 2^32 that takes many skipped steps in a row): counted, never a stop.
+        dynamic_fp16 = getattr(args, "fp16", False) and getattr(args, "loss_scale", None) is None
+        self.max_skipped_in_a_row = 0 if dynamic_fp16 else args.max_skipped_steps_in_a_row
         self.received_signal: int | None = None
         self._previous_handlers: dict = {}
         self._start = time.monotonic()

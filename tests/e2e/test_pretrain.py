@@ -16,7 +16,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL_FLAGS, read_checkpoint_weights, read_metrics, run_pretrain
+from tests.conftest import TINY_MODEL_FLAGS, nested_tensors, read_checkpoint_weights, read_metrics, run_pretrain
 
 
 def _flags(*extra) -> list:
@@ -102,8 +102,9 @@ def test_resume_is_exact_on_real_data(tmp_path, sotu_indexed_dataset):
     assert "latent_schedule.jacobi_draws" in weights[0]  # the Jacobi counter travels with the weights
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
-    for index, state in final[0]["optimizer"]["adamw"]["state"].items():
-        assert torch.equal(state["exp_avg_sq"], final[1]["optimizer"]["adamw"]["state"][index]["exp_avg_sq"])
+    moments = [nested_tensors(state["optimizer"]) for state in final]
+    assert sum("exp_avg_sq" in path for path in moments[0]) > 0 and moments[0].keys() == moments[1].keys()
+    assert all(torch.equal(tensor, moments[1][path]) for path, tensor in moments[0].items())
 
 
 def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
@@ -125,3 +126,26 @@ def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
         assert accumulated["loss"] == pytest.approx(single["loss"], rel=1e-5)
         assert accumulated["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
     assert runs[4][-1]["loss"] < runs[4][0]["loss"]  # the updates are large enough to matter
+
+
+def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
+    """--halting-warmup-iters 4 with tau 0.85 (a fresh router reaches step 2 with 0.81): every
+    token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
+    resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
+    iteration, not a counter of this process's steps)."""
+    flags = _flags("--mock-data", "--vocab-size", 256, "--micro-batch-size", 2, "--global-batch-size", 2,
+                   "--train-iters", 6, "--lr", 1e-4, "--eval-interval", 100, "--latent-steps", 2,
+                   "--halting", "adaptive", "--halting-threshold", 0.85, "--halting-warmup-iters", 4,
+                   "--halting-router-lr-mult", 0.1, "--save-interval", 3)
+    _ok(run_pretrain([*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
+                     cwd=tmp_path))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "iter_0000003", resumed / "iter_0000003")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
+    _ok(run_pretrain([*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
+                     cwd=tmp_path))
+    straight = [r for r in read_metrics(tmp_path / "straight.jsonl") if r["split"] == "train"]
+    again = [r for r in read_metrics(tmp_path / "resumed.jsonl") if r["split"] == "train"]
+    assert [r["mean_latent_steps"] for r in straight] == [2.0] * 4 + [1.0] * 2
+    assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [(r["loss"], r["mean_latent_steps"])
+                                                                      for r in straight[3:]]
