@@ -9,6 +9,7 @@ and reshard a tensor-parallel checkpoint.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -260,3 +261,40 @@ def test_tensor_parallel_checkpoint_reshards_and_evaluates_in_one_process(tmp_pa
         assert got["iteration"] == 4
         assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5), name
         assert got["mean_latent_steps"] == pytest.approx(want["mean_latent_steps"], rel=1e-5), name
+
+
+@pytest.mark.slow
+def test_zero2_resume_is_exact_and_its_weights_evaluate_in_one_process(tmp_path):
+    """DeepSpeed ZeRO-2 on 2 ranks (the real `deepspeed` launcher): 8 iterations straight
+    against 4 + resume from the iteration-4 checkpoint (the engine's partitioned files plus our
+    per-rank state) + 4, bit for bit; then the layout-free weights of the ZeRO-2 checkpoint,
+    evaluated by --skip-train in one plain process, give the run's final validation loss."""
+    from tests.distributed.test_data_parallel_equivalence import DS_CONFIGS, deepspeed_launcher
+
+    flags = [str(f) for f in (*MOCK, "--global-batch-size", 4, "--train-iters", 8, "--latent-steps", 2,
+                               "--halting", "adaptive", "--lr", 3e-3, "--save-interval", 4)]
+    zero2 = ["--deepspeed", "--deepspeed_config", os.path.join(DS_CONFIGS, "zero2.json")]
+    for name, extra in (("straight", []), ("resumed", ["--load", str(tmp_path / "resumed")])):
+        if name == "resumed":
+            shutil.copytree(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
+            (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").write_text("4")
+        result = run_pretrain([*flags, *zero2, *extra, "--save", str(tmp_path / name), "--metrics-file",
+                               str(tmp_path / f"{name}.jsonl")], cwd=tmp_path, launcher=deepspeed_launcher(2),
+                              timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+    assert os.path.isdir(tmp_path / "straight" / "iter_0000004" / "deepspeed")
+
+    def deterministic(record):
+        return {k: v for k, v in record.items() if k not in ("tokens_per_sec", "elapsed_s", "eta_s")}
+
+    straight = [deterministic(r) for r in read_metrics(tmp_path / "straight.jsonl")]
+    assert [deterministic(r) for r in read_metrics(tmp_path / "resumed.jsonl")] == [
+        r for r in straight if r["split"] == "valid" or r["iteration"] > 4]
+    weights = [read_checkpoint_weights(tmp_path / run / "iter_0000008", tmp_path) for run in ("straight", "resumed")]
+    assert all(torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items())
+
+    evaluated = run_pretrain([*flags, "--skip-train", "--load", str(tmp_path / "straight"), "--metrics-file",
+                              str(tmp_path / "eval.jsonl")], cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    got, want = (_final_validation(read_metrics(tmp_path / f"{run}.jsonl")) for run in ("eval", "straight"))
+    assert got["iteration"] == 8 and got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5)
