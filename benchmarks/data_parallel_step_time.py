@@ -2,7 +2,7 @@
 
 Every layout trains the same model on the same mock tokens with `pretrain_lcot.py` on 2 ranks
 (gloo, 1 thread each), launched as a user would: megatron-core DDP and its distributed
-optimizer under torchrun, DeepSpeed ZeRO 0/1/2/3 under the `deepspeed` launcher. The seconds of
+optimizer under torchrun, DeepSpeed ZeRO 1/2/3 under the `deepspeed` launcher. The seconds of
 each logged iteration come from its --metrics-file (tokens / tokens_per_sec); the first
 `--skip` iterations (warm-up) are dropped and the median counts. Layouts run round-robin,
 `--repeats` times each, and the best median is kept, so a load change on the machine hits
@@ -46,7 +46,6 @@ def _zero(stage: int) -> list:
 LAYOUTS = {
     "megatron-core DDP": (_torchrun, []),
     "megatron-core distributed optimizer": (_torchrun, ["--use-distributed-optimizer"]),
-    "DeepSpeed ZeRO-0": (_deepspeed, _zero(0)),
     "DeepSpeed ZeRO-1": (_deepspeed, _zero(1)),
     "DeepSpeed ZeRO-2": (_deepspeed, _zero(2)),
     "DeepSpeed ZeRO-3": (_deepspeed, _zero(3)),

@@ -293,11 +293,14 @@ def _validate_precision_and_optimizer(args) -> None:
         stage = effective_config(args)["zero_optimization"]["stage"]
     except DeepSpeedConfigError as error:
         raise ArgumentError(str(error)) from error
+    _require(stage >= 1,
+             "ZeRO stage 0 (--zero-stage / --deepspeed_config) cannot run under megatron-core's schedule "
+             "(DeepSpeed 0.19.8 refuses tensor.backward() at stage 0); for unsharded data parallelism drop "
+             "--deepspeed (megatron-core DDP), or use --zero-stage 1.")
     _require(args.pipeline_model_parallel_size == 1 or args.latent_steps == 0,
-             f"--deepspeed with --pipeline-model-parallel-size {args.pipeline_model_parallel_size} and latent "
-             "thoughts is not supported: latent passes run as virtual pipeline chunks, which the DeepSpeed "
-             "engine does not drive; use megatron-core's optimizer (drop --deepspeed, optionally "
-             "--use-distributed-optimizer) or --pipeline-model-parallel-size 1.")
+             "--deepspeed with --pipeline-model-parallel-size > 1 runs vanilla models only (--latent-steps 0): "
+             "latent passes cross the stages as virtual chunks that bypass the engine; use megatron-core's "
+             "--use-distributed-optimizer without --deepspeed, or --pipeline-model-parallel-size 1.")
     _require(stage < 2 or args.pipeline_model_parallel_size == 1,
              f"ZeRO stage {stage} (--zero-stage / --deepspeed_config) shards gradients, which pipeline "
              f"parallelism (--pipeline-model-parallel-size {args.pipeline_model_parallel_size}) accumulates "

@@ -86,6 +86,10 @@ def effective_config(args) -> dict:
     if args.fp16 and args.loss_scale is not None:
         config["fp16"]["loss_scale"] = args.loss_scale
     config.setdefault("steps_per_print", 2**31 - 1)  # our logger prints; DeepSpeed's would repeat it
-    config["zero_optimization"] = {**config.get("zero_optimization", {}),
-                                   "stage": zero_stage_of(path, args.zero_stage)}
+    zero = {**config.get("zero_optimization", {}), "stage": zero_stage_of(path, args.zero_stage)}
+    if zero["stage"] < 2:
+        # overlap_comm overlaps the gradient reduce-scatter of stages 2/3; below stage 2 DeepSpeed
+        # refuses it without managed accumulation (zero2.json run with --zero-stage 1).
+        zero["overlap_comm"] = False
+    config["zero_optimization"] = zero
     return config

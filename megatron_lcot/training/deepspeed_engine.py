@@ -41,12 +41,17 @@ class _MegatronMpu:
 
 
 class _ScheduleView:
-    """What megatron-core's schedule needs of a model: `config` (found by walking `.module`)
-    and a call; the call goes through the engine so its backward hooks are installed."""
+    """The model as megatron-core's schedule and our pipeline code see it: attributes are the
+    bare model's (`config` is the TransformerConfig, not the engine's DeepSpeed config dict,
+    which `get_attr_wrapped_model` would otherwise reach through the engine's own attribute
+    forwarding), while a call goes through the engine so its backward hooks are installed."""
 
     def __init__(self, engine, config) -> None:
         self.module = engine
         self.config = config
+
+    def __getattr__(self, name):
+        return getattr(self.module.module, name)
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)

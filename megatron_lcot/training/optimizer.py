@@ -44,9 +44,14 @@ def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: f
     OptimizerParamScheduler reads these per group."""
     router = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="halting_router", fn=lambda param, name: is_router_param(name, param)))
+    # is_decoupled_lr marks the group as one with its own LR (it is what the router group is):
+    # megatron-core 0.16.1 matches saved to live groups on (wd_mult, lr_mult, is_expert_parallel,
+    # is_decoupled_lr) only, and without it the router group and the vectors group (both
+    # wd_mult 0) collide on resume ("doesn't match the size of optimizer's group").
     return {**get_standard_config_overrides(config=optimizer_config),
             router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
-                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0)}
+                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0,
+                                       is_decoupled_lr=True)}
 
 
 class MegatronCoreOptimizer:
@@ -115,9 +120,11 @@ class MegatronCoreOptimizer:
         with parallel.schedule_device_context():
             state = {"optimizer": self.optimizer.state_dict()}
             if self.distributed:
-                state["param_state"] = self.optimizer.get_parameter_state_dp_zero()
+                state["param_state"] = [chained.get_parameter_state_dp_zero()
+                                        for chained in self.optimizer.chained_optimizers]
         return state
 
+    @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load_state_dict(self, state_dict: dict) -> None:
         """megatron-core matches saved param groups to the current ones by (wd_mult, lr_mult,
         ...): the router's group (no weight decay, its own max/min LR) and the vectors' group
@@ -128,7 +135,22 @@ class MegatronCoreOptimizer:
         with parallel.schedule_device_context():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             if self.distributed:
-                self.optimizer.load_parameter_state_from_dp_zero(state_dict["param_state"])
+                for chained, param_state in zip(self.optimizer.chained_optimizers, state_dict["param_state"],
+                                                strict=True):
+                    _load_dp_zero_parameter_state(chained, param_state)
+
+
+def _load_dp_zero_parameter_state(distributed_optimizer, param_state) -> None:
+    """`load_parameter_state_from_dp_zero` of megatron-core 0.16.1 on torch's AdamW (no Apex /
+    TE) copies every key of the live Adam state from the gathered shards, which carry no
+    "step" (it travels in the param groups and `load_state_dict` has already restored it):
+    set the steps aside for the copy and give every parameter its own step tensor back
+    (a shared one would be advanced once per parameter)."""
+    state = distributed_optimizer.optimizer.state
+    steps = {param: entry.pop("step") for param, entry in state.items() if "step" in entry}
+    distributed_optimizer.load_parameter_state_from_dp_zero(param_state)
+    for param, step in steps.items():
+        state[param]["step"] = step.clone()
 
 
 def build_optimizer(model_parts: list, args):

@@ -2,7 +2,7 @@
 
 pretrain_lcot.py runs 10 iterations of adaptive latent CoT (fp32, gloo, SOTU, global batch 8 =
 4 micro-batches in one process, 2 per rank on 2 ranks) and the losses, grad norms and latent-step
-statistics of every layout must agree within 1e-5 relative:
+statistics of every layout, and the final validation loss, must agree within 1e-5 relative:
 
 * DeepSpeed ZeRO-1/2/3 (and ZeRO-3 with optimizer and parameter offload), launched with the real
   `deepspeed` launcher (`--num_gpus 2` on the CPU), from the shipped examples/ds_configs/;
@@ -93,3 +93,15 @@ def test_deepspeed_layouts_match_one_process(tmp_path, sotu_indexed_dataset, one
 def test_megatron_core_data_parallel_matches_one_process(tmp_path, sotu_indexed_dataset, one_process, extra):
     records = _train_records(tmp_path, sotu_indexed_dataset, "ddp", extra, TORCHRUN_2)
     assert_same_run(records, one_process)
+
+
+@pytest.mark.slow
+def test_zero1_composes_with_pipeline_parallelism(tmp_path, sotu_indexed_dataset):
+    """ZeRO-1 on each pipeline stage (vanilla, PP=2, DP=1): DeepSpeed steps each stage's
+    parameters while megatron-core's 1F1B schedule moves activations between the stages."""
+    vanilla = ["--latent-steps", "0", "--halting", "none"]
+    reference = _train_records(tmp_path, sotu_indexed_dataset, "one_vanilla", vanilla, (sys.executable,))
+    records = _train_records(tmp_path, sotu_indexed_dataset, "pp2_zero1",
+                             [*vanilla, *_deepspeed("zero1.json", "--pipeline-model-parallel-size", "2")],
+                             deepspeed_launcher(2))
+    assert_same_run(records, reference)

@@ -39,6 +39,18 @@ def test_effective_config_takes_batch_clipping_and_stage_from_the_flags(two_rank
     assert config["fp16"]["initial_scale_power"] == 16  # the file's loss-scaling knobs are kept
 
 
+def test_stage_override_below_2_turns_off_overlap_comm(two_ranks):
+    """zero2.json's overlap_comm with --zero-stage 1: DeepSpeed refuses overlap_comm below stage
+    2 without managed accumulation ("supports ZeRO overlap_comm only with ZeRO stage 2")."""
+    args = parse_args([*BASE, "--deepspeed", "--deepspeed_config", ZERO2, "--zero-stage", "1"])
+    assert effective_config(args)["zero_optimization"] == {**_file_zero(ZERO2), "stage": 1, "overlap_comm": False}
+
+
+def _file_zero(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)["zero_optimization"]
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_pipeline_parallel_with_zero_2_or_3_is_refused(two_ranks, stage):
     with pytest.raises(ArgumentError) as error:
@@ -50,6 +62,9 @@ def test_pipeline_parallel_with_zero_2_or_3_is_refused(two_ranks, stage):
 
 
 REFUSED = {
+    "zero_stage_0": (["--deepspeed_config", ZERO2, "--zero-stage", "0"], "drop --deepspeed"),
+    "pipeline_with_latent_steps": (["--deepspeed_config", ZERO2, "--zero-stage", "1", "--latent-steps", "1",
+                                    "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"], "vanilla models only"),
     "no_config": ([], "--deepspeed needs --deepspeed_config FILE"),
     "missing_file": (["--deepspeed_config", "/nonexistent/ds.json"], "no such file"),
     "with_distributed_optimizer": (["--deepspeed_config", ZERO2, "--use-distributed-optimizer"],
@@ -58,7 +73,7 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("case", list(REFUSED), ids=list(REFUSED))
-def test_bad_deepspeed_flags_are_refused(case):
+def test_bad_deepspeed_flags_are_refused(case, two_ranks):
     extra, message = REFUSED[case]
     with pytest.raises(ArgumentError, match=message):
         parse_args([*BASE, "--deepspeed", *extra])
