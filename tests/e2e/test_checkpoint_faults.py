@@ -272,8 +272,8 @@ def test_zero2_resume_is_exact_and_its_weights_evaluate_in_one_process(tmp_path)
     from tests.distributed.test_data_parallel_equivalence import DS_CONFIGS, deepspeed_launcher
 
     flags = [str(f) for f in (*MOCK, "--global-batch-size", 4, "--train-iters", 8, "--latent-steps", 2,
-                               "--halting", "adaptive", "--lr", 3e-3, "--save-interval", 4)]
-    zero2 = ["--deepspeed", "--deepspeed_config", os.path.join(DS_CONFIGS, "zero2.json")]
+                               "--halting", "adaptive", "--lr", 3e-3)]
+    zero2 = ["--deepspeed", "--deepspeed_config", os.path.join(DS_CONFIGS, "zero2.json"), "--save-interval", "4"]
     for name, extra in (("straight", []), ("resumed", ["--load", str(tmp_path / "resumed")])):
         if name == "resumed":
             shutil.copytree(tmp_path / "straight" / "iter_0000004", tmp_path / "resumed" / "iter_0000004")
