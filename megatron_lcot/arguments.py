@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
                                             "CUDA for training; dense: the materialised-mask reference)")
     model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
-                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
-                            "(every layer in vanilla mode)")
+                       help="activation recompute: selective = each core attention (the per-pass KV "
+                            "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
@@ -267,9 +267,10 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
-             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
-             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute is not None),
+             f"--recompute-granularity {args.latent_recompute} is not supported yet with latent thoughts across "
+             "pipeline stages (--pipeline-model-parallel-size > 1: untested with the stage hand-over of the "
+             "KV store); drop --recompute-granularity or use --pipeline-model-parallel-size 1.")
 
 
 def _validate_precision_and_optimizer(args) -> None:

@@ -351,6 +351,14 @@ def load_model_weights(root: str, model, iteration: int | None = None) -> int:
     return iteration
 
 
+def holds_initial_weights(root: str) -> bool:
+    """Whether `root`'s latest checkpoint is a weights-only iteration 0: a starting point such as
+    `tools/convert_checkpoint.py from-hf` writes. Training loads it as its initial weights (before
+    the optimizer copies them) and starts at iteration 0 with a fresh optimizer and schedule."""
+    iteration = latest_iteration(root)
+    return iteration == 0 and _run_state(root, 0)["weights_only"]
+
+
 def load_checkpoint(root: str, components, args) -> TrainState:
     """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
     scheduler and the RNGs; returns the run's TrainState.
@@ -364,6 +372,9 @@ def load_checkpoint(root: str, components, args) -> TrainState:
         return train_state
     iteration = _resolve_iteration(root, None)
     run_state = _run_state(root, iteration)
+    if run_state["weights_only"] and iteration == 0:  # a starting point: build_components loaded it
+        check_compatible(run_state["args"], args, MODEL_FLAGS, root)
+        return train_state
     if run_state["weights_only"]:
         raise CheckpointError(f"--load {root!r}: iteration {iteration} holds weights only (written by "
                               "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "

@@ -33,9 +33,10 @@ from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.training.checkpointing import (check_weights_loadable, load_checkpoint, load_model_weights,
-                                                  save_checkpoint)
+from megatron_lcot.training.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
+                                                  load_model_weights, save_checkpoint)
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
+from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
@@ -115,6 +116,7 @@ def train(state: TrainState, components: TrainComponents, guard: RunGuard, args)
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
     Returns why it stopped early (`guard.stop_reason`), or None."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
     while state.iteration < args.train_iters:
@@ -130,9 +132,10 @@ def train(state: TrainState, components: TrainComponents, guard: RunGuard, args)
             interval_stats = stats if interval_stats is None else interval_stats + stats
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
+                summary = flops.add_interval(state, summarize(interval_stats), interval_iters * tokens_per_iteration)
                 components.logger.log_train(
                     state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
-                    summarize(interval_stats), tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
                     seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
         if state.skipped_steps_in_a_row and _is_logging_rank():
@@ -155,9 +158,14 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     """Model, optimizer seam, scheduler (restored from `--load` when given; with --skip-train
     only the weights, from a checkpoint of any layout), data and logger: (TrainState,
     TrainComponents)."""
+    starts_from_weights = args.load and not args.skip_train and holds_initial_weights(args.load)
+    if starts_from_weights:
+        check_weights_loadable(args.load, args)
     model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
     model_parts = [model]
+    if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
+        load_model_weights(args.load, model_parts)
     optimizer = build_optimizer(model_parts, args)
     components = TrainComponents(model_parts=model_parts, optimizer=optimizer,
                                  scheduler=build_lr_scheduler(optimizer, args), forward_step_func=forward_step_func)

@@ -135,6 +135,7 @@ class MetricsLogger:
                 f"iter {iteration} | tokens {consumed_tokens} | lr {lr:.3e} | loss {summary['loss']:.4f} | "
                 f"grad norm {grad_norm:.3f} | tok/s {tokens_per_sec:,.0f} | "
                 f"latent steps {summary['mean_latent_steps']:.2f} | halted@k {halted} | "
+                f"flops/tok {summary.get('flops_per_token', float('nan')):.3g} | "
                 f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
         self._emit(line, record)
 

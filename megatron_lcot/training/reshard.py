@@ -58,11 +58,8 @@ def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_paralle
     return save_weights_only(save_dir, iteration, model, args, sharded=sharded)
 
 
-def add_reshard_command(subcommands) -> None:
-    """Register `reshard` on tools/convert_checkpoint.py's subcommand parser."""
-    command = subcommands.add_parser(
-        "reshard", help="write a checkpoint's weights at another tensor/pipeline-parallel layout",
-        description=__doc__.split("\n\n")[0])
+def add_arguments(command: argparse.ArgumentParser) -> None:
+    """The `reshard` subcommand's flags (tools/convert_checkpoint.py)."""
     command.add_argument("--load", required=True, help="checkpoint directory (pretrain_lcot.py --save)")
     command.add_argument("--save", required=True, help="directory to write the resharded checkpoint to")
     command.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -71,15 +68,16 @@ def add_reshard_command(subcommands) -> None:
     command.add_argument("--format", choices=("sharded", "plain"), default="sharded",
                          help="sharded: dist_checkpointing (loads at any layout); plain: one torch file "
                               "per model-parallel rank of the target layout")
-    command.set_defaults(run=_run_reshard)
 
 
-def _run_reshard(options: argparse.Namespace) -> None:
+def run(options: argparse.Namespace) -> dict | None:
+    """Reshard; returns what was written (on global rank 0; None on the others)."""
     for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size"):
         if getattr(options, flag) < 1:
             raise CheckpointError(f"--{flag.replace('_', '-')} must be >= 1.")
     written = reshard(options.load, options.save, options.target_tensor_parallel_size,
                       options.target_pipeline_model_parallel_size, options.format == "sharded", options.iteration)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {written} (TP {options.target_tensor_parallel_size}, PP "
-              f"{options.target_pipeline_model_parallel_size}, {options.format})", flush=True)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return {"save": written, "tensor_model_parallel_size": options.target_tensor_parallel_size,
+            "pipeline_model_parallel_size": options.target_pipeline_model_parallel_size, "format": options.format}

@@ -147,5 +147,16 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     straight = [r for r in read_metrics(tmp_path / "straight.jsonl") if r["split"] == "train"]
     again = [r for r in read_metrics(tmp_path / "resumed.jsonl") if r["split"] == "train"]
     assert [r["mean_latent_steps"] for r in straight] == [2.0] * 4 + [1.0] * 2
+    # FLOPs in the log: every step in the warm-up, step 2 skipped after it; a running total.
+    from megatron_lcot.arguments import parse_args
+    from megatron_lcot.model.flops import training_flops_per_token
+    from megatron_lcot.training.providers import lcot_config_from_args
+
+    config = lcot_config_from_args(parse_args([*map(str, flags), "--save", str(tmp_path)]))
+    vocab = 384  # mock data: 256 ids + eod, padded to a multiple of 128
+    per_token = [training_flops_per_token(config, 64, vocab, shares) for shares in ([1, 1, 1], [1, 1, 0])]
+    assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)
+    assert straight[-1]["train_flops"] == pytest.approx(2 * 64 * (4 * per_token[0] + 2 * per_token[1]))
+    assert again[-1]["train_flops"] == pytest.approx(straight[-1]["train_flops"])  # the total survives resume
     assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [(r["loss"], r["mean_latent_steps"])
                                                                       for r in straight[3:]]

@@ -1,0 +1,223 @@
+"""`convert_checkpoint.py from-hf`: start a (latent) checkpoint from a Hugging Face Llama.
+
+    python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR \
+        [--latent-steps K --latent-layout stepwise --halting adaptive --halting-threshold 0.05]
+
+Reads `config.json`, the safetensors weights and `tokenizer.json` of a `LlamaForCausalLM` (or of
+one of our latent exports), and writes iteration 0 of a training checkpoint (fresh optimizer)
+plus the tokenizer under `CKPT_DIR/tokenizer/`, so `pretrain_lcot.py --load CKPT_DIR` continues
+with the same model flags (printed as `pretrain_flags`).
+
+Choices (docs/hf.md):
+* the router of adaptive halting starts as in training from scratch (weights 0, every gate at
+  `halting_init_continue_prob`): most tokens think at first, the router learns when to stop;
+* embedding scale: latent modes multiply token embeddings by sqrt(2.5 h) (PonderLM-2's init has
+  embeddings of RMS ~1/sqrt(2.5 h)). A pretrained Llama's layers expect its raw embeddings, so
+  the import stores them divided by that scale: step 0 of the imported model is exactly the
+  Llama, and no flag has to be remembered when training continues;
+* anything the model cannot represent is refused with the field that differs: rope scaling or
+  another RoPE base, biases, tied embeddings, another activation or norm epsilon, a head size
+  other than hidden/heads, a vocabulary that differs from the tokenizer's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+
+import torch
+
+from megatron_lcot.hf.errors import ConversionError
+from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, hf_to_megatron, unexpected_hf_tensors
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LcotForCausalLM")
+NORM_EPSILON = 1e-5  # llama_config's RMSNorm epsilon (no flag changes it)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--load", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument("--save", required=True, help="new checkpoint directory to write")
+    parser.add_argument("--latent-steps", type=int, default=None, help="default: the model's (0 for a Llama)")
+    parser.add_argument("--latent-layout", choices=("stepwise", "interleaved"), default=None)
+    parser.add_argument("--halting", choices=("none", "adaptive"), default=None)
+    parser.add_argument("--halting-threshold", type=float, default=None)
+    parser.add_argument("--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)")
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise ConversionError(f"--load {hf_dir!r}: no config.json there; pass a Hugging Face model directory.")
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_supported(config: dict, hf_dir: str) -> None:
+    """Refuse what LcotGPTModel cannot represent, naming the config.json field."""
+    where = f"--load {hf_dir!r}: config.json"
+    architectures = config.get("architectures") or []
+    if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
+        raise ConversionError(f"{where} has architectures {architectures} (model_type {config.get('model_type')!r}); "
+                              f"only {' and '.join(SUPPORTED_ARCHITECTURES)} can be imported.")
+    rope = config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", config.get("rope_theta", ROTARY_BASE))
+    rope_type = rope.get("rope_type", "default")
+    scaling = config.get("rope_scaling")
+    differences = []
+    if rope_type != "default" or scaling:
+        differences.append(f"rope scaling {scaling or rope} (megatron_lcot uses plain RoPE)")
+    if float(theta) != ROTARY_BASE:
+        differences.append(f"rope_theta {theta} (megatron_lcot's RoPE base is {ROTARY_BASE:g})")
+    for field in ("attention_bias", "mlp_bias"):
+        if config.get(field):
+            differences.append(f"{field} true (megatron_lcot has no biases)")
+    if config.get("tie_word_embeddings", False):
+        differences.append("tie_word_embeddings true (megatron_lcot trains untied input and output embeddings)")
+    if config.get("hidden_act", "silu") != "silu":
+        differences.append(f"hidden_act {config['hidden_act']!r} (megatron_lcot uses SwiGLU with silu)")
+    if not math.isclose(config.get("rms_norm_eps", NORM_EPSILON), NORM_EPSILON, rel_tol=1e-9):
+        differences.append(f"rms_norm_eps {config['rms_norm_eps']} (megatron_lcot's RMSNorm epsilon is {NORM_EPSILON})")
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    if head_dim * config["num_attention_heads"] != config["hidden_size"]:
+        differences.append(f"head_dim {head_dim} x {config['num_attention_heads']} heads != hidden_size "
+                           f"{config['hidden_size']}")
+    if differences:
+        raise ConversionError(f"{where} describes a model megatron_lcot cannot represent: {'; '.join(differences)}.")
+
+
+def read_hf_weights(hf_dir: str) -> dict:
+    """All tensors of model.safetensors or its shards."""
+    from safetensors.torch import load_file
+
+    files = sorted(name for name in os.listdir(hf_dir) if name.endswith(".safetensors"))
+    if not files:
+        raise ConversionError(f"--load {hf_dir!r}: no .safetensors weights there (pytorch_model.bin is not read: "
+                              "re-save the model with save_pretrained(safe_serialization=True)).")
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    weights = {}
+    for name in files:
+        path = os.path.join(hf_dir, name)
+        if not os.path.isfile(path):
+            raise ConversionError(f"--load {hf_dir!r}: the weight index names {name}, which is missing; "
+                                  "copy the whole model directory.")
+        weights.update(load_file(path))
+    return weights
+
+
+def check_weight_shapes(weights: dict, config: dict, hf_dir: str) -> None:
+    """The tensors must have the shapes config.json promises (a mismatch names the field)."""
+    h, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
+    heads, groups = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    head_dim = h // heads
+    expected = {"model.embed_tokens.weight": ((vocab, h), "vocab_size/hidden_size"),
+                "lm_head.weight": ((vocab, h), "vocab_size/hidden_size")}
+    for n in range(layers):
+        p = f"model.layers.{n}."
+        expected.update({
+            p + "self_attn.q_proj.weight": ((heads * head_dim, h), "num_attention_heads/hidden_size"),
+            p + "self_attn.k_proj.weight": ((groups * head_dim, h), "num_key_value_heads"),
+            p + "mlp.gate_proj.weight": ((config["intermediate_size"], h), "intermediate_size"),
+        })
+    for name, (shape, fields) in expected.items():
+        if name not in weights:
+            raise ConversionError(f"--load {hf_dir!r}: the weights have no {name} although config.json has "
+                                  f"num_hidden_layers {layers}; the directory is incomplete or not a Llama.")
+        if tuple(weights[name].shape) != shape:
+            raise ConversionError(f"--load {hf_dir!r}: {name} has shape {tuple(weights[name].shape)} but config.json "
+                                  f"({fields}) implies {shape}; config.json does not match the weights.")
+    unexpected = unexpected_hf_tensors(weights, layers)
+    if unexpected:
+        raise ConversionError(f"--load {hf_dir!r}: tensors megatron_lcot has no place for: {unexpected[:5]} "
+                              "(biases or extra layers?).")
+
+
+def pretrain_flags(config: dict, options: argparse.Namespace, tokenizer_path: str) -> list:
+    """The model flags of pretrain_lcot.py for this model (what the continuing run passes too)."""
+    latent_steps = options.latent_steps if options.latent_steps is not None else config.get("latent_steps", 0)
+    layout = options.latent_layout or config.get("latent_layout", "stepwise")
+    halting = options.halting or config.get("halting", "none")
+    threshold = options.halting_threshold if options.halting_threshold is not None else config.get("halting_threshold", 0.05)
+    seq_length = options.seq_length or min(config.get("max_position_embeddings", 2048), 2048)
+    flags = ["--num-layers", config["num_hidden_layers"], "--hidden-size", config["hidden_size"],
+             "--ffn-hidden-size", config["intermediate_size"], "--num-attention-heads", config["num_attention_heads"],
+             "--num-query-groups", config.get("num_key_value_heads") or config["num_attention_heads"],
+             "--seq-length", seq_length, "--max-position-embeddings", config.get("max_position_embeddings", seq_length),
+             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path,
+             "--latent-steps", latent_steps, "--latent-layout", layout, "--halting", halting,
+             "--halting-threshold", threshold]
+    return [str(flag) for flag in flags]
+
+
+def _copy_tokenizer(hf_dir: str, save: str) -> str:
+    source = os.path.join(hf_dir, "tokenizer.json")
+    if not os.path.isfile(source):
+        raise ConversionError(f"--load {hf_dir!r}: no tokenizer.json there; save the tokenizer with the model "
+                              "(tokenizer.save_pretrained(HF_DIR)) so training reads the same ids.")
+    target = os.path.join(save, "tokenizer")
+    os.makedirs(target, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if os.path.isfile(os.path.join(hf_dir, name)):
+            shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
+    return os.path.join(os.path.abspath(target), "tokenizer.json")
+
+
+def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
+    """Write iteration 0 of a checkpoint under `save`; returns {"save", "pretrain_flags", "embedding_scale"}."""
+    from megatron_lcot import parallel
+    from megatron_lcot.arguments import parse_args, set_padded_vocab_size
+    from megatron_lcot.data.tokenizers import build_tokenizer
+    from megatron_lcot.training.checkpointing import latest_iteration, save_weights_only
+    from megatron_lcot.training.providers import model_provider
+
+    if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:
+        raise ConversionError("--target-tensor-parallel-size/--target-pipeline-model-parallel-size other than 1: "
+                              "import to one process, then reshard with tools/convert_checkpoint.py reshard.")
+    if os.path.isdir(save) and (latest_iteration(save) is not None or os.listdir(save)):
+        raise ConversionError(f"--save {save!r} is not empty; pass a new directory.")
+    config = read_hf_config(hf_dir)
+    check_supported(config, hf_dir)
+    weights = read_hf_weights(hf_dir)
+    check_weight_shapes(weights, config, hf_dir)
+    staging_tokenizer = _copy_tokenizer(hf_dir, save)
+    try:
+        tokenizer = build_tokenizer("HuggingFaceTokenizer", staging_tokenizer)
+        if tokenizer.vocab_size != config["vocab_size"]:
+            raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
+                                  f"vocab_size is {config['vocab_size']}; they must agree.")
+        argv = pretrain_flags(config, options, staging_tokenizer) + ["--mock-data", "--train-iters", "1",
+                                                                      "--save", save]
+        args = parse_args(argv)
+        set_padded_vocab_size(args, tokenizer.vocab_size)
+        parallel.initialize(seed=args.seed)
+        model = model_provider(args)
+        h = args.hidden_size
+        shapes = Shapes(args.num_layers, args.num_attention_heads, args.num_query_groups, h // args.num_attention_heads,
+                        tokenizer.vocab_size, args.padded_vocab_size)
+        state = model.state_dict()
+        converted = hf_to_megatron(weights, shapes)
+        if "halting_router.weight" in converted and "halting_router.weight" not in state:
+            del converted["halting_router.weight"], converted["halting_router.bias"]
+        fold = config.get("embedding_scale", 1.0) / model.config.embedding_scale
+        if fold != 1.0:  # keep the HF model's effective token inputs (see the module docstring)
+            converted["embedding.word_embeddings.weight"] *= fold
+        state.update(converted)
+        model.load_state_dict(state)
+        save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
+    except BaseException:
+        if latest_iteration(save) is None:
+            shutil.rmtree(save, ignore_errors=True)
+        raise
+    return {"save": save, "embedding_scale": model.config.embedding_scale, "embedding_fold": fold,
+            "pretrain_flags": " ".join(pretrain_flags(config, options, staging_tokenizer))}
+
+
+def run(args: argparse.Namespace) -> dict:
+    return import_llama(args.load, args.save, args)

@@ -1,0 +1,1 @@
+"""Inference with the training model: checkpoint loading, latent KV cache, halting, sampling."""
