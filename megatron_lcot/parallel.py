@@ -91,19 +91,25 @@ def _install_cpu_shim() -> None:
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` keyword arguments to the CPU (megatron schedules create
-    `torch.zeros(..., device="cuda")` inline)."""
+    """Makes megatron-core's CUDA assumptions hold on the CPU while active:
+    `device="cuda"` keyword arguments become the CPU (the schedules create
+    `torch.zeros(..., device="cuda")` inline), and `Tensor.type()` reports `torch.cuda.*`
+    (megatron's optimizers check `param.type()` against "torch.cuda.FloatTensor" and friends
+    when they are built, when they clip and when they step)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         if dev is not None and torch.device(dev).type == "cuda":
             kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
 def schedule_device_context():
-    """Context for running megatron-core's pipeline schedules: a no-op on CUDA."""
+    """Context for running megatron-core's schedules and building, stepping and (de)serialising
+    its optimizers: a no-op on CUDA."""
     if torch.cuda.is_available():
         return contextlib.nullcontext()
     return _CudaToCpuMode()
@@ -142,6 +148,16 @@ def initialize(
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed use the process group `initialize()` created. On the CPU its shared-memory
+    all-reduce op (inference only) would be JIT-compiled first (~100 s): mark it unavailable."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend(), dist_init_required=False)
 
 
 def destroy() -> None:

@@ -125,10 +125,13 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
         shutil.rmtree(staging_dir, ignore_errors=True)  # left by a crash during an earlier save
         os.makedirs(staging_dir)
     dist.barrier()
+    optimizer_state = components.optimizer.state_dict()  # collective under a sharded optimizer
+    if hasattr(components.optimizer, "save"):  # DeepSpeed: every rank writes its ZeRO partition
+        components.optimizer.save(staging_dir)
     if parallel_state.get_data_parallel_rank() == 0:
         state = {
             **_model_state(components),
-            "optimizer": components.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "opt_param_scheduler": components.scheduler.state_dict(),
             **train_state.state_dict(),
             "rng_state": _rng_state(),
@@ -216,6 +219,8 @@ def load_checkpoint(root: str, components, args) -> TrainState:
     _check_compatible(state["args"], args)
     _load_model_state(components, state)
     components.optimizer.load_state_dict(state["optimizer"])
+    if hasattr(components.optimizer, "load"):  # DeepSpeed: weights and ZeRO partitions
+        components.optimizer.load(iteration_dir(root, state["iteration"]))
     components.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
     train_state.load_state_dict(state)

@@ -26,11 +26,11 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
+from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -45,13 +45,14 @@ def _is_logging_rank() -> bool:
 def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
-    with parallel.schedule_device_context():
-        per_microbatch = get_forward_backward_func()(
+    with parallel.schedule_device_context(), pipeline_schedule(
+            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only) as schedule:
+        per_microbatch = schedule.forward_backward_func(
             forward_step_func=components.forward_step_func,
-            data_iterator=data_iterator,
-            model=components.optimizer.schedule_parts,
+            data_iterator=schedule.data_iterator,
+            model=schedule.model,
             num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
+            seq_length=schedule.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=forward_only,
         )

@@ -1,0 +1,76 @@
+"""Shared by the Hugging Face / inference tests: tiny checkpoints of the four modes, each trained
+a few steps on real text (State of the Union, sentencepiece), and a subprocess runner that
+imports transformers with megatron and megatron_lcot made unimportable.
+
+Import the fixture into a test module (`from tests.unit.hf_fixtures import trained_checkpoints`);
+it is session-scoped, so the four runs happen once per test session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS
+
+MODES = {
+    # vanilla pads its vocabulary (512 -> 576) so export must drop the padded rows
+    "vanilla": ["--latent-steps", "0", "--make-vocab-size-divisible-by", "96"],
+    "stepwise": ["--latent-steps", "2"],
+    "adaptive": ["--latent-steps", "3", "--halting", "adaptive", "--halting-threshold", "0.4"],
+    "interleaved": ["--latent-steps", "1", "--latent-layout", "interleaved"],
+}
+
+# Makes `import megatron...` fail in a subprocess: an export must load with transformers alone.
+_BLOCKER = """import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('megatron', 'megatron_lcot'):
+            raise ImportError(name + ' is blocked: exports must load without it')
+        return None
+sys.meta_path.insert(0, _Block())
+"""
+
+
+def tool_env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    return env
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoints(sotu_indexed_dataset, tmp_path_factory) -> dict:
+    """{mode: checkpoint directory} for vanilla, stepwise K=2, adaptive K=3 (tau 0.4) and
+    interleaved K=1, 6 training steps each (the four runs in parallel)."""
+    root = tmp_path_factory.mktemp("hf_checkpoints")
+    common = [*TINY_MODEL_FLAGS, "--micro-batch-size", "4", "--train-iters", "6", "--lr", "3e-3",
+              "--log-interval", "6", "--eval-iters", "1", "--eval-interval", "100", "--split", "98,2,0",
+              "--data-path", sotu_indexed_dataset["prefix"], "--tokenizer-type", "SentencePieceTokenizer",
+              "--tokenizer-model", sotu_indexed_dataset["tokenizer_model"]]
+    runs = {mode: subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "pretrain_lcot.py"), *common, *flags,
+                                    "--save", str(root / mode)], cwd=root, env=tool_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+            for mode, flags in MODES.items()}
+    for mode, run in runs.items():
+        output, _ = run.communicate(timeout=900)
+        assert run.returncode == 0, output[-3000:]
+    return {mode: str(root / mode) for mode in MODES}
+
+
+def run_without_megatron(script: str, tmp_path, timeout: int = 600) -> dict:
+    """Run `script` (Python source printing one JSON line last) where megatron cannot be imported
+    and the repository is not on sys.path; returns the parsed JSON."""
+    blocker = tmp_path / "blocker"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(_BLOCKER)
+    env = tool_env()
+    env["PYTHONPATH"] = str(blocker)
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
