@@ -38,12 +38,17 @@ def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: f
     """megatron-core's standard overrides (no weight decay on vectors) plus the halting router's
     own group (`halting.is_router_param`): `max_lr`/`min_lr` scaled by
     `--halting-router-lr-mult` and no weight decay (docs/method.md, the stable adaptive recipe).
-    OptimizerParamScheduler reads these per group."""
+    OptimizerParamScheduler reads these per group.
+    megatron-core re-identifies groups on `load_state_dict` by (wd_mult, lr_mult, ...) only, not
+    by max_lr: the router group carries `lr_mult` = the multiplier (the scheduler ignores it) so a
+    resume maps it back to itself; at multiplier 1 the router simply joins the no-decay group."""
     router = ParamKey(with_name_predicate=ParamWithNamePredicate(
         name="halting_router", fn=lambda param, name: is_router_param(name, param)))
-    return {**get_standard_config_overrides(config=optimizer_config),
-            router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
-                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0)}
+    override = ParamGroupOverride(wd_mult=0.0)
+    if router_lr_mult != 1.0:
+        override.update(max_lr=optimizer_config.lr * router_lr_mult, min_lr=optimizer_config.min_lr * router_lr_mult,
+                        lr_mult=router_lr_mult)
+    return {**get_standard_config_overrides(config=optimizer_config), router: override}
 
 
 class MegatronCoreOptimizer:
