@@ -138,7 +138,8 @@ def plot_curves(runs: list, path: str) -> None:
         for j, run in enumerate(r for r in runs if r["model"] == name):
             xs, ys = zip(*run["curve"]) if run["curve"] else ((), ())
             ax.plot(xs, ys, color=f"C{index}", alpha=0.8, marker=".", label=name if j == 0 else None)
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss", title="Validation loss vs training FLOPs")
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss",
+           title="Validation loss vs training FLOPs")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
