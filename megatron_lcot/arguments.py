@@ -45,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "the weights of the one-process run")
     model.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
     model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
+    model.add_argument("--fp16", action="store_true",
+                       help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
+    model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
+                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+                                            "CUDA for training; dense: the materialised-mask reference)")
+    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
+                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
+                            "(every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
@@ -53,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     latent.add_argument("--halting-threshold", type=float, default=0.05)
     latent.add_argument("--halting-loss-weight", type=float, default=0.1)
     latent.add_argument("--halting-correctness-exponent", type=float, default=1.0)
+    latent.add_argument("--halting-warmup-iters", type=int, default=0,
+                        help="training iterations without pruning while the halting loss weight ramps from 0")
+    latent.add_argument("--halting-router-lr-mult", type=float, default=1.0,
+                        help="router learning rate = --lr x this (its own param group, no weight decay)")
     latent.add_argument("--jacobi-iters", default="2,3", help="Jacobi iterations drawn per training step, e.g. 2,3")
     latent.add_argument("--jacobi-eval-iters", type=int, default=3)
 
@@ -61,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     parallel.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                           help="set by the deepspeed launcher; the rank is read from the environment")
+    parallel.add_argument("--use-distributed-optimizer", action="store_true",
+                          help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
+    parallel.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
+    parallel.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
+                          help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
+                               "clipping and precision come from our flags")
+    parallel.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
+                          help="override zero_optimization.stage of --deepspeed_config")
 
     training = parser.add_argument_group("training")
     training.add_argument("--micro-batch-size", type=int, default=1)
@@ -78,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--adam-beta2", type=float, default=0.999)
     training.add_argument("--adam-eps", type=float, default=1e-8)
     training.add_argument("--seed", type=int, default=1234)
+    training.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale; default: dynamic")
+    training.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="first dynamic fp16 loss scale")
 
     checkpoint = parser.add_argument_group("checkpointing")
     checkpoint.add_argument("--save", default=None, help="checkpoint directory to write")
@@ -205,6 +227,10 @@ def _validate_latent(args) -> None:
              f"--halting-threshold {args.halting_threshold} must be in [0, 1), e.g. 0.05.")
     _require(args.halting_loss_weight >= 0, "--halting-loss-weight must be >= 0.")
     _require(args.halting_correctness_exponent > 0, "--halting-correctness-exponent must be > 0.")
+    _require(args.halting_warmup_iters >= 0,
+             f"--halting-warmup-iters {args.halting_warmup_iters} is negative; use 0 (no warm-up) or more.")
+    _require(args.halting_router_lr_mult > 0,
+             f"--halting-router-lr-mult {args.halting_router_lr_mult} must be > 0, e.g. 0.1.")
     args.jacobi_iters = _parse_jacobi_iters(args.jacobi_iters)
     _require(args.jacobi_eval_iters >= 1, "--jacobi-eval-iters must be >= 1.")
 
@@ -223,9 +249,36 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(pp == 1 or args.latent_steps == 0,
-             "--pipeline-model-parallel-size > 1 is not supported with latent thoughts yet "
-             "(--latent-steps > 0); use --pipeline-model-parallel-size 1 or --latent-steps 0.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
+             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
+             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
+
+
+def _validate_precision_and_optimizer(args) -> None:
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are exclusive; pick one.")
+    if not args.deepspeed:
+        _require(args.deepspeed_config is None and args.zero_stage is None,
+                 "--deepspeed_config and --zero-stage need --deepspeed; add --deepspeed or drop them.")
+        return
+    _require(not args.use_distributed_optimizer,
+             "--use-distributed-optimizer is megatron-core's sharded optimizer; with --deepspeed use "
+             "--zero-stage 1 (or zero_optimization.stage in --deepspeed_config) instead.")
+    _require(args.deepspeed_config is not None,
+             "--deepspeed needs --deepspeed_config FILE, e.g. --deepspeed_config examples/ds_configs/zero2.json.")
+    _require(os.path.isfile(args.deepspeed_config),
+             f"--deepspeed_config {args.deepspeed_config!r}: no such file; pass a DeepSpeed JSON config "
+             "such as examples/ds_configs/zero2.json.")
+    from megatron_lcot.training.deepspeed_config import DeepSpeedConfigError, effective_config
+
+    try:
+        stage = effective_config(args)["zero_optimization"]["stage"]
+    except DeepSpeedConfigError as error:
+        raise ArgumentError(str(error)) from error
+    _require(stage < 2 or args.pipeline_model_parallel_size == 1,
+             f"ZeRO stage {stage} (--zero-stage / --deepspeed_config) shards gradients, which pipeline "
+             f"parallelism (--pipeline-model-parallel-size {args.pipeline_model_parallel_size}) accumulates "
+             "across micro-batches; use --zero-stage 1 (or megatron-core's --use-distributed-optimizer "
+             "without --deepspeed), or --pipeline-model-parallel-size 1.")
 
 
 def _validate_batch(args) -> None:
@@ -238,6 +291,14 @@ def _validate_batch(args) -> None:
              f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size} = {per_step}; "
              f"use a multiple of {per_step}, e.g. --global-batch-size {per_step * max(1, args.global_batch_size // per_step)}.")
     args.num_microbatches = args.global_batch_size // per_step
+    pp = args.pipeline_model_parallel_size
+    if pp > 1 and args.latent_steps > 0:  # latent passes run as virtual pipeline chunks
+        _require(args.num_microbatches % pp == 0,
+                 f"--pipeline-model-parallel-size {pp} with latent thoughts runs each latent pass as a "
+                 f"virtual pipeline chunk, which needs a multiple of {pp} micro-batches per step; got "
+                 f"{args.num_microbatches} (--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x data-parallel size "
+                 f"{args.data_parallel_size})); use --global-batch-size "
+                 f"{per_step * pp * max(1, args.num_microbatches // pp)}.")
 
 
 def _validate_schedule(args) -> None:
@@ -283,6 +344,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     _validate_parallel(args)
     _validate_batch(args)
     _validate_schedule(args)
+    _validate_precision_and_optimizer(args)
     _validate_data(args)
     return args
 

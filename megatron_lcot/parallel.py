@@ -35,6 +35,24 @@ def backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
+class WrongDeviceError(RuntimeError):
+    """A tensor handed to a collective lives off `device()` (NCCL would fail or hang on it)."""
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group`: the one door our code's collectives go through.
+
+    Refuses a tensor that is not on `device()`, also in a world of one, so that CPU runs (where
+    gloo would accept it) catch what would break on GPUs with NCCL.
+    """
+    if tensor.device != device():
+        raise WrongDeviceError(f"all_reduce got a tensor on {tensor.device}, but collectives run on "
+                               f"{device()}: create it with device=parallel.device().")
+    if dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=op, group=group)
+    return tensor
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (other jobs may hold the default 29500)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -73,19 +91,25 @@ def _install_cpu_shim() -> None:
 
 
 class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` keyword arguments to the CPU (megatron schedules create
-    `torch.zeros(..., device="cuda")` inline)."""
+    """Makes megatron-core's CUDA assumptions hold on the CPU while active:
+    `device="cuda"` keyword arguments become the CPU (the schedules create
+    `torch.zeros(..., device="cuda")` inline), and `Tensor.type()` reports `torch.cuda.*`
+    (megatron's optimizers check `param.type()` against "torch.cuda.FloatTensor" and friends
+    when they are built, when they clip and when they step)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         dev = kwargs.get("device")
         if dev is not None and torch.device(dev).type == "cuda":
             kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
         return func(*args, **kwargs)
 
 
 def schedule_device_context():
-    """Context for running megatron-core's pipeline schedules: a no-op on CUDA."""
+    """Context for running megatron-core's schedules and building, stepping and (de)serialising
+    its optimizers: a no-op on CUDA."""
     if torch.cuda.is_available():
         return contextlib.nullcontext()
     return _CudaToCpuMode()
@@ -124,6 +148,16 @@ def initialize(
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def init_deepspeed_comm() -> None:
+    """Let DeepSpeed use the process group `initialize()` created. On the CPU its shared-memory
+    all-reduce op (inference only) would be JIT-compiled first (~100 s): mark it unavailable."""
+    import deepspeed
+
+    if not torch.cuda.is_available():
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(dist_backend=backend(), dist_init_required=False)
 
 
 def destroy() -> None:

@@ -134,14 +134,13 @@ def main(argv: list | None = None) -> dict:
     return result
 
 
-def _flops(trained, seq_length: int, step_shares: list) -> dict:
-    """Inference FLOPs per token (megatron_lcot.model.flops, when that module is present)."""
-    try:
-        from megatron_lcot.model.flops import inference_flops_per_token
-    except ImportError:
-        return {}
+def _flops(trained, seq_length: int, halted_share: list) -> dict:
+    """Inference FLOPs per token at the measured halting (share of tokens running step k)."""
+    from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
+
     return {"flops_per_token": inference_flops_per_token(trained.model.config, seq_length,
-                                                         trained.args.padded_vocab_size, step_shares)}
+                                                         trained.args.padded_vocab_size,
+                                                         step_shares_from_halted(halted_share))}
 
 
 if __name__ == "__main__":

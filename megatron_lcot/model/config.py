@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 
 LATENT_LAYOUTS = ("stepwise", "interleaved")
 HALTING_RULES = ("none", "adaptive")
+RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 
 
 @dataclass
@@ -42,6 +43,10 @@ class LcotConfig(TransformerConfig):
     halting_correctness_exponent: float = 1.0
     """beta: the penalty uses sg(p_gold)^beta; larger beta prunes less."""
 
+    halting_warmup_iters: int = 0
+    """Training iterations without pruning, with the halting loss weight ramped from 0 to lambda
+    (halting.HaltingRouter). 0 = prune and penalise from the first step."""
+
     halting_init_continue_prob: float = 0.9
     """Initial continue probability of every router gate (bias init), so most tokens think."""
 
@@ -51,12 +56,35 @@ class LcotConfig(TransformerConfig):
     jacobi_eval_iters: int = 3
     """Interleaved layout: Jacobi iterations at evaluation."""
 
+    core_attention_backend: str = "auto"
+    """LcotCoreAttention's kernel: 'sdpa', 'flex' (FlexAttention block masks), 'dense' (the
+    materialised-mask reference) or 'auto' (= sdpa). See attention.py."""
+
+    latent_recompute: str = None
+    """Activation recompute (flag --recompute-granularity): None; 'selective' = megatron-core's
+    selective recompute of every layer's MLP (exact with the stateful core attention);
+    'full' = each latent pass under torch.utils.checkpoint (use_reentrant=False), so only the
+    pass inputs and the KV store stay in memory, and in vanilla mode megatron-core's full
+    recompute of every layer. megatron-core's own full/core-attention recompute would be
+    silently wrong in latent modes (PLATFORM.md), hence a field of ours."""
+
+    seed: int = 1234
+    """--seed. With `use_cpu_initialization`, initial weights are drawn from streams seeded by it
+    and the global layer number, so every TP/PP layout starts from the same weights
+    (seeded_init.py)."""
+
     embedding_scale: float = field(default=None)
     """Token embeddings are multiplied by this before the decoder. None: 1 in vanilla mode,
     1/init_method_std = sqrt(2.5 h) with the PonderLM-2 init in latent modes, so token slots
     have the RMS (~1) of the normalised hidden states fed back as latent thoughts."""
 
     def __post_init__(self) -> None:
+        if self.latent_recompute not in RECOMPUTE_GRANULARITIES:
+            raise ValueError(f"latent_recompute must be one of {RECOMPUTE_GRANULARITIES}")
+        if self.latent_recompute == "selective":
+            self.recompute_granularity, self.recompute_modules = "selective", ["mlp"]
+        elif self.latent_recompute == "full" and self.latent_steps == 0:
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers = "full", "uniform", 1
         super().__post_init__()
         if self.latent_steps < 0:
             raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps}")

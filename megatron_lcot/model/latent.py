@@ -5,8 +5,9 @@ Both schedules are spec'd submodules (`LcotSubmodules.latent_schedule`) called a
 model's TransformerBlock (its output is final-normed: exactly the state fed back as a thought),
 `token_states` [T, b, h] the scaled token embeddings and `rotary` the model's RotaryEmbedding.
 
-* `StepwiseSchedule` (adaptive latent CoT): K+1 exact passes; pass k computes step k of all
-  tokens, attending steps 0..k of earlier tokens and itself through the per-layer KV store.
+* `StepwiseSchedule` (adaptive latent CoT): K+1 exact passes; pass k computes step k of the
+  tokens that execute it, attending steps 0..k of earlier tokens and itself through the
+  per-layer KV store.
   The halting router gates each step; tokens whose reach falls below the threshold stop
   executing and expose their last executed step's keys/values (KV reuse).
 * `InterleavedJacobiSchedule` (PonderLM-2): slots x1 z11..z1K x2 ... under a plain causal mask,
@@ -19,11 +20,15 @@ import random
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+import torch.utils.checkpoint
+from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.halting import exit_mass
-from megatron_lcot.model.masking import StepwiseKVStore, StepwisePass, interleaved_positions
+from megatron_lcot.model.masking import LivePacking, StepwiseKVStore, StepwisePass, interleaved_positions
 from megatron_lcot.model.rotary import rotary_at_positions
 
 
@@ -48,8 +53,8 @@ class LatentThoughts:
 
     def output_states(self) -> torch.Tensor:
         """[s, b, h] the exit-mass mixture of step states (the last step when nothing halts)."""
-        weights = self.exit_mass.unsqueeze(-1).to(self.step_states[0].dtype)
-        return (weights * torch.stack(self.step_states)).sum(0)
+        weights = self.exit_mass.unsqueeze(-1)  # fp32: the mixture is summed in fp32 under bf16
+        return (weights * torch.stack(self.step_states).float()).sum(0).to(self.step_states[0].dtype)
 
     def latent_steps(self) -> torch.Tensor:
         """[s, b] executed latent steps (k >= 1) per token."""
@@ -61,31 +66,80 @@ class LatentThoughts:
         return (self.reach[1:n] * self.executed[1:]).sum(0).float()
 
 
+def decoder_pass(decoder, hidden_states, attention_mask, rotary_pos_emb) -> torch.Tensor:
+    """One pass of `decoder` (a TransformerBlock); under `latent_recompute == 'full'` with grad
+    enabled, inside torch.utils.checkpoint (non-reentrant: tensors read from earlier passes' KV
+    store keep their graph, and a recomputed stepwise pass rewrites its own store entry)."""
+
+    def run():
+        return decoder(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+
+    if getattr(decoder.config, "latent_recompute", None) == "full" and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)
+    return run()
+
+
+def stepwise_pass(decoder, inputs, step: int, store: StepwiseKVStore, executing, rotary_pos_emb):
+    """Pass `step` of the stepwise layout through `decoder` (a whole model's or one pipeline
+    stage's TransformerBlock): inputs [T, b, h] -> outputs [T, b, h]; rotary_pos_emb: the
+    table [T, 1, 1, dim]. The layers write what this step exposes into `store`.
+
+    Only the tokens in `executing` ([T, b] bool, None = all) are computed: they are packed to
+    the front of each sequence (LivePacking), the pass runs on those rows with RoPE at their
+    positions, and its outputs (and, in each layer, its keys/values) are scattered back onto
+    the previous step's: a token that does not execute keeps its input as its state and
+    exposes its last executed step's keys/values (KV reuse). Halted tokens cost nothing.
+    """
+    if executing is None or bool(executing.all()):
+        mask = StepwisePass(step, inputs.shape[0], store)
+        return decoder_pass(decoder, inputs, mask, rotary_pos_emb)
+    live = LivePacking(executing)
+    mask = StepwisePass(step, inputs.shape[0], store, live)
+    packed = decoder_pass(decoder, live.gather(inputs), mask, live.rotary(rotary_pos_emb))  # [width, b, h]
+    return live.scatter(packed, inputs)
+
+
+def continue_reach(router, reach: torch.Tensor, step_state: torch.Tensor, step: int) -> torch.Tensor:
+    """r(t, step+1) = r(t, step) * g(t, step): [s, b]."""
+    return reach * router(step_state, step)
+
+
+def halting_decision(executed: torch.Tensor, reach: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[s, b] bool: the tokens that execute the next step (monotone; reach below tau prunes).
+
+    The hard threshold turns any drift between tensor-parallel ranks of the replicated router
+    into different executed steps (different KV per head shard, mismatched collectives), so a
+    token executes only where every tensor-parallel rank says so (a MIN all-reduce): the
+    decision is identical by construction.
+    """
+    executing = executed & (reach.detach() >= threshold)
+    if not parallel_state.model_parallel_is_initialized():
+        return executing
+    agreed = executing.to(torch.uint8)
+    parallel.all_reduce(agreed, parallel_state.get_tensor_model_parallel_group(), op=dist.ReduceOp.MIN)
+    return agreed.bool()
+
+
 class StepwiseSchedule(MegatronModule):
-    """K+1 exact passes of the stepwise layout, with halting and KV reuse."""
+    """K+1 exact passes of the stepwise layout, with halting and KV reuse; pass k computes only
+    the tokens that execute step k (`stepwise_pass`)."""
 
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
 
     def forward(self, decoder, token_states, rotary, router) -> LatentThoughts:
-        num_tokens = token_states.shape[0]
-        rotary_pos_emb = rotary(num_tokens)  # every pass: token t at position t
+        rotary_pos_emb = rotary(token_states.shape[0])  # every pass: token t at position t
         store = StepwiseKVStore()
-
-        def run(step: int, inputs: torch.Tensor, executing: torch.Tensor | None) -> torch.Tensor:
-            mask = StepwisePass(step, num_tokens, store, executing)
-            return decoder(hidden_states=inputs, attention_mask=mask, rotary_pos_emb=rotary_pos_emb)
-
-        states = [run(0, token_states, None)]
+        states = [stepwise_pass(decoder, token_states, 0, store, None, rotary_pos_emb)]
         all_tokens = torch.ones(token_states.shape[:2], dtype=torch.bool, device=token_states.device)
-        reach, executed = [all_tokens.to(token_states.dtype)], [all_tokens]
+        reach, executed = [all_tokens.float()], [all_tokens]  # reach and exit mass in fp32
         for step in range(1, self.config.latent_steps + 1):
-            reach.append(reach[-1] * router(states[-1], step - 1))
-            executing = executed[-1] & (reach[-1].detach() >= self.config.halting_threshold)
+            reach.append(continue_reach(router, reach[-1], states[-1], step - 1))
+            executing = halting_decision(executed[-1], reach[-1], router.threshold())
             if not executing.any():
                 break
             executed.append(executing)
-            states.append(run(step, states[-1], executing))
+            states.append(stepwise_pass(decoder, states[-1], step, store, executing, rotary_pos_emb))
         return LatentThoughts(states, torch.stack(reach), torch.stack(executed))
 
 
@@ -113,26 +167,39 @@ class InterleavedJacobiSchedule(MegatronModule):
         return draw
 
     def forward(self, decoder, token_states, rotary, router, jacobi_iters=None) -> LatentThoughts:
-        num_tokens, batch, hidden = token_states.shape
-
         def run(slots: torch.Tensor) -> torch.Tensor:
-            """slots [T, n, b, h] in interleaved order -> outputs [T, n, b, h]."""
-            n = slots.shape[1]
-            positions = interleaved_positions(num_tokens, n - 1, slots.device)
-            out = decoder(
-                hidden_states=slots.reshape(num_tokens * n, batch, hidden),
-                attention_mask=None,
-                rotary_pos_emb=rotary_at_positions(rotary, positions),
-            )
-            return out.view(num_tokens, n, batch, hidden)
+            flat = slots.flatten(0, 1)  # [T n, b, h]
+            return interleaved_pass(decoder, flat, slots.shape[0], rotary).view(slots.shape)
 
         slots = token_states.unsqueeze(1)
         for _ in range(self.config.latent_steps):
-            slots = torch.cat([slots, run(slots)[:, -1:]], dim=1)
+            slots = warm_up_slots(slots, run(slots))
         iterations = self.num_iterations() if jacobi_iters is None else jacobi_iters
         for _ in range(iterations):
-            slots = torch.cat([slots[:, :1], run(slots)[:, :-1]], dim=1)
-        outputs = run(slots)
-        steps = self.config.latent_steps + 1
-        ones = token_states.new_ones(steps, num_tokens, batch)
-        return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())
+            slots = jacobi_slots(slots, run(slots))
+        return interleaved_thoughts(run(slots))
+
+
+def interleaved_pass(decoder, slots: torch.Tensor, num_tokens: int, rotary) -> torch.Tensor:
+    """One causal pass over slots [T n, b, h] in interleaved order (n slots per token, every
+    slot of token t at position t) -> outputs [T n, b, h]. Shared by the one-stage schedule and
+    the pipeline stages (pipeline_passes.py)."""
+    positions = interleaved_positions(num_tokens, slots.shape[0] // num_tokens - 1, slots.device)
+    return decoder_pass(decoder, slots, None, rotary_at_positions(rotary, positions))
+
+
+def warm_up_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Warm-up: slots [T, n, b, h] and their outputs -> [T, n+1, b, h], step n filled from step n-1."""
+    return torch.cat([slots, outputs[:, -1:]], dim=1)
+
+
+def jacobi_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:
+    """Jacobi update: every thought k >= 1 becomes step k-1's output; step 0 stays the token."""
+    return torch.cat([slots[:, :1], outputs[:, :-1]], dim=1)
+
+
+def interleaved_thoughts(outputs: torch.Tensor) -> LatentThoughts:
+    """The final pass's outputs [T, K+1, b, h] as LatentThoughts (every step executed)."""
+    num_tokens, steps, batch, _ = outputs.shape
+    ones = outputs.new_ones(steps, num_tokens, batch, dtype=torch.float32)  # reach in fp32
+    return LatentThoughts(list(outputs.unbind(1)), ones, ones.bool())

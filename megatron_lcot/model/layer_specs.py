@@ -24,6 +24,7 @@ from megatron_lcot.model.attention import LcotCoreAttention
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.halting import LinearHaltingRouter, NoHalting
 from megatron_lcot.model.latent import InterleavedJacobiSchedule, StepwiseSchedule
+from megatron_lcot.model.seeded_init import SeededTransformerLayer
 
 
 @dataclass
@@ -40,7 +41,8 @@ def transformer_engine_available() -> bool:
 
 
 def get_lcot_layer_spec(use_te: bool | None = None) -> ModuleSpec:
-    """A Llama decoder layer spec with LcotCoreAttention as its core attention.
+    """A Llama decoder layer spec with LcotCoreAttention as its core attention, built as
+    SeededTransformerLayer (layout-independent CPU initialisation).
 
     use_te: True = Transformer Engine linears/norms (must be importable), False = megatron-core's
     local modules, None = Transformer Engine when importable.
@@ -52,6 +54,7 @@ def get_lcot_layer_spec(use_te: bool | None = None) -> ModuleSpec:
     else:
         spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = LcotCoreAttention
+    spec.module = SeededTransformerLayer
     return spec
 
 

@@ -16,6 +16,7 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
 from megatron_lcot.model.loss import LcotOutput, correctness_penalty
+from megatron_lcot.model.seeded_init import seed_model_init
 
 if TYPE_CHECKING:
     from megatron_lcot.model.layer_specs import LcotSubmodules
@@ -25,7 +26,9 @@ class LcotGPTModel(GPTModel):
     """GPTModel + a spec'd latent schedule and halting router (untied, RoPE).
 
     Args beyond GPTModel's: `submodules` (LcotSubmodules: decoder layer spec, latent_schedule,
-    halting_router). Latent modes need the whole model on one pipeline stage.
+    halting_router). On a pipeline stage (not both pre_process and post_process) the latent
+    passes run as virtual pipeline chunks (pipeline_passes.py), not through `forward`; the
+    router lives on the last stage.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class LcotGPTModel(GPTModel):
         rotary_base: int = 10000,
         **gpt_model_kwargs,
     ):
+        seed_model_init(config)
         super().__init__(
             config=config,
             transformer_layer_spec=submodules.decoder,
@@ -56,10 +60,13 @@ class LcotGPTModel(GPTModel):
         self.latent_schedule = None
         self.halting_router = None
         if config.latent_steps > 0:
-            if not (pre_process and post_process):
-                raise ValueError("latent modes need the whole model on one pipeline stage")
             self.latent_schedule = build_module(submodules.latent_schedule, config=config)
-            self.halting_router = build_module(submodules.halting_router, config=config)
+            if post_process:  # the last pipeline stage decides and mixes (pipeline_passes.py)
+                self.halting_router = build_module(submodules.halting_router, config=config)
+                for param in self.halting_router.parameters():
+                    # Replicated on tensor-parallel ranks: averaged there like megatron-core's
+                    # replicated parameters, so the copies cannot drift apart.
+                    param.average_gradients_across_tp_domain = True
 
     def forward(
         self,
@@ -86,12 +93,24 @@ class LcotGPTModel(GPTModel):
         if attention_mask is not None or gpt_forward_kwargs:
             raise ValueError("latent modes take no attention_mask or extra GPTModel arguments")
 
-        token_states = self.embedding(input_ids=input_ids, position_ids=position_ids)  # [s, b, h]
-        token_states = token_states * self.config.embedding_scale
+        token_states = self.embed_tokens(input_ids, position_ids)
         schedule_kwargs = {} if jacobi_iters is None else {"jacobi_iters": jacobi_iters}
         thoughts = self.latent_schedule(
             self.decoder, token_states, self.rotary_pos_emb, self.halting_router, **schedule_kwargs
         )
+        return self.language_model_output(thoughts, labels)
+
+    def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] token ids -> [s, b, h] scaled token embeddings, the input of latent step 0."""
+        token_states = self.embedding(input_ids=input_ids, position_ids=position_ids)
+        return token_states * self.config.embedding_scale
+
+    def language_model_output(self, thoughts, labels: torch.Tensor | None):
+        """Exit-mass mixture -> head -> logits [b, s, vocab/tp] (no labels) or LcotOutput.
+
+        Shared by the one-stage forward and the last pipeline stage's last pass
+        (pipeline_passes.py), so both compute the same loss from the same step states.
+        """
         logits, _ = self.output_layer(thoughts.output_states())  # [s, b, vocab/tp]
         if labels is None:
             return logits.transpose(0, 1).contiguous()
@@ -101,10 +120,11 @@ class LcotGPTModel(GPTModel):
         if self.config.adaptive:
             penalty = correctness_penalty(
                 thoughts,
-                lambda states: self.compute_language_model_loss(labels, self.output_layer(states)[0]),
+                lambda states, gold: self.compute_language_model_loss(gold, self.output_layer(states)[0]),
+                labels,
                 self.config.halting_correctness_exponent,
             )
-            loss = lm_loss + self.config.halting_loss_weight * penalty
+            loss = lm_loss + self.halting_router.loss_weight() * penalty
         return LcotOutput(
             loss=loss,
             lm_loss=lm_loss,

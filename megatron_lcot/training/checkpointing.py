@@ -25,6 +25,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_lcot.training.state import TrainState
+
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 # Flags whose values fix the parameter shapes: a checkpoint only loads under the same ones.
@@ -96,9 +98,25 @@ def _plain_args(args) -> dict:
             if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
-def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer, scheduler,
-                    consumed_samples: int, args) -> str:
-    """Write iteration `iteration` atomically and point the marker at it (collective call)."""
+def _model_state(components) -> dict:
+    """Megatron-LM's keys: "model" for one part, "model0", "model1", ... for pipeline chunks."""
+    parts = components.model_parts
+    if len(parts) == 1:
+        return {"model": parts[0].state_dict()}
+    return {f"model{index}": part.state_dict() for index, part in enumerate(parts)}
+
+
+def _load_model_state(components, state: dict) -> None:
+    parts = components.model_parts
+    keys = ["model"] if len(parts) == 1 else [f"model{index}" for index in range(len(parts))]
+    for part, key in zip(parts, keys, strict=True):
+        part.load_state_dict(state[key])
+
+
+def save_checkpoint(root: str, train_state, components, args) -> str:
+    """Write `train_state.iteration` atomically and point the marker at it (collective call).
+    components: the TrainComponents whose model parts, optimizer and scheduler are saved."""
+    iteration = train_state.iteration
     final_dir = iteration_dir(root, iteration)
     staging_dir = os.path.join(root, f".tmp_iter_{iteration:07d}")
     is_writer_of_dir = dist.get_rank() == 0
@@ -107,13 +125,15 @@ def save_checkpoint(root: str, iteration: int, model: torch.nn.Module, optimizer
         shutil.rmtree(staging_dir, ignore_errors=True)  # left by a crash during an earlier save
         os.makedirs(staging_dir)
     dist.barrier()
+    optimizer_state = components.optimizer.state_dict()  # collective under a sharded optimizer
+    if hasattr(components.optimizer, "save"):  # DeepSpeed: every rank writes its ZeRO partition
+        components.optimizer.save(staging_dir)
     if parallel_state.get_data_parallel_rank() == 0:
         state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "opt_param_scheduler": scheduler.state_dict(),
-            "iteration": iteration,
-            "consumed_train_samples": consumed_samples,
+            **_model_state(components),
+            "optimizer": optimizer_state,
+            "opt_param_scheduler": components.scheduler.state_dict(),
+            **train_state.state_dict(),
             "rng_state": _rng_state(),
             "args": _plain_args(args),
         }
@@ -186,19 +206,22 @@ def load_model_weights(root: str, model: torch.nn.Module, iteration: int | None 
     return iteration
 
 
-def load_checkpoint(root: str, model: torch.nn.Module, optimizer, scheduler, args) -> tuple:
-    """Restore the latest checkpoint in `root` into model, optimizer, scheduler and the RNGs.
-
-    Returns (iteration, consumed_samples); (0, 0) when `root` holds no checkpoint yet, so
-    `--save D --load D` starts fresh the first time and resumes afterwards.
+def load_checkpoint(root: str, components, args) -> TrainState:
+    """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
+    scheduler and the RNGs; returns the run's TrainState. A fresh TrainState when `root` holds
+    no checkpoint yet, so `--save D --load D` starts fresh the first time and resumes afterwards.
     """
+    train_state = TrainState()
     if latest_iteration(root) is None:
-        return 0, 0
+        return train_state
     _, path = _rank_file(root, None)
     state = torch.load(path, map_location="cpu", weights_only=True)
     _check_compatible(state["args"], args)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["opt_param_scheduler"])
+    _load_model_state(components, state)
+    components.optimizer.load_state_dict(state["optimizer"])
+    if hasattr(components.optimizer, "load"):  # DeepSpeed: weights and ZeRO partitions
+        components.optimizer.load(iteration_dir(root, state["iteration"]))
+    components.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
-    return state["iteration"], state["consumed_train_samples"]
+    train_state.load_state_dict(state)
+    return train_state

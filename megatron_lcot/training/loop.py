@@ -7,6 +7,9 @@ An entry point supplies three functions, as `pretrain_gpt.py` does:
     forward_step(data_iterator, model) -> (output, loss_func)   loss_func(output) ->
         (loss_sum, num_tokens, {"stats": token_statistics(...)})
 
+`pretrain()` builds them once into a `TrainComponents` bundle and keeps the run's progress in
+one `TrainState` (`training/state.py`); everything below takes those two objects.
+
 Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) over
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
@@ -23,29 +26,33 @@ import time
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
+from megatron_lcot.model.halting import set_training_iteration
+from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.training.state import TrainComponents, TrainState
 
 
 def _is_logging_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def _run_schedule(forward_step_func, data_iterator, model, args, forward_only: bool):
+def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
-    with parallel.schedule_device_context():
-        per_microbatch = get_forward_backward_func()(
-            forward_step_func=forward_step_func,
-            data_iterator=data_iterator,
-            model=model,
+    with parallel.schedule_device_context(), pipeline_schedule(
+            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only) as schedule:
+        per_microbatch = schedule.forward_backward_func(
+            forward_step_func=components.forward_step_func,
+            data_iterator=schedule.data_iterator,
+            model=schedule.model,
             num_microbatches=args.num_microbatches,
-            seq_length=args.seq_length,
+            seq_length=schedule.seq_length,
             micro_batch_size=args.micro_batch_size,
             forward_only=forward_only,
         )
@@ -60,99 +67,108 @@ def _data_iterator(dataset, consumed_samples: int, args):
                                args.num_workers)
 
 
-def evaluate(forward_step_func, valid_dataset, model, args) -> dict | None:
+def evaluate(components: TrainComponents, args) -> dict | None:
     """Means over the first `--eval-iters` validation global batches (None off the last stage)."""
-    data_iterator = _data_iterator(valid_dataset, 0, args)
-    model.eval()
+    data_iterator = _data_iterator(components.valid_dataset, 0, args)
+    components.train(False)
     total = None
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=True)
+            stats = _run_schedule(components, data_iterator, args, forward_only=True)
             total = stats if total is None else total + stats
-    model.train()
+    components.train(True)
     return summarize(total) if total is not None else None
 
 
-def train_step(forward_step_func, data_iterator, model, optimizer, scheduler, args) -> tuple:
+def train_step(components: TrainComponents, args) -> tuple:
     """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used)."""
+    optimizer = components.optimizer
     optimizer.zero_grad()
-    stats = _run_schedule(forward_step_func, data_iterator, model, args, forward_only=False)
+    stats = _run_schedule(components, components.train_iterator, args, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
     grad_norm = optimizer.step()
-    scheduler.step(1)
+    components.scheduler.step(1)
     return stats, grad_norm, lr
 
 
-def _describe_run(model, args, iteration: int) -> str:
-    params = sum(p.numel() for p in model.parameters())
+def _describe_run(components: TrainComponents, args, iteration: int) -> str:
     mode = "vanilla" if args.latent_steps == 0 else (
         f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
     start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
-    return (f"model: {params:,} parameters on this rank | {mode} | dp {args.data_parallel_size} "
-            f"tp {args.tensor_model_parallel_size} pp {args.pipeline_model_parallel_size} | "
-            f"global batch {args.global_batch_size} = micro {args.micro_batch_size} x "
-            f"{args.num_microbatches} micro-batches x dp | {start}")
+    return (f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
+            f"dp {args.data_parallel_size} tp {args.tensor_model_parallel_size} "
+            f"pp {args.pipeline_model_parallel_size} | global batch {args.global_batch_size} = micro "
+            f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}")
 
 
-def train(forward_step_func, model, optimizer, scheduler, train_iterator, valid_dataset, logger, args,
-          iteration: int, consumed_samples: int) -> tuple:
-    """Steps from `iteration` to `--train-iters`: logs every `--log-interval`, saves every
-    `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
-    Returns (iteration, consumed_samples)."""
+def train(state: TrainState, components: TrainComponents, args) -> None:
+    """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
+    `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does)."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     run_start = time.perf_counter()
-    while iteration < args.train_iters:
+    while state.iteration < args.train_iters:
         step_start = time.perf_counter()
-        stats, grad_norm, lr = train_step(forward_step_func, train_iterator, model, optimizer, scheduler, args)
-        iteration += 1
-        consumed_samples += args.global_batch_size
+        for part in components.model_parts:  # halting warm-up (also right after a resume)
+            set_training_iteration(part, state.iteration)
+        stats, grad_norm, lr = train_step(components, args)
+        state.iteration += 1
+        state.consumed_train_samples += args.global_batch_size
         interval_seconds += time.perf_counter() - step_start
         interval_iters += 1
         if stats is not None:
             interval_stats = stats if interval_stats is None else interval_stats + stats
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
-                logger.log_train(iteration, consumed_samples * args.seq_length, lr, grad_norm, summarize(interval_stats),
-                                 tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
-                                 seconds_per_iter=interval_seconds / interval_iters,
-                                 elapsed=time.perf_counter() - run_start)
+                summary = flops.add_interval(state, summarize(interval_stats), interval_iters * tokens_per_iteration)
+                components.logger.log_train(
+                    state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
+                    summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
-        if iteration % args.eval_interval == 0 and iteration < args.train_iters:
-            summary = evaluate(forward_step_func, valid_dataset, model, args)
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save_checkpoint(args.save, state, components, args)
+        if state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
+            summary = evaluate(components, args)
             if summary is not None:
-                logger.log_eval(iteration, summary, final=False)
-    return iteration, consumed_samples
+                components.logger.log_eval(state.iteration, summary, final=False)
+
+
+def build_components(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> tuple:
+    """Model, optimizer seam, scheduler (restored from `--load` when given), data and logger:
+    (TrainState, TrainComponents)."""
+    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
+                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    model_parts = [model]
+    optimizer = build_optimizer(model_parts, args)
+    components = TrainComponents(model_parts=model_parts, optimizer=optimizer,
+                                 scheduler=build_lr_scheduler(optimizer, args), forward_step_func=forward_step_func)
+    state = load_checkpoint(args.load, components, args) if args.load else TrainState()
+
+    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
+    train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
+    if state.iteration < args.train_iters:
+        components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
+    components.logger = MetricsLogger(args, enabled=_is_logging_rank())
+    return state, components
 
 
 def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
     """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
     validation summary on the logging rank (None elsewhere)."""
     parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
-    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
-    optimizer = build_optimizer(model, args)
-    scheduler = build_lr_scheduler(optimizer, args)
-    start_iteration, consumed_samples = (load_checkpoint(args.load, model, optimizer, scheduler, args)
-                                         if args.load else (0, 0))
-
-    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
-    train_dataset, valid_dataset, _ = train_valid_test_datasets_provider(samples)
-    train_iterator = (_data_iterator(train_dataset, consumed_samples, args)
-                      if start_iteration < args.train_iters else None)
-
-    logger = MetricsLogger(args, enabled=_is_logging_rank())
+    state, components = build_components(args, train_valid_test_datasets_provider, model_provider,
+                                         forward_step_func)
+    start_iteration = state.iteration
     if _is_logging_rank():
-        print(_describe_run(model, args, start_iteration), flush=True)
-    iteration, consumed_samples = train(forward_step_func, model, optimizer, scheduler, train_iterator,
-                                        valid_dataset, logger, args, start_iteration, consumed_samples)
-    saved_by_interval = args.save_interval and iteration % args.save_interval == 0
-    if args.save and iteration > start_iteration and not saved_by_interval:
-        save_checkpoint(args.save, iteration, model, optimizer, scheduler, consumed_samples, args)
-    final = evaluate(forward_step_func, valid_dataset, model, args)
+        print(_describe_run(components, args, start_iteration), flush=True)
+    train(state, components, args)
+    saved_by_interval = args.save_interval and state.iteration % args.save_interval == 0
+    if args.save and state.iteration > start_iteration and not saved_by_interval:
+        save_checkpoint(args.save, state, components, args)
+    final = evaluate(components, args)
     if final is not None:
-        logger.log_eval(iteration, final, final=True)
-    logger.close()
+        components.logger.log_eval(state.iteration, final, final=True)
+    components.logger.close()
     return final if _is_logging_rank() else None

@@ -22,7 +22,8 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
+
+from megatron_lcot import parallel
 
 _LOSS, _LM_LOSS, _TOKENS, _LATENT, _EXPECTED = range(5)
 _HISTOGRAM = 5
@@ -36,7 +37,7 @@ def token_statistics(output, loss_mask: torch.Tensor, max_latent_steps: int) -> 
     Returns a float64 vector of length 5 + max_latent_steps + 1 (layout in the module doc).
     """
     mask = loss_mask.detach().double()
-    stats = torch.zeros(_HISTOGRAM + max_latent_steps + 1, dtype=torch.float64)
+    stats = torch.zeros(_HISTOGRAM + max_latent_steps + 1, dtype=torch.float64, device=output.loss.device)
     stats[_LOSS] = (output.loss.detach().double() * mask).sum()
     stats[_LM_LOSS] = (output.lm_loss.detach().double() * mask).sum()
     stats[_TOKENS] = mask.sum()
@@ -45,8 +46,8 @@ def token_statistics(output, loss_mask: torch.Tensor, max_latent_steps: int) -> 
     else:
         steps = output.latent_steps.detach()
         stats[_LATENT] = (steps.double() * mask).sum()
-        stats[_HISTOGRAM:] = torch.zeros(max_latent_steps + 1, dtype=torch.float64).index_add_(
-            0, steps.round().long().flatten().cpu(), mask.flatten().cpu())
+        stats[_HISTOGRAM:] = torch.zeros_like(stats[_HISTOGRAM:]).index_add_(
+            0, steps.round().long().flatten(), mask.flatten())
     if output.expected_latent_steps is None:
         stats[_EXPECTED] = math.nan
     else:
@@ -55,11 +56,10 @@ def token_statistics(output, loss_mask: torch.Tensor, max_latent_steps: int) -> 
 
 
 def reduce_statistics(per_microbatch: list, group=None) -> torch.Tensor:
-    """Sum the statistics of this rank's micro-batches and of all ranks in `group` (data-parallel)."""
+    """Sum the statistics of this rank's micro-batches and of all ranks in `group`
+    (data-parallel). The vectors live where the loss was computed (`parallel.device()`)."""
     total = torch.stack([entry["stats"] for entry in per_microbatch]).sum(dim=0)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(total, group=group)
-    return total
+    return parallel.all_reduce(total, group)
 
 
 def summarize(total: torch.Tensor) -> dict:
@@ -135,6 +135,7 @@ class MetricsLogger:
                 f"iter {iteration} | tokens {consumed_tokens} | lr {lr:.3e} | loss {summary['loss']:.4f} | "
                 f"grad norm {grad_norm:.3f} | tok/s {tokens_per_sec:,.0f} | "
                 f"latent steps {summary['mean_latent_steps']:.2f} | halted@k {halted} | "
+                f"flops/tok {summary.get('flops_per_token', float('nan')):.3g} | "
                 f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
         self._emit(line, record)
 

@@ -1,122 +1,122 @@
-"""The optimizer seam: everything between "gradients are in `param.grad`" and "weights moved".
+"""The optimizer seam: everything between "the schedule ran backward" and "weights moved".
 
 The training loop only calls `zero_grad()`, `step() -> grad_norm`, `state_dict()` and
-`load_state_dict()`, and hands `param_groups` to the LR scheduler. `TorchAdamW` implements
-that with plain PyTorch (data-parallel gradient averaging, global-norm clipping that counts
-tensor-parallel shards once); a DeepSpeed ZeRO engine plugs in behind the same four methods.
+`load_state_dict()`, hands `param_groups` to the LR scheduler and `schedule_parts` (the modules
+the pipeline schedule runs) to megatron-core's schedule; it never asks which seam it has.
+
+* `MegatronCoreOptimizer` (default): megatron-core's `DistributedDataParallel` (gradients
+  accumulated into fp32 buffers and averaged over the data-parallel group by
+  `finalize_model_grads`) and `get_megatron_optimizer` (Adam with fp32 main weights under
+  `--bf16`/`--fp16`, dynamic loss scaling under `--fp16`, global-norm clipping across
+  tensor/pipeline shards; `--use-distributed-optimizer` shards the optimizer state over the
+  data-parallel group as ZeRO-1 does).
+* `DeepSpeedOptimizer` (`--deepspeed`, `training/deepspeed_engine.py`): a ZeRO 1/2/3 engine.
 
 The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which only needs
-`param_groups`, so Megatron-LM's `--lr-decay-style` semantics carry over unchanged.
+`param_groups` (with `wd_mult` 0 for vectors: norm weights, biases), so Megatron-LM's
+`--lr-decay-style` semantics carry over unchanged.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
+
+from megatron_lcot import parallel
+from megatron_lcot.model.halting import is_router_param
 
 
-def _param_groups(main_params: list, weight_decay: float) -> list:
-    """Matrices decay; vectors (norm weights, biases, router biases) do not, as in Megatron-LM.
-    `wd_mult` is what OptimizerParamScheduler multiplies the scheduled weight decay by."""
-    return [
-        {"params": [p for p in main_params if p.ndim > 1], "weight_decay": weight_decay, "wd_mult": 1.0},
-        {"params": [p for p in main_params if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
-    ]
+def _one_or_list(items: list):
+    """megatron-core's schedules take one hook for one model chunk, a list for several."""
+    return items[0] if len(items) == 1 else items
 
 
-class TorchAdamW:
-    """AdamW on fp32 main weights, with data-parallel gradient averaging and global-norm clipping.
+def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: float) -> dict:
+    """megatron-core's standard overrides (no weight decay on vectors) plus the halting router's
+    own group (`halting.is_router_param`): `max_lr`/`min_lr` scaled by
+    `--halting-router-lr-mult` and no weight decay (docs/method.md, the stable adaptive recipe).
+    OptimizerParamScheduler reads these per group."""
+    router = ParamKey(with_name_predicate=ParamWithNamePredicate(
+        name="halting_router", fn=lambda param, name: is_router_param(name, param)))
+    return {**get_standard_config_overrides(config=optimizer_config),
+            router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
+                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0)}
 
-    fp32 model parameters are their own main weights. A bf16 parameter (`--bf16`) gets an fp32
-    main copy: its gradient is upcast into the copy, AdamW updates the copy, and the result is
-    cast back (Megatron-LM's mixed-precision optimizer, without loss scaling, which bf16 does
-    not need).
 
-    Gradients arrive as each rank's mean over its own micro-batches; `step()` averages them
-    over the data-parallel group, computes the global L2 norm across tensor- and
-    pipeline-parallel ranks (replicated tensors counted once), clips to `clip_grad`
-    (0 = off) and steps.
+class MegatronCoreOptimizer:
+    """megatron-core DDP wrappers around the model parts and a megatron optimizer over them.
+
+    The wrappers are what the schedule runs (`schedule_parts`); the model config gets the
+    hooks the schedule calls: `no_sync_func` (no reduction between micro-batches),
+    `finalize_model_grads_func` (the data-parallel reduction after the last one) and, under
+    `--fp16`, `grad_scale_func` (the dynamic loss scale).
     """
 
-    def __init__(self, model: torch.nn.Module, lr: float, weight_decay: float, betas: tuple,
-                 eps: float, clip_grad: float) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.main_params = [p if p.dtype == torch.float32 else p.detach().float() for p in self.params]
-        self.clip_grad = clip_grad
-        self.optimizer = torch.optim.AdamW(_param_groups(self.main_params, weight_decay), lr=lr, betas=betas, eps=eps)
+    def __init__(self, model_parts: list, args) -> None:
+        config = model_parts[0].config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   use_distributed_optimizer=args.use_distributed_optimizer)
+        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        optimizer_config = OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
+            loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+            use_distributed_optimizer=args.use_distributed_optimizer)
+        with parallel.schedule_device_context():
+            self.schedule_parts = [DistributedDataParallel(config, ddp_config, module=part) for part in model_parts]
+            self.optimizer = get_megatron_optimizer(
+                optimizer_config, self.schedule_parts,
+                config_overrides=router_config_overrides(optimizer_config, args.halting_router_lr_mult))
+        config.no_sync_func = _one_or_list([part.no_sync for part in self.schedule_parts])
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss if args.fp16 else None
+        self.distributed = args.use_distributed_optimizer
 
     @property
     def param_groups(self) -> list:
         return self.optimizer.param_groups
 
     def zero_grad(self) -> None:
-        for param, main in zip(self.params, self.main_params):
-            param.grad = main.grad = None
+        for part in self.schedule_parts:
+            part.zero_grad_buffer()
+        self.optimizer.zero_grad()
 
-    def _main_grads(self) -> list:
-        """Point every main weight's .grad at an fp32 copy of its model gradient."""
-        for param, main in zip(self.params, self.main_params):
-            if main is not param and param.grad is not None:
-                main.grad = param.grad.float()
-        return [main.grad for main in self.main_params if main.grad is not None]
-
-    def _average_data_parallel(self, grads: list) -> None:
-        group = parallel_state.get_data_parallel_group()
-        size = dist.get_world_size(group)
-        if size == 1 or not grads:
-            return
-        flat = torch._utils._flatten_dense_tensors(grads)
-        dist.all_reduce(flat, group=group)
-        flat /= size
-        for grad, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-            grad.copy_(synced)
-
-    def _global_grad_norm(self) -> float:
-        squares = torch.zeros((), dtype=torch.float64)
-        for param, main in zip(self.params, self.main_params):
-            if main.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += main.grad.detach().double().pow(2).sum().cpu()
-        if dist.get_world_size(parallel_state.get_model_parallel_group()) > 1:
-            dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-        return math.sqrt(squares.item())
-
-    @torch.no_grad()
     def step(self) -> float:
-        """Apply one update from the accumulated gradients; returns the pre-clip grad norm."""
-        grads = self._main_grads()
-        self._average_data_parallel(grads)
-        grad_norm = self._global_grad_norm()
-        if self.clip_grad > 0 and grad_norm > self.clip_grad:
-            scale = self.clip_grad / (grad_norm + 1e-6)
-            for grad in grads:
-                grad.mul_(scale)
-        self.optimizer.step()
-        for param, main in zip(self.params, self.main_params):
-            if main is not param:
-                param.copy_(main)
-        return grad_norm
+        """Apply one update from the reduced gradients; returns the pre-clip grad norm (inf or
+        nan when `--fp16` found an overflow and skipped the update)."""
+        with parallel.schedule_device_context():
+            _, grad_norm, _ = self.optimizer.step()
+        return float("nan") if grad_norm is None else float(grad_norm)
 
     def state_dict(self) -> dict:
-        """AdamW state plus the fp32 main copies of low-precision weights (exact resume)."""
-        return {"adamw": self.optimizer.state_dict(),
-                "fp32_main_params": [main for param, main in zip(self.params, self.main_params) if main is not param]}
+        """Optimizer state (fp32 main weights and Adam moments, loss scaler). With the
+        distributed optimizer every data-parallel rank must call this (it gathers the shards
+        onto data-parallel rank 0)."""
+        with parallel.schedule_device_context():
+            state = {"optimizer": self.optimizer.state_dict()}
+            if self.distributed:
+                state["param_state"] = self.optimizer.get_parameter_state_dp_zero()
+        return state
 
-    @torch.no_grad()
     def load_state_dict(self, state_dict: dict) -> None:
-        self.optimizer.load_state_dict(state_dict["adamw"])
-        copies = [main for param, main in zip(self.params, self.main_params) if main is not param]
-        for main, saved in zip(copies, state_dict["fp32_main_params"], strict=True):
-            main.copy_(saved)
+        with parallel.schedule_device_context():
+            self.optimizer.load_state_dict(state_dict["optimizer"])
+            if self.distributed:
+                self.optimizer.load_parameter_state_from_dp_zero(state_dict["param_state"])
 
 
-def build_optimizer(model: torch.nn.Module, args) -> TorchAdamW:
-    return TorchAdamW(model, lr=args.lr, weight_decay=args.weight_decay,
-                      betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, clip_grad=args.clip_grad)
+def build_optimizer(model_parts: list, args):
+    """The optimizer seam the flags ask for: DeepSpeed ZeRO under `--deepspeed`, else
+    megatron-core DDP + its optimizer."""
+    if getattr(args, "deepspeed", False):
+        from megatron_lcot.training.deepspeed_engine import DeepSpeedOptimizer
+
+        return DeepSpeedOptimizer(model_parts, args)
+    return MegatronCoreOptimizer(model_parts, args)
 
 
 def build_lr_scheduler(optimizer, args) -> OptimizerParamScheduler:

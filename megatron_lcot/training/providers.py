@@ -36,7 +36,7 @@ def lcot_config_from_args(args) -> LcotConfig:
     needs a flag and nothing else. Flags left at None keep the config's default."""
     names = {f.name for f in dataclasses.fields(LcotConfig)} - set(_LLAMA_ARGUMENTS)
     by_name = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if getattr(args, "fp16", False) else torch.float32
     return llama_config(
         *(getattr(args, name) for name in _LLAMA_ARGUMENTS),
         **by_name,

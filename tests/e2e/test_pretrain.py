@@ -123,3 +123,37 @@ def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
         assert accumulated["loss"] == pytest.approx(single["loss"], rel=1e-5)
         assert accumulated["grad_norm"] == pytest.approx(single["grad_norm"], rel=1e-4)
     assert runs[4][-1]["loss"] < runs[4][0]["loss"]  # the updates are large enough to matter
+
+
+def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
+    """--halting-warmup-iters 4 with tau 0.85 (a fresh router reaches step 2 with 0.81): every
+    token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
+    resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
+    iteration, not a counter of this process's steps)."""
+    flags = _flags("--mock-data", "--vocab-size", 256, "--micro-batch-size", 2, "--global-batch-size", 2,
+                   "--train-iters", 6, "--lr", 1e-4, "--eval-interval", 100, "--latent-steps", 2,
+                   "--halting", "adaptive", "--halting-threshold", 0.85, "--halting-warmup-iters", 4,
+                   "--halting-router-lr-mult", 0.1, "--save-interval", 3)
+    _ok(run_pretrain([*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
+                     cwd=tmp_path))
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "straight" / "iter_0000003", resumed / "iter_0000003")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
+    _ok(run_pretrain([*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
+                     cwd=tmp_path))
+    straight = [r for r in read_metrics(tmp_path / "straight.jsonl") if r["split"] == "train"]
+    again = [r for r in read_metrics(tmp_path / "resumed.jsonl") if r["split"] == "train"]
+    assert [r["mean_latent_steps"] for r in straight] == [2.0] * 4 + [1.0] * 2
+    # FLOPs in the log: every step in the warm-up, step 2 skipped after it; a running total.
+    from megatron_lcot.arguments import parse_args
+    from megatron_lcot.model.flops import training_flops_per_token
+    from megatron_lcot.training.providers import lcot_config_from_args
+
+    config = lcot_config_from_args(parse_args([*map(str, flags), "--save", str(tmp_path)]))
+    vocab = 384  # mock data: 256 ids + eod, padded to a multiple of 128
+    per_token = [training_flops_per_token(config, 64, vocab, shares) for shares in ([1, 1, 1], [1, 1, 0])]
+    assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)
+    assert straight[-1]["train_flops"] == pytest.approx(2 * 64 * (4 * per_token[0] + 2 * per_token[1]))
+    assert again[-1]["train_flops"] == pytest.approx(straight[-1]["train_flops"])  # the total survives resume
+    assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [(r["loss"], r["mean_latent_steps"])
+                                                                      for r in straight[3:]]

@@ -53,11 +53,20 @@ def test_invalid_configuration_names_flag_and_fix(case):
         assert text in str(error.value)
 
 
-def test_latent_modes_refuse_pipeline_parallelism(monkeypatch):
+def test_latent_pipeline_needs_micro_batches_in_groups_of_stages(monkeypatch):
+    """Latent passes run as virtual pipeline chunks: megatron-core's interleaved schedule wants
+    the micro-batches in groups of the pipeline size; every latent mode is accepted then."""
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert parse_args(_replace(BASE, pipeline_model_parallel_size=2)).data_parallel_size == 1  # vanilla is fine
-    with pytest.raises(ArgumentError, match="--pipeline-model-parallel-size > 1 is not supported with latent"):
-        parse_args(_replace(BASE, pipeline_model_parallel_size=2, latent_steps=1))
+    pipeline = dict(pipeline_model_parallel_size=2, micro_batch_size=2)
+    assert parse_args(_replace(BASE, **pipeline, global_batch_size=2)).num_microbatches == 1  # vanilla: 1F1B
+    for layout in ("stepwise", "interleaved"):
+        args = parse_args(_replace(BASE, **pipeline, global_batch_size=4, latent_steps=2, latent_layout=layout))
+        assert args.num_microbatches == 2
+    with pytest.raises(ArgumentError) as error:
+        parse_args(_replace(BASE, **pipeline, global_batch_size=6, latent_steps=1))
+    for text in ("--pipeline-model-parallel-size 2", "multiple of 2 micro-batches", "got 3",
+                 "use --global-batch-size 4"):
+        assert text in str(error.value)
 
 
 def test_data_path_without_bin_idx(tmp_path):

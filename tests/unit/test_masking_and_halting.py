@@ -12,6 +12,7 @@ import torch
 
 from megatron_lcot.model.halting import exit_mass
 from megatron_lcot.model.masking import (
+    LivePacking,
     StepwiseKVStore,
     StepwisePass,
     interleaved_dense_mask,
@@ -73,14 +74,16 @@ def test_exit_mass_matches_token_by_token_definition():
 
 def test_kv_reuse_exposes_last_executed_step():
     """A token that does not execute step k exposes, at step k, the keys/values it exposed at
-    step k-1; executing tokens expose their new ones; the store returns steps 0..k in order."""
+    step k-1; executing tokens (whose keys arrive packed: only they are computed) expose their
+    new ones; the store returns steps 0..k in order."""
     T, b, g, d = 3, 2, 1, 4
     store = StepwiseKVStore()
     k0, v0 = torch.randn(T, b, g, d), torch.randn(T, b, g, d)
     StepwisePass(0, T, store).expose(1, k0, v0)
     executing = torch.tensor([[True, False], [False, True], [True, True]])
     k1, v1 = torch.randn(T, b, g, d), torch.randn(T, b, g, d)
-    keys, values = StepwisePass(1, T, store, executing).expose(1, k1, v1)
+    live = LivePacking(executing)
+    keys, values = StepwisePass(1, T, store, live).expose(1, live.gather(k1), live.gather(v1))
     assert keys.shape == (2 * T, b, g, d)
     torch.testing.assert_close(keys[:T], k0)
     for t, i in itertools.product(range(T), range(b)):
@@ -88,5 +91,5 @@ def test_kv_reuse_exposes_last_executed_step():
         torch.testing.assert_close(keys[T + t, i], source_k[t, i])
         torch.testing.assert_close(values[T + t, i], source_v[t, i])
     # a re-run of pass 1 (e.g. activation recompute) overwrites its entry instead of appending
-    keys_again, _ = StepwisePass(1, T, store, executing).expose(1, k1, v1)
+    keys_again, _ = StepwisePass(1, T, store, live).expose(1, live.gather(k1), live.gather(v1))
     assert keys_again.shape == keys.shape

@@ -1,0 +1,214 @@
+"""The comparison of issue 12, reproducible: every mode at equal parameters and training tokens,
+plus two vanilla yardsticks, over several seeds; writes a table and plots.
+
+    bash examples/compare_small.sh [--seeds 3] [--scale cpu|gpu] [--train-iters N] [--models a,b]
+
+Models (the model shape and data of the scale; the same seed list for each):
+    vanilla            --latent-steps 0
+    ponderlm2_k1       --latent-steps 1 --latent-layout interleaved (Jacobi, J in {2,3})
+    stepwise_k2        --latent-steps 2 (fixed K, exact passes)
+    adaptive_k3        --latent-steps 3 --halting adaptive + the stable recipe (docs/method.md)
+    vanilla_eq_flops   vanilla trained on more tokens: the adaptive run's measured training FLOPs
+    vanilla_2x         twice the layers (~2x the non-embedding parameters): about PonderLM-2 K=1's
+                       inference FLOPs per token (PonderLM-2's "beats a 2x vanilla" claim)
+
+Each run goes through pretrain_lcot.py (metrics file, checkpoint); held-out perplexity is the final
+validation of the run; downstream accuracy is `tools/evaluate.py --task` on the files that
+`tools/build_eval_tasks.py` builds (held-out cloze always, BIG-bench when --bigbench is given);
+FLOPs come from `megatron_lcot.model.flops` (training: the run's logged `train_flops`;
+inference: per token at the final validation's halting shares). Output under --out-dir:
+`results.json` (every run), `summary.md` (mean +- std over seeds), `val_loss_vs_train_flops.png`,
+and `tools/analyze_halting.py` plots for the first adaptive seed (against the first vanilla).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from compare_vanilla_adaptive import train  # noqa: E402
+
+from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
+
+RECIPE = "--halting-warmup-iters {warmup} --halting-router-lr-mult 0.25"
+SCALES = {
+    # Runs on a 2-core CPU in minutes per model (docs/results.md states the measured time).
+    "cpu": dict(model="--num-layers 2 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
+                      "--num-query-groups 2 --seq-length 128 --max-position-embeddings 128",
+                layers=2, vocab=8192, iters=150,
+                training="--micro-batch-size 8 --global-batch-size 8 --lr 2e-3 --min-lr 2e-4 "
+                         "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95"),
+    # ~125M parameters (GPT-2 small shape, 32k vocab) on the whole default corpus; for a GPU.
+    "gpu": dict(model="--num-layers 12 --hidden-size 768 --ffn-hidden-size 2048 --num-attention-heads 12 "
+                      "--seq-length 1024 --max-position-embeddings 1024 --bf16",
+                layers=12, vocab=32768, iters=4000,
+                training="--micro-batch-size 16 --global-batch-size 32 --lr 6e-4 --min-lr 6e-5 "
+                         "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95"),
+}
+MODES = {
+    "vanilla": "--latent-steps 0",
+    "ponderlm2_k1": "--latent-steps 1 --latent-layout interleaved",
+    "stepwise_k2": "--latent-steps 2",
+    "adaptive_k3": "--latent-steps 3 --halting adaptive " + RECIPE,
+    "vanilla_eq_flops": "--latent-steps 0",
+    "vanilla_2x": "--latent-steps 0",
+}
+
+
+def _flops_of(checkpoint: str, final: dict) -> float:
+    """Inference FLOPs per token of a checkpoint at its final validation's halting shares."""
+    from megatron_lcot import parallel
+    from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
+    from megatron_lcot.training.checkpointing import saved_args
+    from megatron_lcot.training.providers import lcot_config_from_args
+
+    parallel.initialize()  # one process: saved_args finds the rank's file through parallel_state
+    args = argparse.Namespace(**saved_args(checkpoint))
+    config = lcot_config_from_args(args)
+    return inference_flops_per_token(config, args.seq_length, args.padded_vocab_size,
+                                     step_shares_from_halted(final["halted_share"]))
+
+
+def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
+    scores = {}
+    for path in task_files:
+        out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", checkpoint,
+                              "--task", path], capture_output=True, text=True)
+        if out.returncode != 0:
+            sys.exit(f"evaluate.py --task {path} failed:\n{out.stderr[-2000:]}")
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        name = os.path.basename(path)[: -len(".jsonl")]
+        scores[name] = result.get("accuracy", result.get("cloze_accuracy"))
+    return scores
+
+
+def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_dir: str, tasks: list) -> dict:
+    flags = [*common, "--seed", str(seed), "--train-iters", str(iters),
+             "--lr-warmup-iters", str(max(1, iters // 15)), "--eval-interval", str(max(1, iters // 5)),
+             *MODES[name].format(warmup=scale["iters"] // 3).split()]
+    if name == "vanilla_2x":
+        flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
+    record = train(f"{name}_s{seed}", "", flags, out_dir)
+    checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
+    with open(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl")) as f:
+        metrics = [json.loads(line) for line in f]
+    train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
+    curve = [(train_records[r["iteration"]]["train_flops"], r["lm_loss"]) for r in metrics
+             if r["split"] == "valid" and r["iteration"] in train_records]
+    return {"model": name, "seed": seed, "iters": iters, "ppl": record["ppl"], "lm_loss": record["lm_loss"],
+            "mean_latent_steps": record["mean_latent_steps"], "halted_share": record["halted_share"],
+            "train_flops": max(r["train_flops"] for r in train_records.values()),
+            "inference_flops_per_token": _flops_of(checkpoint, record), "wall_s": record["wall_s"],
+            "tasks": _evaluate_tasks(checkpoint, tasks), "curve": curve, "checkpoint": checkpoint}
+
+
+def mean_std(values: list) -> str:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return f"{mean:.4g} +- {std:.2g}"
+
+
+def summary_table(runs: list) -> str:
+    names = [n for n in MODES if any(r["model"] == n for r in runs)]
+    task_names = sorted({t for r in runs for t in r["tasks"]})
+    header = ["model", "seeds", "iters", "held-out ppl", "mean latent steps", "train FLOPs", "inference FLOPs/token",
+              *[f"{t} acc" for t in task_names]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        group = [r for r in runs if r["model"] == name]
+        cells = [name, str(len(group)), str(group[0]["iters"]), mean_std([r["ppl"] for r in group]),
+                 mean_std([r["mean_latent_steps"] for r in group]), mean_std([r["train_flops"] for r in group]),
+                 mean_std([r["inference_flops_per_token"] for r in group]),
+                 *[mean_std([r["tasks"][t] for r in group]) for t in task_names]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(runs: list, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for index, name in enumerate(n for n in MODES if any(r["model"] == n for r in runs)):
+        for j, run in enumerate(r for r in runs if r["model"] == name):
+            xs, ys = zip(*run["curve"]) if run["curve"] else ((), ())
+            ax.plot(xs, ys, color=f"C{index}", alpha=0.8, marker=".", label=name if j == 0 else None)
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss", title="Validation loss vs training FLOPs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--train-iters", type=int, default=None, help="default: the scale's")
+    parser.add_argument("--models", default=",".join(MODES), help="subset of: " + ",".join(MODES))
+    parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
+    parser.add_argument("--out-dir", default=os.path.join(REPO, "runs", "compare_small"))
+    args = parser.parse_args()
+    scale = dict(SCALES[args.scale])
+    if args.train_iters:
+        scale["iters"] = args.train_iters
+    models = [m for m in args.models.split(",") if m]
+    unknown = [m for m in models if m not in MODES]
+    if unknown or args.seeds < 1:
+        parser.error(f"--models: unknown {unknown}; choose from {','.join(MODES)}" if unknown else "--seeds >= 1")
+
+    corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
+    task_dir = os.path.join(args.out_dir, "tasks")
+    build = [sys.executable, os.path.join(REPO, "tools", "build_eval_tasks.py"), "--output-dir", task_dir,
+             *(["--bigbench", args.bigbench] if args.bigbench else [])]
+    if subprocess.run(build).returncode != 0:
+        sys.exit("build_eval_tasks.py failed (its error is printed above)")
+    tasks = sorted(os.path.join(task_dir, f) for f in os.listdir(task_dir) if f.endswith(".jsonl"))
+    common = [*scale["model"].split(), *scale["training"].split(), "--split", "98,2,0", "--eval-iters", "16",
+              "--log-interval", "10", "--data-path", corpus.data_prefix, "--tokenizer-type",
+              "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer_model]
+
+    runs = []
+    for seed in range(1, args.seeds + 1):
+        for name in models:
+            iters = scale["iters"]
+            if name == "vanilla_eq_flops":
+                adaptive = [r for r in runs if r["model"] == "adaptive_k3" and r["seed"] == seed]
+                vanilla = [r for r in runs if r["model"] == "vanilla" and r["seed"] == seed]
+                if not (adaptive and vanilla):
+                    sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
+                iters = round(scale["iters"] * adaptive[0]["train_flops"] / vanilla[0]["train_flops"])
+            runs.append(run_model(name, seed, scale, common, iters, args.out_dir, tasks))
+            with open(os.path.join(args.out_dir, "results.json"), "w") as f:
+                json.dump(runs, f, indent=1)
+
+    table = summary_table(runs)
+    with open(os.path.join(args.out_dir, "summary.md"), "w") as f:
+        f.write(f"scale {args.scale}, {args.seeds} seeds, mean +- std (sample std over seeds)\n\n{table}\n")
+    plot_curves(runs, os.path.join(args.out_dir, "val_loss_vs_train_flops.png"))
+    first = {r["model"]: r for r in runs if r["seed"] == 1}
+    if "adaptive_k3" in first:
+        from megatron_lcot.data.default_corpus import default_documents
+
+        held_out = os.path.join(args.out_dir, "heldout.txt")
+        with open(held_out, "w", encoding="utf-8") as f:
+            f.write("\n\n".join(default_documents()[-100:]))  # inside the 2% validation share
+        subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze_halting.py"), "--load",
+                        first["adaptive_k3"]["checkpoint"], "--input", held_out, "--output",
+                        os.path.join(args.out_dir, "halting"), "--max-tokens", "20000",
+                        *(["--reference", first["vanilla"]["checkpoint"]] if "vanilla" in first else [])], check=True)
+    print(f"\n{table}\n\nresults in {args.out_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+# Shared by the pretrain_* launch scripts (sourced, not run). Every setting is an environment
+# variable with a default; extra pretrain_lcot.py flags are the scripts' arguments.
+#   DATA_PATH, TOKENIZER_MODEL     preprocessed prefix (tools/preprocess_data.py) and its tokenizer
+#   MODEL_ARGS, DATA_ARGS, TRAIN_ARGS, PARALLEL_ARGS   override whole flag groups
+#   DS_CONFIG                      DeepSpeed config (default examples/ds_configs/zero2.json)
+#   GPUS_PER_NODE (default 8), MASTER_PORT (default 29500)
+#   DRY_RUN=1                      print the command instead of running it
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PRETRAIN="$ROOT/pretrain_lcot.py"
+GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
+MASTER_PORT="${MASTER_PORT:-29500}"
+DS_CONFIG="${DS_CONFIG:-$ROOT/examples/ds_configs/zero2.json}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # launchers leave it unset; one thread per rank
+
+# ~350M-parameter Llama with adaptive latent CoT (K = 2); see docs/scaling.md for sizing.
+MODEL_ARGS="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 4 \
+--ffn-hidden-size 2816 --seq-length 2048 --max-position-embeddings 2048 --bf16 \
+--latent-steps 2 --latent-layout stepwise --halting adaptive}"
+DATA_ARGS="${DATA_ARGS:---data-path ${DATA_PATH:-data/corpus_text_document} --split 969,30,1 \
+--tokenizer-type SentencePieceTokenizer --tokenizer-model ${TOKENIZER_MODEL:-data/tokenizer.model}}"
+TRAIN_ARGS="${TRAIN_ARGS:---micro-batch-size 4 --global-batch-size 512 --train-iters 20000 --lr 3e-4 \
+--min-lr 3e-5 --lr-warmup-iters 500 --lr-decay-style cosine --clip-grad 1.0 --weight-decay 0.1 \
+--save checkpoints/lcot --load checkpoints/lcot --save-interval 1000 --eval-interval 1000 --eval-iters 50 \
+--log-interval 10 --metrics-file checkpoints/lcot/metrics.jsonl}"
+PARALLEL_ARGS="${PARALLEL_ARGS:---tensor-model-parallel-size 1 --pipeline-model-parallel-size 1}"
+
+# run LAUNCHER... : the launcher command, then pretrain_lcot.py with every flag group.
+run() {
+    # shellcheck disable=SC2086  # the *_ARGS groups are word lists on purpose
+    local cmd=("$@" "$PRETRAIN" $MODEL_ARGS $DATA_ARGS $TRAIN_ARGS $PARALLEL_ARGS)
+    cmd+=("${EXTRA_ARGS[@]}")
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then
+        printf '%q ' "${cmd[@]}"
+        echo
+    else
+        cd "$ROOT"
+        exec "${cmd[@]}"
+    fi
+}

@@ -1,0 +1,120 @@
+"""The DeepSpeed ZeRO seam: one engine per model part behind the loop's optimizer interface.
+
+megatron-core's schedule still drives every micro-batch. It calls our `forward_step` with the
+engine (through `_ScheduleView`, which shows the schedule the model config without touching the
+engine's own `config`), and `engine.forward` hooks its outputs, so the schedule's plain
+`torch.autograd.backward` runs ZeRO's backward prologue/epilogue (DeepSpeed's "torch-style
+backward"): stage 2/3 reduce-scatter gradients as they are produced, and `step()` (one
+`engine.step()` per global batch) finishes the reduction, clips to `--clip-grad` and updates.
+No `no_sync_func` / `finalize_model_grads_func` is installed (DeepSpeed owns the reduction);
+under `--fp16` the schedule scales each micro-batch's loss with `engine.scale` (dynamic loss
+scaling, DeepSpeed's scaler).
+
+The client optimizer is torch's AdamW over two groups (matrices decay, vectors do not, as the
+megatron-core seam), so no DeepSpeed op is JIT-compiled and megatron's OptimizerParamScheduler
+sets the learning rate through `param_groups`. Checkpoints of the engine (ZeRO-partitioned
+optimizer state, fp32 master weights) are written by `save(dir)` / read by `load(dir)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_lcot import parallel
+from megatron_lcot.model.halting import is_router_param
+from megatron_lcot.training.deepspeed_config import effective_config
+
+
+class _MegatronMpu:
+    """megatron-core's parallel_state as the `mpu` DeepSpeed expects (it also asks for the
+    model-parallel world size and rank, which parallel_state does not name)."""
+
+    def __getattr__(self, name):
+        return getattr(parallel_state, name)
+
+    def get_model_parallel_world_size(self) -> int:
+        return torch.distributed.get_world_size(parallel_state.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return torch.distributed.get_rank(parallel_state.get_model_parallel_group())
+
+
+class _ScheduleView:
+    """What megatron-core's schedule needs of a model: `config` (found by walking `.module`)
+    and a call; the call goes through the engine so its backward hooks are installed."""
+
+    def __init__(self, engine, config) -> None:
+        self.module = engine
+        self.config = config
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def _adamw(model: torch.nn.Module, args) -> torch.optim.AdamW:
+    """Client AdamW with megatron-core's groups: matrices decay, vectors do not, and the halting
+    router (`halting.is_router_param`) has its own learning rate (x `--halting-router-lr-mult`)
+    and no decay; `wd_mult`/`max_lr`/`min_lr` are read by OptimizerParamScheduler."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    router = [p for name, p in named if is_router_param(name, p)]
+    rest = [p for name, p in named if not is_router_param(name, p)]
+    groups = [
+        {"params": [p for p in rest if p.ndim > 1], "weight_decay": args.weight_decay, "wd_mult": 1.0},
+        {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
+    ]
+    if router:
+        mult = args.halting_router_lr_mult
+        groups.append({"params": router, "weight_decay": 0.0, "wd_mult": 0.0,
+                       "max_lr": args.lr * mult, "min_lr": args.min_lr * mult})
+    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+
+
+class DeepSpeedOptimizer:
+    """`--deepspeed`: the same interface as `MegatronCoreOptimizer`, backed by DeepSpeed engines."""
+
+    def __init__(self, model_parts: list, args) -> None:
+        import deepspeed
+
+        if len(model_parts) != 1:
+            raise ValueError("--deepspeed drives one model part per rank; virtual pipeline chunks are not supported")
+        parallel.init_deepspeed_comm()
+        part = model_parts[0]
+        config = part.config
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=part, optimizer=_adamw(part, args), config=effective_config(args), mpu=_MegatronMpu(),
+            dist_init_required=False)
+        config.no_sync_func = config.finalize_model_grads_func = None
+        config.grad_scale_func = self.engine.scale if args.fp16 else None
+        self.schedule_parts = [_ScheduleView(self.engine, config)]
+
+    @property
+    def param_groups(self) -> list:
+        return self.optimizer.param_groups
+
+    def zero_grad(self) -> None:
+        self.engine.zero_grad()
+
+    def step(self) -> float:
+        """Finish the gradient reduction, clip, update; returns the pre-clip grad norm."""
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def state_dict(self) -> dict:
+        """Empty: the engine's state is partitioned over ranks and lives in `save(dir)`'s files."""
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+    def save(self, directory: str) -> None:
+        """Write the engine's checkpoint (all ranks: each writes its ZeRO partition)."""
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+
+    def load(self, directory: str) -> None:
+        """Restore weights, ZeRO-partitioned optimizer state and fp32 masters from `save(dir)`.
+        The LR schedule is ours (OptimizerParamScheduler), so DeepSpeed's is not loaded."""
+        path, _ = self.engine.load_checkpoint(directory, tag="deepspeed", load_lr_scheduler_states=False)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}/deepspeed")
