@@ -177,6 +177,7 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
     from megatron_lcot.training.checkpointing import latest_iteration, save_checkpoint
     from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
     from megatron_lcot.training.providers import model_provider
+    from megatron_lcot.training.state import TrainComponents, TrainState
 
     if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:
         raise ConversionError("--target-tensor-parallel-size/--target-pipeline-model-parallel-size other than 1: "
@@ -211,8 +212,11 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        optimizer = build_optimizer(model, args)
-        save_checkpoint(save, 0, model, optimizer, build_lr_scheduler(optimizer, args), 0, args)
+        model = model.to(parallel.device())
+        optimizer = build_optimizer([model], args)
+        components = TrainComponents(model_parts=[model], optimizer=optimizer,
+                                     scheduler=build_lr_scheduler(optimizer, args))
+        save_checkpoint(save, TrainState(), components, args)  # iteration 0, fresh optimizer
     except BaseException:
         if latest_iteration(save) is None:
             shutil.rmtree(save, ignore_errors=True)
