@@ -126,9 +126,7 @@ def test_pretrain_continues_from_imported_llama(llama_dir, tmp_path, sotu_indexe
     from megatron_lcot.hf.import_llama import import_llama
 
     path, _ = llama_dir
-    # fixed K=2 (no router): resuming an adaptive run whose --halting-router-lr-mult is 1 trips
-    # megatron-core's optimizer-group matching on main (router and norm groups share one key)
-    result = import_llama(str(path), str(tmp_path / "ckpt"), _options(latent_steps=2))
+    result = import_llama(str(path), str(tmp_path / "ckpt"), _options(latent_steps=2, halting="adaptive"))
     flags = result["pretrain_flags"].split() + [
         "--micro-batch-size", "2", "--train-iters", "2", "--log-interval", "1", "--eval-iters", "1",
         "--split", "98,2,0", "--data-path", sotu_indexed_dataset["prefix"], "--load", str(tmp_path / "ckpt"),
