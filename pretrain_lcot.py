@@ -10,6 +10,7 @@ docs/training.md for every flag.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from functools import partial
@@ -20,11 +21,22 @@ from functools import partial
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed")
 warnings.filterwarnings("ignore", message="full scope is deprecated")
 
+from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
 from megatron_lcot.training.checkpointing import CheckpointError  # noqa: E402
+from megatron_lcot.training.faults import TooManySkippedSteps  # noqa: E402
 from megatron_lcot.training.loop import pretrain  # noqa: E402
 from megatron_lcot.training.providers import forward_step, model_provider, train_valid_test_datasets_provider  # noqa: E402
+
+
+def _fail(message: str, exit_code: int, every_rank: bool = False) -> None:
+    """Print `pretrain_lcot.py: error: ...` and exit. Errors that every rank meets alike (flags,
+    files, a run stopped by its own rule) are printed by rank 0 only, not once per rank."""
+    rank = int(os.environ.get("RANK", "0"))
+    if every_rank or rank == 0:
+        print(f"pretrain_lcot.py: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(exit_code)
 
 
 def main(argv: list | None = None) -> dict | None:
@@ -36,8 +48,15 @@ def main(argv: list | None = None) -> dict | None:
         return pretrain(args, partial(train_valid_test_datasets_provider, args, tokenizer),
                         partial(model_provider, args), partial(forward_step, args))
     except (ArgumentError, TokenizerError, CheckpointError) as error:
-        print(f"pretrain_lcot.py: error: {error}", file=sys.stderr)
-        sys.exit(USAGE_ERROR_EXIT_CODE)
+        _fail(str(error), USAGE_ERROR_EXIT_CODE)
+    except TooManySkippedSteps as error:
+        _fail(str(error), 1)
+    except RuntimeError as error:
+        if not parallel.is_collective_failure(error):
+            raise
+        first_line = str(error).strip().splitlines()[0]
+        _fail(f"rank {os.environ.get('RANK', '0')}: a collective with the other ranks failed (a rank died, or "
+              f"did not answer within --distributed-timeout-minutes): {first_line}", 1, every_rank=True)
 
 
 if __name__ == "__main__":

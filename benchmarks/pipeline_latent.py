@@ -44,7 +44,7 @@ def predicted_seconds(one_process: float, passes: int, micro_batches: int, stage
     return one_process / stages * (chunks + stages - 1) / chunks
 
 
-def seconds_per_iteration(flags: list, processes: int, workdir: str, name: str) -> float:
+def seconds_per_iteration(flags: list, processes: int, workdir: str, name: str, tokens_per_step: int) -> float:
     metrics = os.path.join(workdir, f"{name}.jsonl")
     launcher = [sys.executable] if processes == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
@@ -54,7 +54,8 @@ def seconds_per_iteration(flags: list, processes: int, workdir: str, name: str) 
     if result.returncode != 0:
         sys.exit(f"pipeline_latent.py: error: {name} failed:\n{result.stderr[-2000:]}")
     with open(metrics, encoding="utf-8") as f:
-        times = [json.loads(line)["seconds_per_iter"] for line in f if '"train"' in line]
+        records = [json.loads(line) for line in f]
+    times = [tokens_per_step / r["tokens_per_sec"] for r in records if r["split"] == "train"]
     return statistics.median(times[2:])
 
 
@@ -77,6 +78,7 @@ def main() -> None:
              "--global-batch-size", str(args.micro_batch * args.micro_batches), "--train-iters", str(args.iters),
              "--log-interval", "1", "--eval-interval", "100000", "--eval-iters", "1",
              "--use-cpu-initialization"]
+    tokens_per_step = args.micro_batch * args.micro_batches * args.seq
     print(f"PP={PIPELINE_SIZE}, M={args.micro_batches} micro-batches of {args.micro_batch} x {args.seq} tokens, "
           f"{args.layers} layers, hidden {args.hidden}; 1 thread per process; median of {args.iters - 2} steps")
     print(f"{'mode':<22}{'V':>3}{'1 proc s':>10}{'PP=2 s':>9}{'speed-up':>10}{'bubble':>8}"
@@ -85,9 +87,9 @@ def main() -> None:
         for name in args.modes:
             flags, passes = MODES[name]
             key = name.split()[0]
-            one = seconds_per_iteration([*model, *flags], 1, workdir, f"{key}-1")
+            one = seconds_per_iteration([*model, *flags], 1, workdir, f"{key}-1", tokens_per_step)
             piped = seconds_per_iteration([*model, *flags, "--pipeline-model-parallel-size", str(PIPELINE_SIZE)],
-                                          PIPELINE_SIZE, workdir, f"{key}-pp")
+                                          PIPELINE_SIZE, workdir, f"{key}-pp", tokens_per_step)
             chunks = passes * args.micro_batches
             bubble = (PIPELINE_SIZE - 1) / (chunks + PIPELINE_SIZE - 1)
             predicted = predicted_seconds(one, passes, args.micro_batches)

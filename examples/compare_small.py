@@ -16,7 +16,8 @@ Each run goes through pretrain_lcot.py (metrics file, checkpoint); held-out perp
 validation of the run; downstream accuracy is `tools/evaluate.py --task` on the files that
 `tools/build_eval_tasks.py` builds (held-out cloze always, BIG-bench when --bigbench is given);
 FLOPs come from `megatron_lcot.model.flops` (training: the run's logged `train_flops`;
-inference: per token at the final validation's halting shares). Output under --out-dir:
+inference: `tools/evaluate.py --input` on held-out documents, per token at the halting that
+decoding does). Output under --out-dir:
 `results.json` (every run), `summary.md` (mean +- std over seeds), `val_loss_vs_train_flops.png`,
 and `tools/analyze_halting.py` plots for the first adaptive seed (against the first vanilla).
 """
@@ -63,34 +64,26 @@ MODES = {
 }
 
 
-def _flops_of(checkpoint: str, final: dict) -> float:
-    """Inference FLOPs per token of a checkpoint at its final validation's halting shares."""
-    from megatron_lcot import parallel
-    from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
-    from megatron_lcot.training.checkpointing import saved_args
-    from megatron_lcot.training.providers import lcot_config_from_args
-
-    parallel.initialize()  # one process: saved_args finds the rank's file through parallel_state
-    args = argparse.Namespace(**saved_args(checkpoint))
-    config = lcot_config_from_args(args)
-    return inference_flops_per_token(config, args.seq_length, args.padded_vocab_size,
-                                     step_shares_from_halted(final["halted_share"]))
+def _evaluate(checkpoint: str, flag: str, path: str, *extra: str) -> dict:
+    """The last JSON line of tools/evaluate.py (a subprocess: this driver never initialises
+    torch.distributed, so its children's rendezvous ports stay free)."""
+    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", checkpoint,
+                          flag, path, *extra], capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"evaluate.py {flag} {path} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
     scores = {}
     for path in task_files:
-        out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", checkpoint,
-                              "--task", path], capture_output=True, text=True)
-        if out.returncode != 0:
-            sys.exit(f"evaluate.py --task {path} failed:\n{out.stderr[-2000:]}")
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        name = os.path.basename(path)[: -len(".jsonl")]
-        scores[name] = result.get("accuracy", result.get("cloze_accuracy"))
+        result = _evaluate(checkpoint, "--task", path)
+        scores[os.path.basename(path)[: -len(".jsonl")]] = result.get("accuracy", result.get("cloze_accuracy"))
     return scores
 
 
-def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_dir: str, tasks: list) -> dict:
+def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_dir: str, tasks: list,
+              held_out: str) -> dict:
     flags = [*common, "--seed", str(seed), "--train-iters", str(iters),
              "--lr-warmup-iters", str(max(1, iters // 15)), "--eval-interval", str(max(1, iters // 5)),
              *MODES[name].format(warmup=scale["iters"] // 3).split()]
@@ -103,10 +96,12 @@ def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_d
     train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
     curve = [(train_records[r["iteration"]]["train_flops"], r["lm_loss"]) for r in metrics
              if r["split"] == "valid" and r["iteration"] in train_records]
+    seq_length = int(common[common.index("--seq-length") + 1])  # windows overlapping by half: context for all
+    inference = _evaluate(checkpoint, "--input", held_out, "--stride", str(seq_length // 2))
     return {"model": name, "seed": seed, "iters": iters, "ppl": record["ppl"], "lm_loss": record["lm_loss"],
-            "mean_latent_steps": record["mean_latent_steps"], "halted_share": record["halted_share"],
+            "mean_latent_steps": inference["mean_latent_steps"], "halted_share": inference["halted_share"],
             "train_flops": max(r["train_flops"] for r in train_records.values()),
-            "inference_flops_per_token": _flops_of(checkpoint, record), "wall_s": record["wall_s"],
+            "inference_flops_per_token": inference["flops_per_token"], "wall_s": record["wall_s"],
             "tasks": _evaluate_tasks(checkpoint, tasks), "curve": curve, "checkpoint": checkpoint}
 
 
@@ -143,7 +138,8 @@ def plot_curves(runs: list, path: str) -> None:
         for j, run in enumerate(r for r in runs if r["model"] == name):
             xs, ys = zip(*run["curve"]) if run["curve"] else ((), ())
             ax.plot(xs, ys, color=f"C{index}", alpha=0.8, marker=".", label=name if j == 0 else None)
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss", title="Validation loss vs training FLOPs")
+    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss",
+           title="Validation loss vs training FLOPs")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -174,6 +170,11 @@ def main() -> None:
     if subprocess.run(build).returncode != 0:
         sys.exit("build_eval_tasks.py failed (its error is printed above)")
     tasks = sorted(os.path.join(task_dir, f) for f in os.listdir(task_dir) if f.endswith(".jsonl"))
+    from megatron_lcot.data.default_corpus import default_documents
+
+    held_out = os.path.join(args.out_dir, "heldout.txt")
+    with open(held_out, "w", encoding="utf-8") as f:  # the last 15 documents: inside the 2% validation share
+        f.write("\n\n".join(default_documents()[-15:]))
     common = [*scale["model"].split(), *scale["training"].split(), "--split", "98,2,0", "--eval-iters", "16",
               "--log-interval", "10", "--data-path", corpus.data_prefix, "--tokenizer-type",
               "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer_model]
@@ -188,7 +189,7 @@ def main() -> None:
                 if not (adaptive and vanilla):
                     sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
                 iters = round(scale["iters"] * adaptive[0]["train_flops"] / vanilla[0]["train_flops"])
-            runs.append(run_model(name, seed, scale, common, iters, args.out_dir, tasks))
+            runs.append(run_model(name, seed, scale, common, iters, args.out_dir, tasks, held_out))
             with open(os.path.join(args.out_dir, "results.json"), "w") as f:
                 json.dump(runs, f, indent=1)
 
@@ -198,11 +199,6 @@ def main() -> None:
     plot_curves(runs, os.path.join(args.out_dir, "val_loss_vs_train_flops.png"))
     first = {r["model"]: r for r in runs if r["seed"] == 1}
     if "adaptive_k3" in first:
-        from megatron_lcot.data.default_corpus import default_documents
-
-        held_out = os.path.join(args.out_dir, "heldout.txt")
-        with open(held_out, "w", encoding="utf-8") as f:
-            f.write("\n\n".join(default_documents()[-100:]))  # inside the 2% validation share
         subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze_halting.py"), "--load",
                         first["adaptive_k3"]["checkpoint"], "--input", held_out, "--output",
                         os.path.join(args.out_dir, "halting"), "--max-tokens", "20000",

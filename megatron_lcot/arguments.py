@@ -51,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
                                             "CUDA for training; dense: the materialised-mask reference)")
     model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
-                       help="activation recompute: selective = each layer's MLP; full = each latent pass "
-                            "(every layer in vanilla mode)")
+                       help="activation recompute: selective = each core attention (the per-pass KV "
+                            "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
     latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
@@ -105,6 +105,24 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--save", default=None, help="checkpoint directory to write")
     checkpoint.add_argument("--load", default=None, help="checkpoint directory to resume from")
     checkpoint.add_argument("--save-interval", type=int, default=None)
+    checkpoint.add_argument("--keep-last", type=int, default=None,
+                            help="keep only the N newest iterations in --save (never the one the marker names)")
+    checkpoint.add_argument("--skip-train", action="store_true",
+                            help="load the weights of --load (any parallel layout), evaluate, print the "
+                                 "validation line, exit")
+
+    faults = parser.add_argument_group("exits and faults")
+    faults.add_argument("--exit-signal-handler", action="store_true",
+                        help="on SIGTERM or SIGUSR1 every rank finishes the step, saves and exits 0")
+    faults.add_argument("--exit-duration-in-mins", type=float, default=None,
+                        help="finish the step, save and exit 0 after training this many minutes")
+    faults.add_argument("--exit-interval", type=int, default=None,
+                        help="finish the step, save and exit 0 at the first iteration divisible by N")
+    faults.add_argument("--max-skipped-steps-in-a-row", type=int, default=10,
+                        help="steps with a NaN/inf loss or grad norm apply no update; after N in a row "
+                             "the run saves and stops with an error (0: never stop)")
+    faults.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                        help="a collective waiting this long for a dead or frozen rank fails the run")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-path", nargs="+", default=None,
@@ -249,9 +267,10 @@ def _validate_parallel(args) -> None:
              f"{args.num_attention_heads} and --num-query-groups {args.num_query_groups}.")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}.")
-    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute == "full"),
-             "--recompute-granularity full is not supported with latent thoughts across pipeline stages "
-             "(--pipeline-model-parallel-size > 1); use --recompute-granularity selective.")
+    _require(not (pp > 1 and args.latent_steps > 0 and args.latent_recompute is not None),
+             f"--recompute-granularity {args.latent_recompute} is not supported yet with latent thoughts across "
+             "pipeline stages (--pipeline-model-parallel-size > 1: untested with the stage hand-over of the "
+             "KV store); drop --recompute-granularity or use --pipeline-model-parallel-size 1.")
 
 
 def _validate_precision_and_optimizer(args) -> None:
@@ -321,9 +340,24 @@ def _validate_schedule(args) -> None:
         _require(0 <= getattr(args, flag) < 1, f"--{flag.replace('_', '-')} must be in [0, 1).")
     for flag in ("log_interval", "eval_interval", "eval_iters"):
         _require(getattr(args, flag) > 0, f"--{flag.replace('_', '-')} must be positive.")
+    _validate_exits(args)
     if args.save_interval is not None:
         _require(args.save_interval > 0, "--save-interval must be positive.")
         _require(args.save is not None, "--save-interval needs a directory to write to: add --save DIR.")
+
+
+def _validate_exits(args) -> None:
+    for flag in ("keep_last", "exit_interval"):
+        value = getattr(args, flag)
+        _require(value is None or value > 0, f"--{flag.replace('_', '-')} must be positive.")
+    _require(args.exit_duration_in_mins is None or args.exit_duration_in_mins > 0,
+             "--exit-duration-in-mins must be positive.")
+    _require(args.max_skipped_steps_in_a_row >= 0,
+             "--max-skipped-steps-in-a-row must be >= 0 (0: never stop for skipped steps).")
+    _require(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be positive.")
+    _require(args.keep_last is None or args.save is not None, "--keep-last prunes --save: add --save DIR.")
+    _require(not args.skip_train or args.load is not None,
+             "--skip-train evaluates a checkpoint: add --load DIR.")
 
 
 def _validate_data(args) -> None:

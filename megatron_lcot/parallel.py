@@ -53,6 +53,13 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     return tensor
 
 
+def is_collective_failure(error: BaseException) -> bool:
+    """Whether `error` is a collective that failed because another rank died or timed out:
+    NCCL raises DistBackendError; gloo raises a RuntimeError from its transport."""
+    return isinstance(error, dist.DistBackendError) or (
+        isinstance(error, RuntimeError) and "third_party/gloo/gloo/" in str(error))
+
+
 def free_port() -> int:
     """A TCP port nothing listens on now (other jobs may hold the default 29500)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -119,9 +126,12 @@ def initialize(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     seed: int = 1234,
-    timeout_minutes: int = 30,
+    timeout_minutes: float = 30,
 ) -> None:
     """Initialise torch.distributed, megatron-core's parallel_state and the model-parallel RNG.
+
+    `timeout_minutes` bounds every collective, in the world group and in megatron-core's
+    groups alike, so a rank that died or froze makes the others fail instead of hang.
 
     Works under `torchrun`, the `deepspeed` launcher (RANK/WORLD_SIZE/MASTER_* in the
     environment) and plain `python` (a world of one on a free local port).
@@ -145,6 +155,7 @@ def initialize(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
             pipeline_model_parallel_size=pipeline_model_parallel_size,
+            distributed_timeout_minutes=timeout_minutes,
         )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)

@@ -59,6 +59,27 @@ def read_metrics(path) -> list:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def read_checkpoint_weights(iteration_dir, tmp_path) -> dict:
+    """The full (unsharded) weights of a checkpoint iteration directory, read from its
+    dist_checkpointing `model/` directory without a process group; None-valued entries dropped."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = os.path.join(str(tmp_path), f"weights_{abs(hash(str(iteration_dir)))}.pt")
+    dcp_to_torch_save(os.path.join(str(iteration_dir), "model"), out)
+    return {k: v for k, v in torch.load(out, weights_only=True).items() if isinstance(v, torch.Tensor)}
+
+
+def nested_tensors(value, path: str = "") -> dict:
+    """Every tensor inside nested dicts/lists/tuples (e.g. an optimizer state), by its path."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return {path: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    return {key: tensor for name, item in items for key, tensor in nested_tensors(item, f"{path}/{name}").items()}
+
+
 def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
     """Run pretrain_lcot.py with `flags` in a subprocess (1 OpenMP thread); returns the
     CompletedProcess with text stdout/stderr."""

@@ -100,8 +100,9 @@ def _token_text(tokenizer, previous: int | None, token: int) -> str:
     return tokenizer.detokenize([previous, token])[len(tokenizer.detokenize([previous])):]
 
 
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rank correlation with average ranks for ties (latent steps are mostly ties)."""
+def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
+    """Spearman's rank correlation with average ranks for ties (latent steps are mostly ties);
+    None when one side is constant (e.g. every token ran every step), so summary.json stays JSON."""
 
     def ranks(v: torch.Tensor) -> torch.Tensor:
         v = v.double()
@@ -118,7 +119,7 @@ def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
     rx, ry = ranks(x), ranks(y)
     rx, ry = rx - rx.mean(), ry - ry.mean()
     denominator = (rx.norm() * ry.norm()).item()
-    return float((rx @ ry).item() / denominator) if denominator > 0 else float("nan")
+    return float((rx @ ry).item() / denominator) if denominator > 0 else None
 
 
 def steps_by_decile(steps: torch.Tensor, nll: torch.Tensor) -> list:

@@ -35,7 +35,8 @@ import tarfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_TASKS = ("subject_verb_agreement", "hyperbaton", "social_iqa", "truthful_qa")
-_TASK_PATH = re.compile(r"(?:^|/)bigbench/benchmark_tasks/([^/]+)/(?:([^/]+)/)?task\.json$")
+# task.json, a subtask's task.json, or a named subtask file (subject_verb_agreement/*.json)
+_TASK_PATH = re.compile(r"(?:^|/)bigbench/benchmark_tasks/([^/]+)/(?:[^/]+/)?[^/]+\.json$")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?]$", re.S)
 
@@ -60,7 +61,9 @@ def _task_jsons(source: str, wanted: set) -> dict:
     def keep(path: str, read):
         match = _TASK_PATH.search(path.replace(os.sep, "/"))
         if match and match.group(1) in wanted:
-            found.setdefault(match.group(1), []).append(json.loads(read()))
+            task = json.loads(read())
+            if isinstance(task, dict) and "examples" in task:
+                found.setdefault(match.group(1), []).append(task)
 
     if os.path.isdir(source):
         for root, _, files in os.walk(source):
@@ -70,7 +73,7 @@ def _task_jsons(source: str, wanted: set) -> dict:
     elif tarfile.is_tarfile(source):
         with tarfile.open(source) as archive:
             for member in archive:
-                if member.isfile() and member.name.endswith("task.json"):
+                if member.isfile() and member.name.endswith(".json"):
                     keep(member.name, lambda m=member: archive.extractfile(m).read().decode("utf-8"))
     else:
         raise ValueError(f"--bigbench {source!r}: neither a directory nor a .tar.gz; pass the bigbench "

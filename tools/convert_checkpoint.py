@@ -1,7 +1,9 @@
-"""Convert checkpoints: to Hugging Face, from Hugging Face (and more subcommands as they land).
+"""Convert checkpoints: to Hugging Face, from Hugging Face, between parallel layouts.
 
     python tools/convert_checkpoint.py to-hf   --load CKPT_DIR --output HF_DIR [--iteration N] [--max-shard-size 5GB]
     python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR [--latent-steps K ...]
+    python tools/convert_checkpoint.py reshard --load CKPT_DIR --save CKPT_DIR \
+        --target-tensor-parallel-size N --target-pipeline-model-parallel-size M [--format sharded|plain]
 
 A thin dispatcher: each subcommand is one module with `add_arguments(parser)` and `run(args)`,
 listed in SUBCOMMANDS. User mistakes print `convert_checkpoint.py: error: ...` and exit 2.
@@ -21,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUBCOMMANDS = {
     "to-hf": ("megatron_lcot.hf.export", "export a checkpoint as a Hugging Face model directory"),
     "from-hf": ("megatron_lcot.hf.import_llama", "start a checkpoint from a Hugging Face Llama model"),
+    "reshard": ("megatron_lcot.training.reshard", "write a checkpoint's weights at another TP/PP layout"),
 }
 
 
@@ -41,7 +44,8 @@ def main(argv: list | None = None) -> dict:
     except (ConversionError, *USER_ERRORS) as error:
         print(f"convert_checkpoint.py: error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(json.dumps(result))
+    if result is not None:  # a multi-process subcommand reports on one rank
+        print(json.dumps(result))
     return result
 
 

@@ -174,10 +174,8 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
     from megatron_lcot import parallel
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
     from megatron_lcot.data.tokenizers import build_tokenizer
-    from megatron_lcot.training.checkpointing import latest_iteration, save_checkpoint
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.training.checkpointing import latest_iteration, save_weights_only
     from megatron_lcot.training.providers import model_provider
-    from megatron_lcot.training.state import TrainComponents, TrainState
 
     if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:
         raise ConversionError("--target-tensor-parallel-size/--target-pipeline-model-parallel-size other than 1: "
@@ -212,10 +210,7 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        optimizer = build_optimizer([model], args)
-        components = TrainComponents(model_parts=[model], optimizer=optimizer,
-                                     scheduler=build_lr_scheduler(optimizer, args))
-        save_checkpoint(save, TrainState(), components, args)
+        save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
     except BaseException:
         if latest_iteration(save) is None:
             shutil.rmtree(save, ignore_errors=True)

@@ -13,7 +13,9 @@ data (no BOS, each document followed by eod) into one stream of N tokens. Window
 [w*stride, min(w*stride + seq_length, N)); it scores the targets that no earlier window scored,
 each predicted from all the window's tokens before it. So the first window scores its tokens
 1..end-1, every later window only its last `stride` targets (after seq_length - stride tokens of
-context), the last window may be shorter, and the stream's first token is never scored.
+context), the last window may be shorter, and the stream's first token is never scored. With
+stride = seq_length (the default: no overlap) the first token of every window is not scored
+either (nothing in its window precedes it): `tokens` in the result says how many were.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class HFScorer:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+        self.tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
         self.max_latent_steps = getattr(self.model.config, "latent_steps", 0)
 
     def tokenize(self, text: str) -> list:
@@ -97,7 +99,7 @@ def sliding_window_perplexity(stream: list, scorer, seq_length: int, stride: int
         end = min(begin + seq_length, len(stream))
         window = torch.tensor(stream[begin:end])[None]
         logprobs, steps = scorer(window)
-        first = scored_until - begin  # first target (window index) not scored yet
+        first = max(1, scored_until - begin)  # first target (window index) not scored yet
         targets = window[0, first:]
         nll -= float(logprobs[first - 1 : end - begin - 1].gather(-1, targets[:, None]).sum())
         tally.add(steps[first - 1 : end - begin - 1])

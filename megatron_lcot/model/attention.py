@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
@@ -81,6 +82,14 @@ class LcotCoreAttention(MegatronModule):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("LcotCoreAttention supports neither attention_bias nor packed sequences")
         attn_mask_type = attn_mask_type or self.attn_mask_type
+        if getattr(self.config, "latent_recompute", None) == "selective" and torch.is_grad_enabled():
+            # selective recompute: keep q/k/v of this pass (and the store's per-step entries,
+            # which live anyway), rebuild the concatenated keys and the attention in backward
+            return torch.utils.checkpoint.checkpoint(self._attend, query, key, value, attention_mask,
+                                                     attn_mask_type, use_reentrant=False)
+        return self._attend(query, key, value, attention_mask, attn_mask_type)
+
+    def _attend(self, query, key, value, attention_mask, attn_mask_type) -> torch.Tensor:
         structured = attention_mask if hasattr(attention_mask, "expose") else None
         if structured is not None:  # a StepwisePass, an inference cache
             key, value = structured.expose(self.layer_number, key, value)
@@ -147,10 +156,14 @@ _COMPILED_FLEX = None
 
 def _block_mask(structured, allowed, is_causal, query, key):
     """The FlexAttention block mask of this call, built once per structured mask (every layer
-    of a pass shares it) from its `mask_mod`, else from the materialised mask."""
+    of a pass shares it) from its `mask_mod`, once per shape for plain causal attention, else
+    from the materialised mask."""
     cached = getattr(structured, "_flex_block_mask", None)
     if cached is not None:
         return cached
+    causal_key = (query.shape[0], query.shape[2], key.shape[2], query.device)
+    if structured is None and is_causal and causal_key in _CAUSAL_BLOCK_MASKS:
+        return _CAUSAL_BLOCK_MASKS[causal_key]
     if structured is not None and hasattr(structured, "mask_mod"):
         mask_mod = structured.mask_mod()
     elif is_causal:
@@ -165,4 +178,9 @@ def _block_mask(structured, allowed, is_causal, query, key):
                                    device=query.device)
     if structured is not None:
         structured._flex_block_mask = block_mask
+    elif is_causal:
+        _CAUSAL_BLOCK_MASKS[causal_key] = block_mask
     return block_mask
+
+
+_CAUSAL_BLOCK_MASKS = {}  # (batch, sq, sk, device) -> the causal block mask (vanilla, interleaved)

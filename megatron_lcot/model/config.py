@@ -61,11 +61,10 @@ class LcotConfig(TransformerConfig):
     materialised-mask reference) or 'auto' (= sdpa). See attention.py."""
 
     latent_recompute: str = None
-    """Activation recompute (flag --recompute-granularity): None; 'selective' = megatron-core's
-    selective recompute of every layer's MLP (exact with the stateful core attention);
-    'full' = each latent pass under torch.utils.checkpoint (use_reentrant=False), so only the
-    pass inputs and the KV store stay in memory, and in vanilla mode megatron-core's full
-    recompute of every layer. megatron-core's own full/core-attention recompute would be
+    """Activation recompute (flag --recompute-granularity): None; 'selective' = every core
+    attention call under torch.utils.checkpoint (use_reentrant=False): the per-pass concatenation
+    of the KV store (O(K^2 T) saved) is rebuilt in backward instead of kept; 'full' = each latent pass under torch.utils.checkpoint, so only the pass inputs and the
+    KV store stay in memory, and in vanilla mode megatron-core's full recompute of every layer. megatron-core's own full/core-attention recompute would be
     silently wrong in latent modes (PLATFORM.md), hence a field of ours."""
 
     seed: int = 1234
@@ -81,9 +80,7 @@ class LcotConfig(TransformerConfig):
     def __post_init__(self) -> None:
         if self.latent_recompute not in RECOMPUTE_GRANULARITIES:
             raise ValueError(f"latent_recompute must be one of {RECOMPUTE_GRANULARITIES}")
-        if self.latent_recompute == "selective":
-            self.recompute_granularity, self.recompute_modules = "selective", ["mlp"]
-        elif self.latent_recompute == "full" and self.latent_steps == 0:
+        if self.latent_recompute == "full" and self.latent_steps == 0:
             self.recompute_granularity, self.recompute_method, self.recompute_num_layers = "full", "uniform", 1
         super().__post_init__()
         if self.latent_steps < 0:

@@ -8,7 +8,8 @@ True = may attend (SDPA's convention; megatron's is the opposite and is converte
   `stepwise_dense_mask` (step-major order: (t,k) sees (t',k') iff t' <= t and k' <= k).
 * The structured form the model runs: `StepwisePass`, one per stepwise pass k, whose mask is
   `stepwise_pass_mask(T, k)` (rows of the dense mask for step k, columns of steps 0..k) and
-  which carries the per-layer KV store those columns are read from.
+  which carries the per-layer KV store those columns are read from, and `LivePacking`, the
+  tokens that execute a step packed to the front of each sequence (a pass computes only them).
 """
 
 from __future__ import annotations

@@ -104,19 +104,21 @@ class MicroBatchPasses:
     jacobi: int = 0
 
 
-def stage_block(decoder):
+class StageBlock:
     """This stage's TransformerBlock as a function of the hidden states it is called with.
 
     megatron-core's block on a non-first stage ignores its `hidden_states` argument and reads
-    `input_tensor`; setting that to whatever a pass runs (all rows, or only some) keeps the
-    shared per-pass functions of latent.py valid on every stage.
+    `input_tensor`; setting that to whatever a pass runs (all rows, or only the live tokens'
+    packed rows) keeps the shared per-pass functions of latent.py valid on every stage.
     """
 
-    def run(hidden_states, **kwargs):
-        decoder.set_input_tensor(hidden_states)
-        return decoder(hidden_states=hidden_states, **kwargs)
+    def __init__(self, decoder):
+        self.decoder = decoder
+        self.config = decoder.config
 
-    return run
+    def __call__(self, hidden_states, **kwargs):
+        self.decoder.set_input_tensor(hidden_states)
+        return self.decoder(hidden_states=hidden_states, **kwargs)
 
 
 def _hand_over_pass(store: StepwiseKVStore, step: int) -> tuple:
@@ -169,13 +171,18 @@ class StagePasses:
         model = self.model
         inputs, executing = self._stage_inputs(index, received, input_ids, position_ids)
         state.executed.append(executing)
-        rotary_pos_emb = model.rotary_pos_emb(input_ids.shape[1])
-        outputs = stepwise_pass(stage_block(model.decoder), inputs, index, state.store,
-                                executing if index > 0 else None, rotary_pos_emb)
+        # Once no token executes (one process stops its loop there), a pass computes nothing:
+        # every token keeps its state, and no later pass reads this pass's keys/values.
+        idle = index > 0 and not bool(executing.any())
+        if idle:
+            outputs = inputs.view_as(inputs)
+        else:
+            outputs = stepwise_pass(StageBlock(model.decoder), inputs, index, state.store,
+                                    executing if index > 0 else None, model.rotary_pos_emb(input_ids.shape[1]))
         last_pass = index == self.num_passes - 1
         if model.post_process and last_pass:
             return model.language_model_output(self._thoughts(state, outputs), labels)
-        originals, twins = _hand_over_pass(state.store, index) if not last_pass else ([], [])
+        originals, twins = _hand_over_pass(state.store, index) if not (last_pass or idle) else ([], [])
         if model.post_process:  # decide pass index+1 from this pass's output
             if not state.reach:
                 state.reach.append(torch.ones_like(executing, dtype=torch.float32))  # reach in fp32
@@ -222,7 +229,7 @@ class StagePasses:
             hidden = slots.flatten(0, 1)
         else:
             hidden = unpack_payload(received, num_tokens)[0][: num_tokens * slots_per_token]
-        outputs = interleaved_pass(stage_block(model.decoder), hidden, num_tokens, model.rotary_pos_emb)
+        outputs = interleaved_pass(StageBlock(model.decoder), hidden, num_tokens, model.rotary_pos_emb)
         if final and model.post_process:
             steps = outputs.view(num_tokens, latent_steps + 1, batch, -1)
             return model.language_model_output(interleaved_thoughts(steps), labels)
@@ -293,8 +300,10 @@ def pipeline_schedule(model_parts: list, data_iterator, seq_length: int, forward
         return
     passes = StagePasses(lcot_model, num_passes(config, forward_only))
     slots = seq_length * (config.latent_steps + 1) if config.latent_layout == "interleaved" else seq_length
-    previous = config.virtual_pipeline_model_parallel_size
+    previous = config.virtual_pipeline_model_parallel_size, config.finalize_model_grads_func
     config.virtual_pipeline_model_parallel_size = passes.num_passes
+    if previous[1] is not None:  # megatron DDP: finalize the wrapped parts, not the pass views
+        config.finalize_model_grads_func = lambda _chunks, *rest, **kw: previous[1](model_parts, *rest, **kw)
     try:
         yield ScheduleCall(
             get_forward_backward_func(parallel_state.get_pipeline_model_parallel_world_size(), passes.num_passes),
@@ -303,4 +312,4 @@ def pipeline_schedule(model_parts: list, data_iterator, seq_length: int, forward
             slots + halting_rows(seq_length, config.hidden_size),
         )
     finally:
-        config.virtual_pipeline_model_parallel_size = previous
+        config.virtual_pipeline_model_parallel_size, config.finalize_model_grads_func = previous

@@ -14,13 +14,15 @@ Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) ove
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
 the number of micro-batches. The update itself is behind the optimizer seam
-(`training/optimizer.py`). Evaluation runs the same schedule forward-only over the first
+(`training/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
+signals, time and iteration limits stop the run after a step (`training/faults.py`). Evaluation runs the same schedule forward-only over the first
 `--eval-iters` global batches of the validation split, every `--eval-interval` iterations
 and once at the end.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -31,7 +33,9 @@ from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron_lcot.training.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
+                                                  load_model_weights, save_checkpoint)
+from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
 from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
@@ -80,15 +84,21 @@ def evaluate(components: TrainComponents, args) -> dict | None:
     return summarize(total) if total is not None else None
 
 
-def train_step(components: TrainComponents, args) -> tuple:
-    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used)."""
+def train_step(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> tuple:
+    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used,
+    the ranks' StepVerdict). No update and no LR step when the loss or grad norm is not
+    finite; `state` counts those steps."""
     optimizer = components.optimizer
     optimizer.zero_grad()
     stats = _run_schedule(components, components.train_iterator, args, forward_only=False)
     lr = optimizer.param_groups[0]["lr"]
-    grad_norm = optimizer.step()
-    components.scheduler.step(1)
-    return stats, grad_norm, lr
+    verdict = guard.agree(summarize(stats)["loss"] if stats is not None else None)
+    grad_norm = optimizer.step() if verdict.loss_is_finite else math.nan
+    applied = verdict.loss_is_finite and math.isfinite(grad_norm)
+    if applied:
+        components.scheduler.step(1)
+    guard.record_update(state, applied)
+    return stats, grad_norm, lr, verdict
 
 
 def _describe_run(components: TrainComponents, args, iteration: int) -> str:
@@ -101,9 +111,10 @@ def _describe_run(components: TrainComponents, args, iteration: int) -> str:
             f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}")
 
 
-def train(state: TrainState, components: TrainComponents, args) -> None:
+def train(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> str | None:
     """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
-    `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does)."""
+    `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
+    Returns why it stopped early (`guard.stop_reason`), or None."""
     tokens_per_iteration = args.global_batch_size * args.seq_length
     flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
@@ -112,7 +123,7 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
         step_start = time.perf_counter()
         for part in components.model_parts:  # halting warm-up (also right after a resume)
             set_training_iteration(part, state.iteration)
-        stats, grad_norm, lr = train_step(components, args)
+        stats, grad_norm, lr, verdict = train_step(state, components, guard, args)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
         interval_seconds += time.perf_counter() - step_start
@@ -127,24 +138,41 @@ def train(state: TrainState, components: TrainComponents, args) -> None:
                     summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
                     seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
+        if state.skipped_steps_in_a_row and _is_logging_rank():
+            print(f"iteration {state.iteration}: skipped the update (loss or grad norm not finite: grad norm "
+                  f"{grad_norm}); {state.skipped_steps_in_a_row} in a row, {state.skipped_steps_total} in all",
+                  flush=True)
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save_checkpoint(args.save, state, components, args)
+        stop_reason = guard.stop_reason(state, verdict)
+        if stop_reason is not None:
+            return stop_reason
         if state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
             summary = evaluate(components, args)
             if summary is not None:
                 components.logger.log_eval(state.iteration, summary, final=False)
+    return None
 
 
 def build_components(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> tuple:
-    """Model, optimizer seam, scheduler (restored from `--load` when given), data and logger:
-    (TrainState, TrainComponents)."""
+    """Model, optimizer seam, scheduler (restored from `--load` when given; with --skip-train
+    only the weights, from a checkpoint of any layout), data and logger: (TrainState,
+    TrainComponents)."""
+    starts_from_weights = args.load and not args.skip_train and holds_initial_weights(args.load)
+    if starts_from_weights:
+        check_weights_loadable(args.load, args)
     model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
     model_parts = [model]
+    if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
+        load_model_weights(args.load, model_parts)
     optimizer = build_optimizer(model_parts, args)
     components = TrainComponents(model_parts=model_parts, optimizer=optimizer,
                                  scheduler=build_lr_scheduler(optimizer, args), forward_step_func=forward_step_func)
-    state = load_checkpoint(args.load, components, args) if args.load else TrainState()
+    if args.skip_train:
+        state = TrainState(iteration=load_model_weights(args.load, model_parts))
+    else:
+        state = load_checkpoint(args.load, components, args) if args.load else TrainState()
 
     samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
     train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
@@ -156,17 +184,33 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
 
 def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
     """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
-    validation summary on the logging rank (None elsewhere)."""
-    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed)
+    validation summary on the logging rank (None elsewhere, and when the run stopped early).
+    --skip-train: load the weights and evaluate only. Raises TooManySkippedSteps (after
+    saving) when steps keep producing NaN/inf."""
+    if args.skip_train:
+        check_weights_loadable(args.load, args)
+    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
+                        timeout_minutes=args.distributed_timeout_minutes)
     state, components = build_components(args, train_valid_test_datasets_provider, model_provider,
                                          forward_step_func)
     start_iteration = state.iteration
-    if _is_logging_rank():
+    if _is_logging_rank() and not args.skip_train:
         print(_describe_run(components, args, start_iteration), flush=True)
-    train(state, components, args)
+    stop_reason = None
+    if not args.skip_train:
+        with RunGuard(args) as guard:
+            stop_reason = train(state, components, guard, args)
     saved_by_interval = args.save_interval and state.iteration % args.save_interval == 0
     if args.save and state.iteration > start_iteration and not saved_by_interval:
         save_checkpoint(args.save, state, components, args)
+    if stop_reason is not None:
+        components.logger.close()
+        saved = f"; saved iteration {state.iteration} to {args.save}" if args.save else " (no --save: nothing saved)"
+        if guard.failed(state):
+            raise TooManySkippedSteps(f"stopped at iteration {state.iteration}: {stop_reason}{saved}.")
+        if _is_logging_rank():
+            print(f"exiting at iteration {state.iteration}: {stop_reason}{saved}.", flush=True)
+        return None
     final = evaluate(components, args)
     if final is not None:
         components.logger.log_eval(state.iteration, final, final=True)

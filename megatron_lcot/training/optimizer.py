@@ -1,8 +1,8 @@
 """The optimizer seam: everything between "the schedule ran backward" and "weights moved".
 
-The training loop only calls `zero_grad()`, `step() -> grad_norm`, `state_dict()` and
-`load_state_dict()`, hands `param_groups` to the LR scheduler and `schedule_parts` (the modules
-the pipeline schedule runs) to megatron-core's schedule; it never asks which seam it has.
+The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf),
+`state_dict()` and `load_state_dict()`, hands `param_groups` to the LR scheduler and
+`schedule_parts` (the modules the pipeline schedule runs) to megatron-core's schedule; it never asks which seam it has.
 
 * `MegatronCoreOptimizer` (default): megatron-core's `DistributedDataParallel` (gradients
   accumulated into fp32 buffers and averaged over the data-parallel group by
@@ -19,9 +19,12 @@ The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which
 
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
@@ -91,11 +94,24 @@ class MegatronCoreOptimizer:
         self.optimizer.zero_grad()
 
     def step(self) -> float:
-        """Apply one update from the reduced gradients; returns the pre-clip grad norm (inf or
-        nan when `--fp16` found an overflow and skipped the update)."""
+        """Apply one update from the reduced gradients; returns the pre-clip grad norm. No
+        update when it is NaN/inf, nor when `--fp16` found an overflow (then nan).
+
+        megatron-core's own `step()` (prepare, norm + clip, update) with one check added: its
+        fp32/bf16 optimizers would apply a NaN gradient."""
         with parallel.schedule_device_context():
-            _, grad_norm, _ = self.optimizer.step()
-        return float("nan") if grad_norm is None else float(grad_norm)
+            if self.optimizer.prepare_grads():  # --fp16 overflow: the loss scaler backed off
+                return float("nan")
+            grad_norm = float(self.optimizer.get_grad_norm())
+            if not math.isfinite(grad_norm):
+                return grad_norm
+            for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+                parameters = optimizer.get_parameters()
+                if optimizer.config.clip_grad > 0.0 and parameters:
+                    clip_grad_by_total_norm_fp32(parameters, max_norm=optimizer.config.clip_grad,
+                                                 total_norm=grad_norm)
+            self.optimizer.step_with_ready_grads()
+        return grad_norm
 
     def state_dict(self) -> dict:
         """Optimizer state (fp32 main weights and Adam moments, loss scaler). With the
@@ -110,6 +126,12 @@ class MegatronCoreOptimizer:
 
     @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load_state_dict(self, state_dict: dict) -> None:
+        """megatron-core matches saved param groups to the current ones by (wd_mult, lr_mult,
+        ...): the router's group (no weight decay, its own max/min LR) and the vectors' group
+        share that key, so it swaps them and the load fails. The groups are built by the same
+        code at the same layout, so the saved order is already the current order."""
+        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            optimizer._filter_and_reorder_param_groups = lambda current_groups, saved_groups: saved_groups
         with parallel.schedule_device_context():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             if self.distributed:

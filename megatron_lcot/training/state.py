@@ -17,13 +17,16 @@ from typing import Any, Callable
 
 @dataclasses.dataclass
 class TrainState:
-    """Progress of a run: the iteration reached and the training samples consumed so far
+    """Progress of a run: the iteration reached, the training samples consumed so far
     (Megatron-LM's `consumed_train_samples`: the data position a resumed run continues from),
-    and the training FLOPs spent so far (`flops_meter.TrainingFlops`, on the logging rank)."""
+    the training FLOPs spent so far (`flops_meter.TrainingFlops`, on the logging rank) and the
+    steps whose NaN/inf loss or grad norm applied no update (`training/faults.py`)."""
 
     iteration: int = 0
     consumed_train_samples: int = 0
     train_flops: float = 0.0
+    skipped_steps_in_a_row: int = 0
+    skipped_steps_total: int = 0
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -109,3 +109,19 @@ def test_cli_refuses_without_traceback(tmp_path, flags, expected):
     assert expected in result.stderr
     assert result.stderr.strip().startswith("pretrain_lcot.py: error:")
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_deepspeed_refuses_latent_pipeline_with_the_alternative(monkeypatch):
+    """The pass chunks call the model under the engine, so ZeRO would not see their backward."""
+    import os
+
+    from tests.conftest import REPO_ROOT
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    zero1 = os.path.join(REPO_ROOT, "examples", "ds_configs", "zero1.json")
+    flags = _replace(BASE, pipeline_model_parallel_size=2, micro_batch_size=2, global_batch_size=4,
+                     latent_steps=1, deepspeed=None, deepspeed_config=zero1)
+    with pytest.raises(ArgumentError) as error:
+        parse_args(flags)
+    for text in ("--deepspeed with --pipeline-model-parallel-size 2 and latent", "--use-distributed-optimizer"):
+        assert text in str(error.value)

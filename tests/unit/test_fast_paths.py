@@ -142,12 +142,29 @@ def test_flex_backend_forward_equals_dense_reference(batch, mode):  # noqa: F811
     assert max_abs(got, want) < 1e-4
 
 
-def test_unknown_attention_backend_is_refused():
-    from megatron_lcot.arguments import parse_args
+FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
+         "--train-iters", "1", "--mock-data"]
 
+
+def test_attention_and_recompute_flags_reach_the_config(capsys, monkeypatch):
+    """Proves --attention-backend and --recompute-granularity arrive in LcotConfig by field name
+    (lcot_config_from_args), that `selective` leaves megatron-core's own recompute off (ours
+    wraps the core attention), and that a wrong backend is refused by argparse naming the flag."""
+    from megatron_lcot.arguments import ArgumentError, parse_args
+    from megatron_lcot.training.providers import lcot_config_from_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_args(FLAGS + ["--attention-backend", "dense", "--recompute-granularity", "selective",
+                               "--latent-steps", "2", "--vocab-size", "128"])
+    config = lcot_config_from_args(args)
+    assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
+    assert config.recompute_granularity is None
+    with pytest.raises(ArgumentError, match="--recompute-granularity full is not supported yet with latent"):
+        parse_args(FLAGS + ["--recompute-granularity", "full", "--latent-steps", "1",
+                            "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"])
     with pytest.raises(SystemExit):
-        parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
-                    "--train-iters", "1", "--mock-data", "--attention-backend", "flash3"])
+        parse_args(FLAGS + ["--attention-backend", "flash3"])
+    assert "--attention-backend: invalid choice: 'flash3'" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,8 +175,9 @@ def test_unknown_attention_backend_is_refused():
 @pytest.mark.parametrize("mode", ["vanilla", "stepwise", "adaptive", "interleaved"])
 def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # noqa: F811
     """Proves --recompute-granularity leaves the loss and every gradient unchanged (relative
-    error < 1e-6) in every mode: full wraps each latent pass in a non-reentrant checkpoint whose
-    recompute rewrites its own KV-store entry; selective recomputes megatron-core's MLPs."""
+    error < 1e-6) in every mode: full wraps each latent pass, selective each core attention call
+    (expose + attention), in a non-reentrant checkpoint whose recompute rewrites its own
+    KV-store entry."""
     ids, labels = batch
     fields = {"vanilla": {}, "stepwise": {"latent_steps": 2}, "interleaved": {"latent_steps": 1,
               "latent_layout": "interleaved", "jacobi_iters": (1,)},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -53,7 +54,8 @@ def tiny_training_state():
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
         num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
-        padded_vocab_size=128, latent_steps=0, halting="none", tensor_model_parallel_size=1,
+        padded_vocab_size=128, latent_steps=0, latent_layout="stepwise", halting="none", init_method_std=None,
+        tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
         train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
         jacobi_iters=(2, 3), bf16=False, fp16=False, loss_scale=None, initial_loss_scale=2.0**32,
@@ -113,7 +115,11 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     saved = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
     _train_one_step(model, optimizer, scheduler)
 
-    def crash_midway(state, f):
+    real_save = torch.save
+
+    def crash_midway(state, f):  # the weights are written; the per-rank training state is not
+        if isinstance(f, str):
+            return real_save(state, f)
         f.write(b"partial")
         raise OSError("disk full")
 
@@ -131,19 +137,69 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert fresh_scheduler.num_steps == 1
     checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path / "iter_0000002")) == ["model", "mp_rank_00", "run.pt"]
 
 
-def test_checkpoint_refuses_other_model_shape(tiny_training_state, tmp_path):
+@pytest.mark.parametrize("flag, value, message", [
+    ("hidden_size", 64, "--hidden-size 32 but this run has --hidden-size 64"),
+    ("latent_layout", "interleaved", "--latent-layout stepwise but this run has --latent-layout interleaved"),
+    ("init_method_std", 0.02, "--init-method-std None but this run has --init-method-std 0.02"),
+    ("lr", 1e-3, "--lr 0.01 but this run has --lr 0.001"),
+    ("train_iters", 20, "--train-iters 10 but this run has --train-iters 20"),
+    ("tensor_model_parallel_size", 2, "--tensor-model-parallel-size 1 but this run has "
+                                      "--tensor-model-parallel-size 2; resume at the checkpoint's layout"),
+])
+def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_training_state, tmp_path, flag, value,
+                                                                       message):
+    """The message names the flag (megatron-core's scheduler would only assert on --lr)."""
     from megatron_lcot.training import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
     checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
-    other = argparse.Namespace(**{**vars(args), "hidden_size": 64})
-    with pytest.raises(checkpointing.CheckpointError, match="--hidden-size 32 but this run has --hidden-size 64"):
+    other = argparse.Namespace(**{**vars(args), flag: value})
+    with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
         checkpointing.load_checkpoint(str(tmp_path), components, other)
     fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args)
     assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
+
+
+def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_state, tmp_path):
+    from megatron_lcot.training import checkpointing
+
+    args, model, optimizer, scheduler = tiny_training_state
+    components = _components(model, optimizer, scheduler)
+    keep_two = argparse.Namespace(**{**vars(args), "keep_last": 2})
+    for iteration in (1, 2, 3, 4):
+        checkpointing.save_checkpoint(str(tmp_path), _at(iteration, iteration), components, keep_two)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")  # e.g. a user rolled the marker back
+    checkpointing.save_checkpoint(str(tmp_path), _at(5, 5), components, args)  # no pruning
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    assert checkpointing.prune_old_iterations(str(tmp_path), 1) == [4]
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
+
+
+def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_training_state, tmp_path):
+    """save_weights_only in both formats round-trips through load_model_weights, and training
+    refuses to resume from a weights-only checkpoint with a message that says what it is."""
+    from megatron_lcot.training import checkpointing
+
+    args, model, optimizer, scheduler = tiny_training_state
+    _train_one_step(model, optimizer, scheduler)
+    trained = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    for sharded in (True, False):
+        root = str(tmp_path / f"sharded{sharded}")
+        checkpointing.save_weights_only(root, 7, model, args, sharded=sharded)
+        assert os.path.isdir(os.path.join(root, "iter_0000007", "model")) == sharded
+        with torch.no_grad():
+            for param in model.parameters():
+                param.zero_()
+        assert checkpointing.load_model_weights(root, model) == 7
+        assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
+        assert checkpointing.saved_args(root)["hidden_size"] == 32
+        with pytest.raises(checkpointing.CheckpointError, match="holds weights only .* --skip-train"):
+            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args)
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):

@@ -1,0 +1,121 @@
+"""Stops and faults that every rank must agree on, checked once per training step.
+
+Megatron-LM's flags:
+    --exit-signal-handler        SIGTERM or SIGUSR1: finish the current step, save, exit 0
+    --exit-duration-in-mins M    the same once the run has trained for M minutes
+    --exit-interval N            the same at every iteration divisible by N
+and ours:
+    --max-skipped-steps-in-a-row N   a step whose loss or grad norm is NaN/inf applies no update
+                                     and is counted; after N such steps in a row the run saves
+                                     and stops with an error
+
+A signal reaches one process (a scheduler may signal only some), and wall clocks differ, so
+the ranks agree through one all-reduce (MAX over the whole world, on `parallel.device()`) of
+[loss is not finite, a signal was received, the duration is exceeded] after each step's
+forward/backward and before its update: every rank then skips the same updates and stops after
+the same iteration. The loss is only known on the last pipeline stage; the all-reduce also
+carries it to the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from megatron_lcot import parallel
+from megatron_lcot.training.state import TrainState
+
+EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class TooManySkippedSteps(RuntimeError):
+    """`--max-skipped-steps-in-a-row` consecutive steps had a non-finite loss or grad norm."""
+
+
+@dataclasses.dataclass
+class StepVerdict:
+    """What all ranks agreed on for one step."""
+
+    loss_is_finite: bool
+    signal_received: bool
+    duration_exceeded: bool
+
+
+class RunGuard:
+    """Owns the exit-signal handler and the run clock; counts skipped steps in the TrainState.
+
+    Use as a context manager around the training loop (the signal handler is installed only
+    inside it), call `agree()` once per step before the update, `record_update()` after it, and
+    `stop_reason()` at the end of the step.
+    """
+
+    def __init__(self, args) -> None:
+        self.exit_signal_handler = args.exit_signal_handler
+        self.exit_duration_in_mins = args.exit_duration_in_mins
+        self.exit_interval = args.exit_interval
+        # Under --fp16 with dynamic loss scaling, overflow steps are the scaler's business (it
+        # halves the scale: from 2^32 that takes many skipped steps in a row): counted, never a stop.
+        dynamic_fp16 = getattr(args, "fp16", False) and getattr(args, "loss_scale", None) is None
+        self.max_skipped_in_a_row = 0 if dynamic_fp16 else args.max_skipped_steps_in_a_row
+        self.received_signal: int | None = None
+        self._previous_handlers: dict = {}
+        self._start = time.monotonic()
+
+    def __enter__(self) -> "RunGuard":
+        self._start = time.monotonic()
+        if self.exit_signal_handler:
+            for signum in EXIT_SIGNALS:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers.clear()
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received_signal = signum
+
+    def agree(self, loss: float | None) -> StepVerdict:
+        """All-reduce this rank's view of the step (collective; `loss` is None off the last
+        pipeline stage)."""
+        minutes = (time.monotonic() - self._start) / 60
+        flags = torch.tensor([
+            loss is not None and not math.isfinite(loss),
+            self.received_signal is not None,
+            self.exit_duration_in_mins is not None and minutes >= self.exit_duration_in_mins,
+        ], dtype=torch.int32, device=parallel.device())
+        parallel.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_not_finite, signal_received, duration_exceeded = (bool(flag) for flag in flags.tolist())
+        return StepVerdict(not loss_not_finite, signal_received, duration_exceeded)
+
+    @staticmethod
+    def record_update(state: TrainState, applied: bool) -> None:
+        if applied:
+            state.skipped_steps_in_a_row = 0
+        else:
+            state.skipped_steps_in_a_row += 1
+            state.skipped_steps_total += 1
+
+    def stop_reason(self, state: TrainState, verdict: StepVerdict) -> str | None:
+        """Why the run stops after this step (None: it goes on). The same on every rank."""
+        if self.failed(state):
+            return (f"{state.skipped_steps_in_a_row} steps in a row had a non-finite loss or grad norm "
+                    f"(--max-skipped-steps-in-a-row {self.max_skipped_in_a_row}); lower --lr, raise "
+                    "--lr-warmup-iters or --clip-grad, or resume from an earlier checkpoint")
+        if verdict.signal_received:
+            return "an exit signal (SIGTERM or SIGUSR1) reached a rank (--exit-signal-handler)"
+        if verdict.duration_exceeded:
+            return f"the run trained for --exit-duration-in-mins {self.exit_duration_in_mins}"
+        if self.exit_interval and state.iteration % self.exit_interval == 0:
+            return f"iteration {state.iteration} is a multiple of --exit-interval {self.exit_interval}"
+        return None
+
+    def failed(self, state: TrainState) -> bool:
+        """Whether the run must stop with an error (too many skipped steps in a row)."""
+        return bool(self.max_skipped_in_a_row) and state.skipped_steps_in_a_row >= self.max_skipped_in_a_row
