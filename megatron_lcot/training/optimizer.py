@@ -126,12 +126,8 @@ class MegatronCoreOptimizer:
 
     @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load_state_dict(self, state_dict: dict) -> None:
-        """megatron-core matches saved param groups to the current ones by (wd_mult, lr_mult,
-        ...): the router's group (no weight decay, its own max/min LR) and the vectors' group
-        share that key, so it swaps them and the load fails. The groups are built by the same
-        code at the same layout, so the saved order is already the current order."""
-        for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-            optimizer._filter_and_reorder_param_groups = lambda current_groups, saved_groups: saved_groups
+        """Restore the state of an optimizer built by the same code at the same layout (the
+        router's group is told apart by `is_decoupled_lr`, see router_config_overrides)."""
         with parallel.schedule_device_context():
             self.optimizer.load_state_dict(state_dict["optimizer"])
             if self.distributed:
