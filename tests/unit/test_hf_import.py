@@ -136,3 +136,35 @@ def test_pretrain_continues_from_imported_llama(llama_dir, tmp_path, sotu_indexe
     records = [json.loads(line) for line in open(tmp_path / "m.jsonl")]
     assert [r["iteration"] for r in records if r["split"] == "train"] == [1, 2]
     assert os.path.isfile(tmp_path / "continued" / "iter_0000002" / "mp_rank_00" / "model_optim_rng.pt")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"], ["--pipeline-model-parallel-size", "2"]],
+                         ids=["tp2", "pp2"])
+def test_round_trip_from_a_parallel_layout_is_bit_exact(sotu_indexed_dataset, tmp_path, layout):
+    """An adaptive model trained at TP=2 or PP=2 (2 processes) exports from its layout-free
+    weights and imports back to exactly the weights a one-process load of it holds."""
+    import sys
+
+    from megatron_lcot.hf.export import export
+    from megatron_lcot.hf.import_llama import import_llama
+    from megatron_lcot.inference.loading import load_trained_model
+    from tests.conftest import TINY_MODEL_FLAGS
+
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
+    flags = [*TINY_MODEL_FLAGS, "--latent-steps", "2", "--halting", "adaptive", "--micro-batch-size", "2",
+             "--global-batch-size", "4", "--train-iters", "2", "--lr", "3e-3", "--eval-iters", "1",
+             "--split", "98,2,0", "--data-path", sotu_indexed_dataset["prefix"], "--tokenizer-type",
+             "SentencePieceTokenizer", "--tokenizer-model", sotu_indexed_dataset["tokenizer_model"],
+             "--data-cache-path", str(tmp_path / "cache"), "--save", str(tmp_path / "trained"), *layout]
+    result = run_pretrain(flags, cwd=tmp_path, launcher=torchrun, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    export(str(tmp_path / "trained"), str(tmp_path / "hf"))
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "back"), _options())
+    original = load_trained_model(str(tmp_path / "trained")).model.state_dict()
+    again = load_trained_model(str(tmp_path / "back")).model.state_dict()
+    tensors = [name for name, value in original.items() if isinstance(value, torch.Tensor)
+               and name != "latent_schedule.jacobi_draws"]
+    assert "halting_router.weight" in tensors and set(tensors) <= set(again)
+    for name in tensors:
+        assert torch.equal(original[name], again[name]), name
