@@ -39,6 +39,20 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 MOSTLY_HALTED = dict(router_bias=-1.6)
 
 
+# LcotConfig fields of the four modes these tests compare (adaptive halts with a decisive router).
+MODE_FIELDS = {"vanilla": {}, "stepwise": {"latent_steps": 2},
+               "interleaved": {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (1,)},
+               "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4}}
+
+
+def decisive_router(model) -> None:
+    """Router weights that make tokens halt at different steps (a fresh router halts none)."""
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(11)
+        model.halting_router.weight.copy_(0.6 * torch.randn(model.halting_router.weight.shape, generator=gen))
+        model.halting_router.bias.fill_(0.5)
+
+
 def test_live_packing_gathers_and_scatters_live_tokens():
     """Proves LivePacking's bookkeeping: packed rows are each sequence's live tokens in order,
     padding rows are flagged, scatter puts packed rows back at their tokens and keeps the base
@@ -98,17 +112,10 @@ def test_sdpa_backend_equals_dense_reference(batch, mode):  # noqa: F811
     passes, per-sequence masks of packed queries) equals the dense materialised-mask attention:
     logits and gradients of the same weights in every mode."""
     ids, labels = batch
-    fields = {"vanilla": {}, "stepwise": {"latent_steps": 2}, "interleaved": {"latent_steps": 1,
-              "latent_layout": "interleaved", "jacobi_iters": (1,)},
-              "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4}}[mode]
+    fields = MODE_FIELDS[mode]
     models = {backend: _backend_model(backend, **fields) for backend in ("sdpa", "dense")}
     if mode == "adaptive":
-        gen = torch.Generator().manual_seed(11)
-        weight = 0.6 * torch.randn(models["sdpa"].halting_router.weight.shape, generator=gen)
-        for model in models.values():
-            with torch.no_grad():
-                model.halting_router.weight.copy_(weight)
-                model.halting_router.bias.fill_(0.5)
+        decisive_router(models["sdpa"])
     models["dense"].load_state_dict(models["sdpa"].state_dict())
     losses, grads = {}, {}
     for backend, model in models.items():
@@ -127,15 +134,11 @@ def test_flex_backend_forward_equals_dense_reference(batch, mode):  # noqa: F811
     included) select the same keys as the dense reference. PyTorch 2.13 runs FlexAttention on
     CPU forward only, so this compares logits; training with flex needs CUDA."""
     ids, _ = batch
-    fields = {"vanilla": {}, "stepwise": {"latent_steps": 2},
-              "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4}}[mode]
+    fields = MODE_FIELDS[mode]
     flex = _backend_model("flex", **fields)
     dense = _backend_model("dense", **fields)
     if mode == "adaptive":
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(11)
-            flex.halting_router.weight.copy_(0.6 * torch.randn(flex.halting_router.weight.shape, generator=gen))
-            flex.halting_router.bias.fill_(0.5)
+        decisive_router(flex)
     dense.load_state_dict(flex.state_dict())
     with torch.no_grad():
         got, want = flex(ids, positions()), dense(ids, positions())
@@ -179,16 +182,11 @@ def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # no
     (expose + attention), in a non-reentrant checkpoint whose recompute rewrites its own
     KV-store entry."""
     ids, labels = batch
-    fields = {"vanilla": {}, "stepwise": {"latent_steps": 2}, "interleaved": {"latent_steps": 1,
-              "latent_layout": "interleaved", "jacobi_iters": (1,)},
-              "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4}}[mode]
+    fields = MODE_FIELDS[mode]
     plain = build(lcot_config(**fields)).train()
     recomputed = build(lcot_config(latent_recompute=granularity, **fields)).train()
     if mode == "adaptive":
-        with torch.no_grad():
-            gen = torch.Generator().manual_seed(11)
-            plain.halting_router.weight.copy_(0.6 * torch.randn(plain.halting_router.weight.shape, generator=gen))
-            plain.halting_router.bias.fill_(0.5)
+        decisive_router(plain)
     recomputed.load_state_dict(plain.state_dict())
     names = [n for n, _ in plain.named_parameters()]
     grads = {}
