@@ -14,16 +14,14 @@ every layout alike. Prints seconds per step and the ratio to megatron-core DDP.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
+from benchmarks.pretrain_step_time import median_step_seconds  # noqa: E402
 from megatron_lcot.parallel import free_port  # noqa: E402
 
 DS_CONFIGS = os.path.join(REPO_ROOT, "examples", "ds_configs")
@@ -52,19 +50,10 @@ LAYOUTS = {
 }
 
 
-def _median_step_seconds(launcher: list, extra: list, model: list, iters: int, skip: int, workdir: str) -> float:
-    metrics = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(metrics):
-        os.remove(metrics)
-    flags = [*model, "--mock-data", "--vocab-size", "1024", "--train-iters", str(iters), "--log-interval", "1",
-             "--eval-interval", str(iters + 1), "--eval-iters", "1", "--metrics-file", metrics, *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, "DS_ACCELERATOR": "cpu"}
-    subprocess.run([*launcher, os.path.join(REPO_ROOT, "pretrain_lcot.py"), *flags], cwd=workdir, env=env,
-                   check=True, capture_output=True, text=True)
-    with open(metrics, encoding="utf-8") as f:
-        train = [json.loads(line) for line in f if '"split": "train"' in line]
-    tokens = int(flags[flags.index("--global-batch-size") + 1]) * int(flags[flags.index("--seq-length") + 1])
-    return statistics.median(tokens / r["tokens_per_sec"] for r in train[skip:])
+def _step_seconds(launcher: list, extra: list, model: list, iters: int, skip: int, workdir: str) -> float:
+    flags = [*model, "--mock-data", "--vocab-size", "1024", "--train-iters", str(iters),
+             "--eval-interval", str(iters + 1), "--eval-iters", "1", *extra]
+    return median_step_seconds(launcher, flags, workdir, "metrics", skip)
 
 
 def main() -> None:
@@ -88,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for _ in range(args.repeats):
             for name, (launcher, extra) in LAYOUTS.items():
-                seconds = _median_step_seconds(launcher(), extra, model, args.iters, args.skip, workdir)
+                seconds = _step_seconds(launcher(), extra, model, args.iters, args.skip, workdir)
                 best[name] = min(best[name], seconds)
     baseline = best["megatron-core DDP"]
     print(f"{'layout':<38} {'s/step':>8} {'vs DDP':>7}")

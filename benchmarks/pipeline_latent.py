@@ -19,15 +19,17 @@ attention cost, other load: on a shared 2-core machine, run it more than once).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.pretrain_step_time import median_step_seconds  # noqa: E402
+
 PIPELINE_SIZE = 2
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+            str(PIPELINE_SIZE)]
 
 # name -> (flags, passes V as the schedule sees them)
 MODES = {
@@ -42,21 +44,6 @@ def predicted_seconds(one_process: float, passes: int, micro_batches: int, stage
     """Perfect split over `stages` plus the interleaved schedule's bubble."""
     chunks = passes * micro_batches
     return one_process / stages * (chunks + stages - 1) / chunks
-
-
-def seconds_per_iteration(flags: list, processes: int, workdir: str, name: str, tokens_per_step: int) -> float:
-    metrics = os.path.join(workdir, f"{name}.jsonl")
-    launcher = [sys.executable] if processes == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    result = subprocess.run([*launcher, os.path.join(REPO_ROOT, "pretrain_lcot.py"), *flags,
-                             "--metrics-file", metrics], cwd=workdir, env=env, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"pipeline_latent.py: error: {name} failed:\n{result.stderr[-2000:]}")
-    with open(metrics, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f]
-    times = [tokens_per_step / r["tokens_per_sec"] for r in records if r["split"] == "train"]
-    return statistics.median(times[2:])
 
 
 def main() -> None:
@@ -76,9 +63,8 @@ def main() -> None:
              "--num-query-groups", "2", "--seq-length", str(args.seq), "--mock-data", "--vocab-size", "8192",
              "--micro-batch-size", str(args.micro_batch),
              "--global-batch-size", str(args.micro_batch * args.micro_batches), "--train-iters", str(args.iters),
-             "--log-interval", "1", "--eval-interval", "100000", "--eval-iters", "1",
+             "--eval-interval", "100000", "--eval-iters", "1",
              "--use-cpu-initialization"]
-    tokens_per_step = args.micro_batch * args.micro_batches * args.seq
     print(f"PP={PIPELINE_SIZE}, M={args.micro_batches} micro-batches of {args.micro_batch} x {args.seq} tokens, "
           f"{args.layers} layers, hidden {args.hidden}; 1 thread per process; median of {args.iters - 2} steps")
     print(f"{'mode':<22}{'V':>3}{'1 proc s':>10}{'PP=2 s':>9}{'speed-up':>10}{'bubble':>8}"
@@ -87,9 +73,9 @@ def main() -> None:
         for name in args.modes:
             flags, passes = MODES[name]
             key = name.split()[0]
-            one = seconds_per_iteration([*model, *flags], 1, workdir, f"{key}-1", tokens_per_step)
-            piped = seconds_per_iteration([*model, *flags, "--pipeline-model-parallel-size", str(PIPELINE_SIZE)],
-                                          PIPELINE_SIZE, workdir, f"{key}-pp", tokens_per_step)
+            one = median_step_seconds([sys.executable], [*model, *flags], workdir, f"{key}-1", skip=2)
+            piped = median_step_seconds(TORCHRUN, [*model, *flags, "--pipeline-model-parallel-size",
+                                                   str(PIPELINE_SIZE)], workdir, f"{key}-pp", skip=2)
             chunks = passes * args.micro_batches
             bubble = (PIPELINE_SIZE - 1) / (chunks + PIPELINE_SIZE - 1)
             predicted = predicted_seconds(one, passes, args.micro_batches)
