@@ -1,0 +1,211 @@
+"""The lm-eval adapter (`megatron_lcot/inference/lm_eval_adapter.py`, model `lcot`) on a tiny
+adaptive latent checkpoint (K=3, tau 0.4) trained on State of the Union text:
+
+* `loglikelihood` equals the log-probabilities of our scorer summed by hand, and `is_greedy` an
+  argmax taken by hand;
+* lm-eval itself (its CLI, offline, local task YAMLs over JSON lines) reports the accuracy that
+  `tools/evaluate.py --task` reports on the same items;
+* `loglikelihood_rolling` equals `tools/evaluate.py --input` total NLL on the same token stream;
+* a bad `load=` fails before any work with a message naming `load=`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.unit.hf_fixtures import tool_env, trained_checkpoints  # noqa: F401
+
+pytest.importorskip("lm_eval")
+
+LAUNCHER = os.path.join(REPO_ROOT, "tools", "lm_eval_lcot.py")
+OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+MC_TASK = """task: lcot_sotu_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+CLOZE_TASK = """task: lcot_sotu_cloze
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood
+doc_to_text: context
+doc_to_target: target
+target_delimiter: ""
+metric_list:
+  - metric: acc
+"""
+
+
+def _held_out(sotu_indexed_dataset, index: int) -> str:
+    speeches = os.path.join(os.path.dirname(sotu_indexed_dataset["prefix"]), "speeches")
+    with open(os.path.join(speeches, f"{index:03d}.txt"), encoding="utf-8") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def items(sotu_indexed_dataset) -> dict:
+    """{"cloze": 20 LAMBADA-style items (tools/build_eval_tasks.py) from addresses not trained on,
+    "choice": the same contexts as 3-way multiple choice against the next items' last words}."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+    from build_eval_tasks import cloze_items
+
+    paragraphs = [p for index in (38, 39) for p in _held_out(sotu_indexed_dataset, index).split("\n") if p.strip()]
+    cloze = cloze_items(paragraphs, 20, max_words=30)
+    assert len(cloze) == 20
+    choice = []
+    for i, item in enumerate(cloze):
+        wrong = [cloze[(i + j) % 20]["target"] for j in (1, 2, 3, 4, 5)]
+        distractors = [w for w in dict.fromkeys(wrong) if w != item["target"]][:2]
+        answer = i % 3
+        choice.append({"context": item["context"], "answer": answer,
+                       "choices": distractors[:answer] + [item["target"]] + distractors[answer:]})
+    return {"cloze": cloze, "choice": choice}
+
+
+@pytest.fixture(scope="module")
+def adapter(trained_checkpoints):  # noqa: F811
+    from megatron_lcot.inference.lm_eval_adapter import LcotLM
+
+    return LcotLM(load=trained_checkpoints["adaptive"])
+
+
+def _requests(kind: str, arguments: list) -> list:
+    from lm_eval.api.instance import Instance
+
+    return [Instance(kind, {}, args, index) for index, args in enumerate(arguments)]
+
+
+def _write_jsonl(path, records: list) -> str:
+    path.write_text("".join(json.dumps(record) + "\n" for record in records), encoding="utf-8")
+    return str(path)
+
+
+def _run(command: list, cwd, timeout: int = 600):
+    return subprocess.run([sys.executable, *map(str, command)], cwd=cwd, env={**tool_env(), **OFFLINE},
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def _last_json(run) -> dict:
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_loglikelihood_equals_the_scorer_by_hand(adapter, trained_checkpoints, items):  # noqa: F811
+    from megatron_lcot.inference.loading import load_trained_model
+    from megatron_lcot.inference.scoring import CheckpointScorer
+
+    trained = load_trained_model(trained_checkpoints["adaptive"])  # a second, independent copy
+    scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
+    seq = trained.args.seq_length
+    pairs = [(item["context"], choice) for item in items["choice"][:6] for choice in item["choices"]]
+    pairs += [("", " The Congress"), (" ".join(item["context"] for item in items["cloze"][:4]), " nation")]
+    # continuations the model itself predicts greedily (one token each), so is_greedy is True somewhere
+    for item in items["cloze"][:6]:
+        head = tokenize(item["context"])
+        best = int(scorer(torch.tensor([head[-seq:]]))[0][-1].argmax())
+        text = trained.tokenizer.detokenize(head + [best])
+        if text.startswith(item["context"]) and len(text) > len(item["context"]):
+            pairs.append((item["context"], text[len(item["context"]) :]))
+
+    results = adapter.loglikelihood(_requests("loglikelihood", pairs))
+
+    expected = []
+    for context, continuation in pairs:
+        whole, head = tokenize(context + continuation), tokenize(context)
+        assert whole[: len(head)] == head  # the split lm-eval makes: continuation = what follows the context
+        ids = ([eod] if not head else []) + whole
+        ids, n = ids[-seq:], len(whole) - len(head)
+        logprobs, _ = scorer(torch.tensor([ids]))
+        targets = range(len(ids) - n, len(ids))
+        expected.append((sum(float(logprobs[i - 1, ids[i]]) for i in targets),
+                         all(int(logprobs[i - 1].argmax()) == ids[i] for i in targets)))
+    assert len(results) == len(expected) and len(pairs) > 20
+    for (loglik, greedy), (want, want_greedy) in zip(results, expected):
+        assert loglik == pytest.approx(want, abs=1e-5) and greedy == want_greedy
+    greedy_flags = [g for _, g in expected]
+    assert any(greedy_flags) and not all(greedy_flags)  # both outcomes are exercised
+
+
+def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoints, sotu_indexed_dataset,  # noqa: F811
+                                                      tmp_path):
+    """evaluate.py's stream for the records ["", text] is [eod] + tokens(text) + [eod]: its windows
+    depend only on positions, so its total NLL is the adapter's rolling NLL of `text` (stream
+    [eod] + tokens(text)) plus the trailing eod's NLL, computed here by one forward pass."""
+    text = _held_out(sotu_indexed_dataset, 38)[:1500]
+    seq, stride = adapter.seq_length, adapter.stride
+    ours = adapter.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))[0]
+    evaluated = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load",
+                                 trained_checkpoints["adaptive"], "--input",
+                                 _write_jsonl(tmp_path / "doc.jsonl", [{"text": ""}, {"text": text}]),
+                                 "--stride", stride], cwd=tmp_path))
+    tokens = adapter.tokenize(text)
+    n = len(tokens) + 1  # index of the trailing eod in evaluate.py's stream
+    assert evaluated["tokens"] == n and evaluated["seq_length"] == seq and n > 4 * seq
+    stream = [adapter.eod, *tokens]
+    begin = next(w * stride for w in range(n) if w * stride + seq > n)  # the window that scores target n
+    with torch.no_grad():
+        window = torch.tensor([stream[begin:]])
+        logits = adapter.trained.model(window, torch.arange(window.shape[1])[None])[0, -1, : adapter.trained.vocab_size]
+    eod_nll = -float(torch.log_softmax(logits.float(), -1)[adapter.eod])
+    assert -ours + eod_nll == pytest.approx(evaluated["nll"] * n, rel=1e-6)
+
+
+@pytest.mark.slow  # lm-eval indexes its 14k built-in tasks, loads the model, scores 100 requests: ~1 min
+def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, tmp_path):  # noqa: F811
+    checkpoint = trained_checkpoints["adaptive"]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, template in (("choice", MC_TASK), ("cloze", CLOZE_TASK)):
+        data = _write_jsonl(tmp_path / f"{name}.jsonl", items[name])
+        (tasks / f"{name}.yaml").write_text(template.format(data=data), encoding="utf-8")
+    run = _run([LAUNCHER, "--model", "lcot", "--model_args", f"load={checkpoint}", "--tasks", "lcot_sotu_choice",
+                "lcot_sotu_cloze", "--include_path", tasks, "--output_path", tmp_path / "out"], cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".json")]
+    assert len(written) == 1, written
+    with open(written[0], encoding="utf-8") as f:
+        results = json.load(f)["results"]
+
+    choice = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load", checkpoint, "--task",
+                              tmp_path / "choice.jsonl"], cwd=tmp_path))
+    cloze = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load", checkpoint, "--task",
+                             tmp_path / "cloze.jsonl"], cwd=tmp_path))
+    assert choice["multiple_choice_items"] == cloze["cloze_items"] == 20
+    assert results["lcot_sotu_choice"]["acc,none"] == choice["accuracy"]
+    assert results["lcot_sotu_choice"]["acc_norm,none"] == choice["accuracy_norm"]
+    assert results["lcot_sotu_cloze"]["acc,none"] == cloze["cloze_accuracy"]
+    assert 0 < choice["accuracy"] < 1  # the items discriminate (a broken scorer moves this)
+
+
+def test_bad_load_fails_early_naming_load(tmp_path):
+    for model_args, phrase in ((["seq_length=64"], "needs load=CKPT_DIR"),
+                               ([f"load={tmp_path / 'nowhere'}"], "no such directory")):
+        run = _run([LAUNCHER, "--model", "lcot", "--model_args", *model_args, "--tasks", "lambada_openai"],
+                   cwd=tmp_path, timeout=300)
+        assert run.returncode == 2, run.stderr[-3000:]
+        message = run.stderr.strip().splitlines()[-1]
+        assert message.startswith("lm_eval_lcot.py: error: --model_args") and phrase in message, message
+        assert "load=" in message
