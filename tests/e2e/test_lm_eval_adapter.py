@@ -113,6 +113,21 @@ def _last_json(run) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _greedy_items(trained, cloze: list) -> list:
+    """Cloze items whose target is the one token the model predicts after the context (so that
+    is_greedy / cloze accuracy is 1 on them), where that token's text splits off cleanly."""
+    from megatron_lcot.inference.scoring import CheckpointScorer
+
+    scorer, tokenizer, greedy = CheckpointScorer(trained), trained.tokenizer, []
+    for item in cloze:
+        head = tokenizer.tokenize(item["context"])
+        text = tokenizer.detokenize(head + [int(scorer(torch.tensor([head[-trained.args.seq_length :]]))[0][-1].argmax())])
+        if text.startswith(item["context"]) and len(text) > len(item["context"]):
+            greedy.append({"context": item["context"], "target": text[len(item["context"]) :]})
+    assert greedy
+    return greedy
+
+
 def test_loglikelihood_equals_the_scorer_by_hand(adapter, trained_checkpoints, items):  # noqa: F811
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.scoring import CheckpointScorer
@@ -122,13 +137,7 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapter, trained_checkpoints, i
     seq = trained.args.seq_length
     pairs = [(item["context"], choice) for item in items["choice"][:6] for choice in item["choices"]]
     pairs += [("", " The Congress"), (" ".join(item["context"] for item in items["cloze"][:4]), " nation")]
-    # continuations the model itself predicts greedily (one token each), so is_greedy is True somewhere
-    for item in items["cloze"][:6]:
-        head = tokenize(item["context"])
-        best = int(scorer(torch.tensor([head[-seq:]]))[0][-1].argmax())
-        text = trained.tokenizer.detokenize(head + [best])
-        if text.startswith(item["context"]) and len(text) > len(item["context"]):
-            pairs.append((item["context"], text[len(item["context"]) :]))
+    pairs += [(item["context"], item["target"]) for item in _greedy_items(trained, items["cloze"][:6])]
 
     results = adapter.loglikelihood(_requests("loglikelihood", pairs))
 
@@ -175,11 +184,15 @@ def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoint
 
 @pytest.mark.slow  # lm-eval indexes its 14k built-in tasks, loads the model, scores 100 requests: ~1 min
 def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, tmp_path):  # noqa: F811
+    from megatron_lcot.inference.loading import load_trained_model
+
     checkpoint = trained_checkpoints["adaptive"]
+    records = {"choice": items["choice"],
+               "cloze": items["cloze"] + _greedy_items(load_trained_model(checkpoint), items["cloze"])}
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, template in (("choice", MC_TASK), ("cloze", CLOZE_TASK)):
-        data = _write_jsonl(tmp_path / f"{name}.jsonl", items[name])
+        data = _write_jsonl(tmp_path / f"{name}.jsonl", records[name])
         (tasks / f"{name}.yaml").write_text(template.format(data=data), encoding="utf-8")
     run = _run([LAUNCHER, "--model", "lcot", "--model_args", f"load={checkpoint}", "--tasks", "lcot_sotu_choice",
                 "lcot_sotu_cloze", "--include_path", tasks, "--output_path", tmp_path / "out"], cwd=tmp_path)
@@ -193,11 +206,26 @@ def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, 
                               tmp_path / "choice.jsonl"], cwd=tmp_path))
     cloze = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load", checkpoint, "--task",
                              tmp_path / "cloze.jsonl"], cwd=tmp_path))
-    assert choice["multiple_choice_items"] == cloze["cloze_items"] == 20
+    assert choice["multiple_choice_items"] == 20 and cloze["cloze_items"] == len(records["cloze"])
     assert results["lcot_sotu_choice"]["acc,none"] == choice["accuracy"]
     assert results["lcot_sotu_choice"]["acc_norm,none"] == choice["accuracy_norm"]
     assert results["lcot_sotu_cloze"]["acc,none"] == cloze["cloze_accuracy"]
-    assert 0 < choice["accuracy"] < 1  # the items discriminate (a broken scorer moves this)
+    assert 0 < choice["accuracy"] < 1 and 0 < cloze["cloze_accuracy"] < 1  # neither is a constant
+
+
+def test_generate_until_stops_at_until_and_cuts_long_prompts(adapter, items):
+    from megatron_lcot.inference.generation import generate_ids
+    from megatron_lcot.inference.sampling import SamplingParams
+
+    greedy, seq = SamplingParams(greedy=True), adapter.seq_length
+    short, long = "The Congress", " ".join(item["context"] for item in items["cloze"][:4])
+    full = [generate_ids(adapter.trained, [adapter.tokenize(prompt)[-(seq - 12) :]], 12, greedy).texts[0]
+            for prompt in (short, long)]
+    stop = full[0][len(full[0]) // 2 :][:3]  # a string the uncut generation contains
+    assert len(adapter.tokenize(long)) > seq and stop
+    texts = adapter.generate_until(_requests("generate_until", [(short, {"until": [stop], "max_gen_toks": 12}),
+                                                                (long, {"until": "never", "max_gen_toks": 12})]))
+    assert texts == [full[0][: full[0].index(stop)], full[1]]
 
 
 def test_bad_load_fails_early_naming_load(tmp_path):
