@@ -58,6 +58,20 @@ metric_list:
   - metric: acc
 """
 
+ROLLING_TASK = """task: lcot_sotu_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: byte_perplexity
+"""
+TEMPLATES = {"choice": MC_TASK, "cloze": CLOZE_TASK, "rolling": ROLLING_TASK}
+
 
 def _held_out(sotu_indexed_dataset, index: int) -> str:
     speeches = os.path.join(os.path.dirname(sotu_indexed_dataset["prefix"]), "speeches")
@@ -86,10 +100,31 @@ def items(sotu_indexed_dataset) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapter(trained_checkpoints):  # noqa: F811
+def adapters(trained_checkpoints) -> dict:  # noqa: F811
+    """{mode: LcotLM}, built on first use."""
     from megatron_lcot.inference.lm_eval_adapter import LcotLM
 
-    return LcotLM(load=trained_checkpoints["adaptive"])
+    class Adapters(dict):
+        def __missing__(self, mode):
+            self[mode] = LcotLM(load=trained_checkpoints[mode])
+            return self[mode]
+
+    return Adapters()
+
+
+@pytest.fixture(scope="module")
+def adapter(adapters):
+    return adapters["adaptive"]
+
+
+def _task_dir(tmp_path, records: dict):
+    """lm-eval task YAMLs (TEMPLATES) over JSON-lines files of `records` {kind: [record, ...]}."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, kind_records in records.items():
+        data = _write_jsonl(tmp_path / f"{name}.jsonl", kind_records)
+        (tasks / f"{name}.yaml").write_text(TEMPLATES[name].format(data=data), encoding="utf-8")
+    return tasks
 
 
 def _requests(kind: str, arguments: list) -> list:
@@ -128,11 +163,13 @@ def _greedy_items(trained, cloze: list) -> list:
     return greedy
 
 
-def test_loglikelihood_equals_the_scorer_by_hand(adapter, trained_checkpoints, items):  # noqa: F811
+@pytest.mark.parametrize("mode", ["adaptive", "vanilla"])  # vanilla: a padded vocabulary (512 -> 576)
+def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, items, mode):  # noqa: F811
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.scoring import CheckpointScorer
 
-    trained = load_trained_model(trained_checkpoints["adaptive"])  # a second, independent copy
+    adapter = adapters[mode]
+    trained = load_trained_model(trained_checkpoints[mode])  # a second, independent copy
     scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
     seq = trained.args.seq_length
     pairs = [(item["context"], choice) for item in items["choice"][:6] for choice in item["choices"]]
@@ -182,6 +219,40 @@ def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoint
     assert -ours + eod_nll == pytest.approx(evaluated["nll"] * n, rel=1e-6)
 
 
+def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, items, sotu_indexed_dataset,  # noqa: F811
+                                                monkeypatch, tmp_path):
+    """lm-eval's own pipeline in process (task YAML -> requests -> metrics), model="lcot" by name:
+    acc/acc_norm equal score_task (evaluate.py --task's function) on the same items, and the
+    rolling task's byte perplexity the adapter's loglikelihood_rolling over the bytes."""
+    import datasets
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from megatron_lcot.inference.scoring import score_task
+
+    for name, value in OFFLINE.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: the process may have it
+    documents = [{"text": _held_out(sotu_indexed_dataset, index)[:700]} for index in (38, 39)]
+    records = {"choice": items["choice"], "cloze": items["cloze"] + _greedy_items(adapter.trained, items["cloze"]),
+               "rolling": documents}
+    manager = TaskManager(include_path=str(_task_dir(tmp_path, records)), include_defaults=False)
+    results = lm_eval.simple_evaluate(model="lcot", model_args={"load": trained_checkpoints["adaptive"]},
+                                      tasks=["lcot_sotu_choice", "lcot_sotu_cloze", "lcot_sotu_rolling"],
+                                      task_manager=manager)["results"]
+
+    ours = {kind: score_task(records[kind], adapter.scorer, adapter.tokenize, adapter.seq_length, adapter.eod)
+            for kind in ("choice", "cloze")}
+    assert results["lcot_sotu_choice"]["acc,none"] == ours["choice"]["accuracy"]
+    assert results["lcot_sotu_choice"]["acc_norm,none"] == ours["choice"]["accuracy_norm"]
+    assert results["lcot_sotu_cloze"]["acc,none"] == ours["cloze"]["cloze_accuracy"]
+    assert 0 < ours["choice"]["accuracy"] < 1 and 0 < ours["cloze"]["cloze_accuracy"] < 1  # neither is a constant
+    rolling = adapter.loglikelihood_rolling(_requests("loglikelihood_rolling", [(d["text"],) for d in documents]))
+    size = sum(len(d["text"].encode("utf-8")) for d in documents)
+    assert results["lcot_sotu_rolling"]["byte_perplexity,none"] == pytest.approx(math.exp(-sum(rolling) / size),
+                                                                                  rel=1e-9)
+
+
 @pytest.mark.slow  # lm-eval indexes its 14k built-in tasks, loads the model, scores 100 requests: ~1 min
 def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, tmp_path):  # noqa: F811
     from megatron_lcot.inference.loading import load_trained_model
@@ -189,11 +260,7 @@ def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, 
     checkpoint = trained_checkpoints["adaptive"]
     records = {"choice": items["choice"],
                "cloze": items["cloze"] + _greedy_items(load_trained_model(checkpoint), items["cloze"])}
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    for name, template in (("choice", MC_TASK), ("cloze", CLOZE_TASK)):
-        data = _write_jsonl(tmp_path / f"{name}.jsonl", records[name])
-        (tasks / f"{name}.yaml").write_text(template.format(data=data), encoding="utf-8")
+    tasks = _task_dir(tmp_path, records)
     run = _run([LAUNCHER, "--model", "lcot", "--model_args", f"load={checkpoint}", "--tasks", "lcot_sotu_choice",
                 "lcot_sotu_cloze", "--include_path", tasks, "--output_path", tmp_path / "out"], cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
