@@ -148,6 +148,18 @@ def _last_json(run) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _halt_half_the_tokens(model, others: list, ids: list, monkeypatch) -> None:
+    """Set --halting-threshold of `model` and `others` to the median reach of the last latent step
+    on `ids`, so that about half the tokens stop before it (evaluation prunes at the threshold)."""
+    reach = []
+    hook = model.latent_schedule.register_forward_hook(lambda module, inputs, thoughts: reach.append(thoughts.reach))
+    with torch.no_grad():
+        model(torch.tensor([ids]), torch.arange(len(ids))[None])
+    hook.remove()
+    for each in (model, *others):
+        monkeypatch.setattr(each.config, "halting_threshold", float(reach[0][-1].median()))
+
+
 def _greedy_items(trained, cloze: list) -> list:
     """Cloze items whose target is the one token the model predicts after the context (so that
     is_greedy / cloze accuracy is 1 on them), where that token's text splits off cleanly."""
@@ -164,7 +176,7 @@ def _greedy_items(trained, cloze: list) -> list:
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "vanilla"])  # vanilla: a padded vocabulary (512 -> 576)
-def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, items, mode):  # noqa: F811
+def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, items, mode, monkeypatch):  # noqa: F811
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.scoring import CheckpointScorer
 
@@ -172,19 +184,23 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
     trained = load_trained_model(trained_checkpoints[mode])  # a second, independent copy
     scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
     seq = trained.args.seq_length
+    if mode == "adaptive":  # 6 steps leave every gate near 0.9 (no token halts at tau 0.4): make tokens halt
+        _halt_half_the_tokens(trained.model, [adapter.trained.model], tokenize(items["cloze"][0]["context"])[-seq:],
+                              monkeypatch)
     pairs = [(item["context"], choice) for item in items["choice"][:6] for choice in item["choices"]]
     pairs += [("", " The Congress"), (" ".join(item["context"] for item in items["cloze"][:4]), " nation")]
     pairs += [(item["context"], item["target"]) for item in _greedy_items(trained, items["cloze"][:6])]
 
     results = adapter.loglikelihood(_requests("loglikelihood", pairs))
 
-    expected = []
+    expected, steps = [], set()
     for context, continuation in pairs:
         whole, head = tokenize(context + continuation), tokenize(context)
         assert whole[: len(head)] == head  # the split lm-eval makes: continuation = what follows the context
         ids = ([eod] if not head else []) + whole
         ids, n = ids[-seq:], len(whole) - len(head)
-        logprobs, _ = scorer(torch.tensor([ids]))
+        logprobs, executed = scorer(torch.tensor([ids]))
+        steps.update(executed.tolist())
         targets = range(len(ids) - n, len(ids))
         expected.append((sum(float(logprobs[i - 1, ids[i]]) for i in targets),
                          all(int(logprobs[i - 1].argmax()) == ids[i] for i in targets)))
@@ -193,6 +209,7 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
         assert loglik == pytest.approx(want, abs=1e-5) and greedy == want_greedy
     greedy_flags = [g for _, g in expected]
     assert any(greedy_flags) and not all(greedy_flags)  # both outcomes are exercised
+    assert len(steps) > 1 if mode == "adaptive" else steps == {0.0}  # adaptive: tokens halted at different steps
 
 
 def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoints, sotu_indexed_dataset,  # noqa: F811
