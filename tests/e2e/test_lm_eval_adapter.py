@@ -168,7 +168,8 @@ def _greedy_items(trained, cloze: list) -> list:
     scorer, tokenizer, greedy = CheckpointScorer(trained), trained.tokenizer, []
     for item in cloze:
         head = tokenizer.tokenize(item["context"])
-        text = tokenizer.detokenize(head + [int(scorer(torch.tensor([head[-trained.args.seq_length :]]))[0][-1].argmax())])
+        logprobs, _ = scorer(torch.tensor([head[-trained.args.seq_length :]]))
+        text = tokenizer.detokenize(head + [int(logprobs[-1].argmax())])
         if text.startswith(item["context"]) and len(text) > len(item["context"]):
             greedy.append({"context": item["context"], "target": text[len(item["context"]) :]})
     assert greedy
