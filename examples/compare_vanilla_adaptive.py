@@ -73,7 +73,8 @@ def train(name: str, run_args: str, common: list, out_dir: str, log_file: bool =
     with open(metrics_file) as f:
         records = [json.loads(line) for line in f]
     final = [r for r in records if r["split"] == "valid" and r.get("final")][-1]
-    return {**final, "wall_s": wall}
+    train_flops = max((r["train_flops"] for r in records if r["split"] == "train"), default=0.0)
+    return {**final, "wall_s": wall, "train_flops": train_flops}
 
 
 def main() -> None:
@@ -96,11 +97,12 @@ def main() -> None:
                for name, run_args in RUNS.items()}
 
     print("\n=== held-out results (same shape, same seed, same tokens)")
-    print(f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train time':>11}  halted at step k")
+    print(f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train FLOPs':>12} "
+          f"{'train time':>11}  halted at step k")
     for name, r in results.items():
         halted = " ".join(f"{k}:{share:.2f}" for k, share in enumerate(r.get("halted_share", [])))
         print(f"{name:<10} {r['lm_loss']:>10.4f} {r['ppl']:>10.2f} {r['mean_latent_steps']:>13.2f} "
-              f"{r['wall_s']:>10.0f}s  {halted}")
+              f"{r['train_flops']:>12.3g} {r['wall_s']:>10.0f}s  {halted}")
     print(f"total wall time {time.time() - start:.0f}s; checkpoints and metrics in {args.out_dir}")
     print(CAVEAT)
 
