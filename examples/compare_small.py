@@ -25,11 +25,13 @@ and `tools/analyze_halting.py` plots for the first adaptive seed (against the fi
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
 import subprocess
 import sys
+import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -39,7 +41,7 @@ from compare_vanilla_adaptive import train  # noqa: E402
 
 from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
 
-RECIPE = "--halting-warmup-iters {warmup} --halting-router-lr-mult 0.25"
+RECIPE = "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2"  # docs/method.md
 SCALES = {
     # Runs on a 2-core CPU in minutes per model (docs/results.md states the measured time).
     "cpu": dict(model="--num-layers 2 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
@@ -83,13 +85,13 @@ def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
 
 
 def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_dir: str, tasks: list,
-              held_out: str) -> dict:
+              held_out: str, log_file: bool) -> dict:
     flags = [*common, "--seed", str(seed), "--train-iters", str(iters),
              "--lr-warmup-iters", str(max(1, iters // 15)), "--eval-interval", str(max(1, iters // 5)),
              *MODES[name].format(warmup=scale["iters"] // 3).split()]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
-    record = train(f"{name}_s{seed}", "", flags, out_dir)
+    record = train(f"{name}_s{seed}", "", flags, out_dir, log_file)
     checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
     with open(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl")) as f:
         metrics = [json.loads(line) for line in f]
@@ -103,6 +105,52 @@ def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_d
             "train_flops": max(r["train_flops"] for r in train_records.values()),
             "inference_flops_per_token": inference["flops_per_token"], "wall_s": record["wall_s"],
             "tasks": _evaluate_tasks(checkpoint, tasks), "curve": curve, "checkpoint": checkpoint}
+
+
+def run_all(models: list, seeds: int, scale: dict, common: list, out_dir: str, tasks: list, held_out: str,
+            jobs: int) -> list:
+    """Every (model, seed) run, `jobs` at a time; `results.json` is rewritten after each run, and
+    a run already recorded there (same model, seed and iterations) is not repeated, so an
+    interrupted comparison continues where it stopped. vanilla_eq_flops waits for its seed's
+    adaptive_k3 and vanilla runs (it matches their FLOPs); it is queued after every other run,
+    so the runs it waits for are already being worked on and a waiting worker cannot deadlock."""
+    results_path = os.path.join(out_dir, "results.json")
+    done = []
+    if os.path.exists(results_path):
+        with open(results_path) as f:
+            done = json.load(f)
+    lock = threading.Lock()
+    runs = []
+
+    def one(name: str, seed: int, iters: int) -> dict:
+        record = next((r for r in done if (r["model"], r["seed"], r["iters"]) == (name, seed, iters)), None)
+        record = record or run_model(name, seed, scale, common, iters, out_dir, tasks, held_out, log_file=jobs > 1)
+        with lock:
+            runs.append(record)
+            with open(results_path, "w") as f:
+                json.dump(in_table_order(runs), f, indent=1)
+        return record
+
+    def equal_flops(seed: int, adaptive, vanilla) -> dict:
+        iters = round(scale["iters"] * adaptive.result()["train_flops"] / vanilla.result()["train_flops"])
+        return one("vanilla_eq_flops", seed, iters)
+
+    if "vanilla_eq_flops" in models and not {"adaptive_k3", "vanilla"} <= set(models):
+        sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {(name, seed): pool.submit(one, name, seed, scale["iters"])
+                   for seed in range(1, seeds + 1) for name in models if name != "vanilla_eq_flops"}
+        if "vanilla_eq_flops" in models:
+            futures.update({("vanilla_eq_flops", seed): pool.submit(
+                equal_flops, seed, futures["adaptive_k3", seed], futures["vanilla", seed])
+                for seed in range(1, seeds + 1)})
+        for future in futures.values():
+            future.result()  # re-raises a failed run's error
+    return in_table_order(runs)
+
+
+def in_table_order(runs: list) -> list:
+    return sorted(runs, key=lambda r: (r["seed"], list(MODES).index(r["model"])))
 
 
 def mean_std(values: list) -> str:
@@ -153,19 +201,27 @@ def main() -> None:
     parser.add_argument("--train-iters", type=int, default=None, help="default: the scale's")
     parser.add_argument("--models", default=",".join(MODES), help="subset of: " + ",".join(MODES))
     parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
+    parser.add_argument("--task-items", type=int, default=200,
+                        help="at most this many items per BIG-bench task (scoring is one window per choice)")
     parser.add_argument("--out-dir", default=os.path.join(REPO, "runs", "compare_small"))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time, each with (cores / jobs) threads; their output goes to <run>/train.log")
     args = parser.parse_args()
     scale = dict(SCALES[args.scale])
     if args.train_iters:
         scale["iters"] = args.train_iters
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODES]
-    if unknown or args.seeds < 1:
-        parser.error(f"--models: unknown {unknown}; choose from {','.join(MODES)}" if unknown else "--seeds >= 1")
+    if unknown or args.seeds < 1 or args.jobs < 1:
+        parser.error(f"--models: unknown {unknown}; choose from {','.join(MODES)}" if unknown
+                     else "--seeds and --jobs must be >= 1")
+    if args.jobs > 1:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
     task_dir = os.path.join(args.out_dir, "tasks")
     build = [sys.executable, os.path.join(REPO, "tools", "build_eval_tasks.py"), "--output-dir", task_dir,
+             "--max-items", str(args.task_items),
              *(["--bigbench", args.bigbench] if args.bigbench else [])]
     if subprocess.run(build).returncode != 0:
         sys.exit("build_eval_tasks.py failed (its error is printed above)")
@@ -179,19 +235,7 @@ def main() -> None:
               "--log-interval", "10", "--data-path", corpus.data_prefix, "--tokenizer-type",
               "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer_model]
 
-    runs = []
-    for seed in range(1, args.seeds + 1):
-        for name in models:
-            iters = scale["iters"]
-            if name == "vanilla_eq_flops":
-                adaptive = [r for r in runs if r["model"] == "adaptive_k3" and r["seed"] == seed]
-                vanilla = [r for r in runs if r["model"] == "vanilla" and r["seed"] == seed]
-                if not (adaptive and vanilla):
-                    sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
-                iters = round(scale["iters"] * adaptive[0]["train_flops"] / vanilla[0]["train_flops"])
-            runs.append(run_model(name, seed, scale, common, iters, args.out_dir, tasks, held_out))
-            with open(os.path.join(args.out_dir, "results.json"), "w") as f:
-                json.dump(runs, f, indent=1)
+    runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs)
 
     table = summary_table(runs)
     with open(os.path.join(args.out_dir, "summary.md"), "w") as f:

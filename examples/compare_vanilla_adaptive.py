@@ -37,9 +37,9 @@ TRAINING = (
 RUNS = {
     "vanilla": "--latent-steps 0",
     # the stable adaptive recipe (docs/method.md): no pruning and a ramped halting penalty for the
-    # first third of training, the router at a quarter of the learning rate without weight decay
+    # first third of training, then pruning at reach < 0.2 with the penalty at 0.3
     "adaptive": "--latent-steps 2 --latent-layout stepwise --halting adaptive "
-                "--halting-warmup-iters {warmup} --halting-router-lr-mult 0.25",
+                "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2",
 }
 # What the printed table can and cannot show, checked against several seeds (docs/results.md).
 CAVEAT = (
@@ -49,8 +49,9 @@ CAVEAT = (
 )
 
 
-def train(name: str, run_args: str, common: list, out_dir: str) -> dict:
-    """Run pretrain_lcot.py for one model; return its final validation record and wall time."""
+def train(name: str, run_args: str, common: list, out_dir: str, log_file: bool = False) -> dict:
+    """Run pretrain_lcot.py for one model; return its final validation record and wall time.
+    With `log_file` the run's output goes to `<out_dir>/<name>/train.log` (runs in parallel)."""
     run_dir = os.path.join(out_dir, name)
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
     os.makedirs(run_dir, exist_ok=True)
@@ -60,13 +61,20 @@ def train(name: str, run_args: str, common: list, out_dir: str) -> dict:
            "--save", os.path.join(run_dir, "checkpoints"), "--metrics-file", metrics_file]
     print(f"\n=== training {name}: {' '.join(run_args.split())}", flush=True)
     start = time.time()
-    if subprocess.run(cmd).returncode != 0:
-        sys.exit(f"training {name} failed (its error is printed above)")
+    if log_file:
+        with open(os.path.join(run_dir, "train.log"), "w") as log:
+            returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    else:
+        returncode = subprocess.run(cmd).returncode
+    if returncode != 0:
+        where = os.path.join(run_dir, "train.log") if log_file else "above"
+        sys.exit(f"training {name} failed (its error is printed {where})")
     wall = time.time() - start
     with open(metrics_file) as f:
         records = [json.loads(line) for line in f]
     final = [r for r in records if r["split"] == "valid" and r.get("final")][-1]
-    return {**final, "wall_s": wall}
+    train_flops = max((r["train_flops"] for r in records if r["split"] == "train"), default=0.0)
+    return {**final, "wall_s": wall, "train_flops": train_flops}
 
 
 def main() -> None:
@@ -89,11 +97,12 @@ def main() -> None:
                for name, run_args in RUNS.items()}
 
     print("\n=== held-out results (same shape, same seed, same tokens)")
-    print(f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train time':>11}  halted at step k")
+    print(f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train FLOPs':>12} "
+          f"{'train time':>11}  halted at step k")
     for name, r in results.items():
         halted = " ".join(f"{k}:{share:.2f}" for k, share in enumerate(r.get("halted_share", [])))
         print(f"{name:<10} {r['lm_loss']:>10.4f} {r['ppl']:>10.2f} {r['mean_latent_steps']:>13.2f} "
-              f"{r['wall_s']:>10.0f}s  {halted}")
+              f"{r['train_flops']:>12.3g} {r['wall_s']:>10.0f}s  {halted}")
     print(f"total wall time {time.time() - start:.0f}s; checkpoints and metrics in {args.out_dir}")
     print(CAVEAT)
 
