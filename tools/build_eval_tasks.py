@@ -18,7 +18,8 @@ Two kinds of files, one JSON object per line (the format `evaluate.py --task` re
   the order the default corpus writes them, so the training models never saw them): passages
   of up to 60 words ending a sentence; the target is " " + the sentence's last word.
 
-Each item is kept or dropped deterministically (first --max-items per task). Prints one JSON
+Each item is kept or dropped deterministically: the first --max-items per task, taken in turn
+from each of its subtasks. Prints one JSON
 line with the files and their item counts. User mistakes print `build_eval_tasks.py: error:
 ...` and exit 2.
 """
@@ -26,6 +27,7 @@ line with the files and their item counts. User mistakes print `build_eval_tasks
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -101,6 +103,14 @@ def multiple_choice_items(task: dict) -> list:
     return items
 
 
+def interleaved(subtask_items: list) -> list:
+    """The items of every subtask taken in turn (each subtask's first, then each one's second, ...),
+    so that the first --max-items cover every subtask. BIG-bench lists subject_verb_agreement's
+    20 subtasks one after the other, and its first 500 items all have a singular subject."""
+    rounds = itertools.zip_longest(*subtask_items)
+    return [item for round_items in rounds for item in round_items if item is not None]
+
+
 def held_out_documents(split: str) -> list:
     """The validation share of the default corpus under `--split`: megatron-core's own split
     arithmetic over the documents in the order the corpus writes them."""
@@ -153,7 +163,7 @@ def main(argv: list | None = None) -> dict:
                 raise ValueError(f"--tasks: {', '.join(missing)} not found in {args.bigbench!r}; check the names "
                                  "against bigbench/benchmark_tasks/.")
             for name in wanted:
-                items = [item for task in tasks[name] for item in multiple_choice_items(task)][: args.max_items]
+                items = interleaved([multiple_choice_items(task) for task in tasks[name]])[: args.max_items]
                 written[f"bigbench_{name}.jsonl"] = _write(args.output_dir, f"bigbench_{name}.jsonl", items)
         if args.cloze_items:
             items = cloze_items(held_out_documents(args.split), args.cloze_items)

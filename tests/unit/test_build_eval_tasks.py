@@ -38,6 +38,14 @@ def test_multiple_choice_items_follow_bigbench_prefixes_and_scores():
     ]  # the tied example is dropped: no unique gold
 
 
+def test_subtasks_are_taken_in_turn_so_a_limited_sample_covers_each():
+    from build_eval_tasks import interleaved
+
+    singular, plural = [f"s{i}" for i in range(3)], ["p0"]
+    assert interleaved([singular, plural]) == ["s0", "p0", "s1", "s2"]
+    assert interleaved([singular, [], plural])[:2] == ["s0", "p0"]
+
+
 def test_cli_reads_the_sdist_and_writes_files_evaluate_accepts(tmp_path):
     source = tmp_path / "bigbench-1.0.0"
     task_dir = source / "bigbench" / "benchmark_tasks" / "hyperbaton"
