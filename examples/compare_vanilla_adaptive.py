@@ -43,9 +43,9 @@ RUNS = {
 }
 # What the printed table can and cannot show, checked against several seeds (docs/results.md).
 CAVEAT = (
-    "one seed, one machine: read the gap against the seed spread in docs/results.md. Adaptive\n"
-    "training costs up to 2.6x vanilla's FLOPs per token (flops/tok in the log); the multi-seed\n"
-    "comparison at equal FLOPs is bash examples/compare_small.sh (docs/results.md)."
+    "one seed: docs/results.md has this comparison over 3 seeds with their spread. Adaptive training\n"
+    "costs more FLOPs than vanilla (train FLOPs column: the halting warm-up runs every step); vanilla\n"
+    "given the same training FLOPs: bash examples/compare_small.sh (docs/results.md)."
 )
 
 
