@@ -1,7 +1,8 @@
 """The comparison of issue 12, reproducible: every mode at equal parameters and training tokens,
 plus two vanilla yardsticks, over several seeds; writes a table and plots.
 
-    bash examples/compare_small.sh [--seeds 3] [--scale cpu|gpu] [--train-iters N] [--models a,b]
+    bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
+        [--bigbench bigbench-1.0.0.tar.gz] [--task-items 200]
 
 Models (the model shape and data of the scale; the same seed list for each):
     vanilla            --latent-steps 0
