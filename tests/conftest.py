@@ -80,11 +80,19 @@ def nested_tensors(value, path: str = "") -> dict:
     return {key: tensor for name, item in items for key, tensor in nested_tensors(item, f"{path}/{name}").items()}
 
 
-def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
-    """Run pretrain_lcot.py with `flags` in a subprocess (1 OpenMP thread); returns the
-    CompletedProcess with text stdout/stderr."""
+def tool_env() -> dict:
+    """Environment for a tool or training subprocess: 1 OpenMP thread, this repository first on
+    the path, and no torch.distributed rendezvous variables: a test that initialised
+    torch.distributed in-process (`parallel.initialize` sets MASTER_PORT) still holds that port,
+    and a child given it would fail with EADDRINUSE."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
-    return subprocess.run([*launcher, PRETRAIN, *flags], cwd=cwd, env=env, capture_output=True, text=True,
+    return env
+
+
+def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
+    """Run pretrain_lcot.py with `flags` in a subprocess (`tool_env`); returns the
+    CompletedProcess with text stdout/stderr."""
+    return subprocess.run([*launcher, PRETRAIN, *flags], cwd=cwd, env=tool_env(), capture_output=True, text=True,
                           timeout=timeout)

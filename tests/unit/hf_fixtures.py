@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, tool_env
 
 MODES = {
     # vanilla pads its vocabulary (512 -> 576) so export must drop the padded rows
@@ -34,13 +34,6 @@ class _Block:
         return None
 sys.meta_path.insert(0, _Block())
 """
-
-
-def tool_env() -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
 
 
 @pytest.fixture(scope="session")
