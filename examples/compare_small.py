@@ -103,7 +103,7 @@ def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_d
     inference = _evaluate(checkpoint, "--input", held_out, "--stride", str(seq_length // 2))
     return {"model": name, "seed": seed, "iters": iters, "ppl": record["ppl"], "lm_loss": record["lm_loss"],
             "mean_latent_steps": inference["mean_latent_steps"], "halted_share": inference["halted_share"],
-            "train_flops": max(r["train_flops"] for r in train_records.values()),
+            "train_flops": record["train_flops"],
             "inference_flops_per_token": inference["flops_per_token"], "wall_s": record["wall_s"],
             "tasks": _evaluate_tasks(checkpoint, tasks), "curve": curve, "checkpoint": checkpoint}
 

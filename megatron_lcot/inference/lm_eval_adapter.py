@@ -86,39 +86,36 @@ class LcotLM(LM):
             raise ModelArgsError(f"--model_args stride={self.stride}: must be in [1, seq_length - 1 = "
                                  f"{self.seq_length - 1}] so that every token of a rolling window is scored")
 
+    def _answer_each(self, requests: list, kind: str, answer, disable_tqdm: bool) -> list:
+        """answer(*request.args) for each request, each result handed to lm-eval's cache hook."""
+        results = []
+        for request in tqdm(requests, disable=disable_tqdm, desc=f"lcot {kind}"):
+            results.append(answer(*request.args))
+            self.cache_hook.add_partial(kind, request.args, results[-1])
+        return results
+
     def loglikelihood(self, requests: list, disable_tqdm: bool = False) -> list:
         """[(sum log p(continuation | context), every continuation token greedy)] per request."""
-        results = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="lcot loglikelihood"):
-            context, continuation = request.args
-            head, tail = continuation_ids(self.tokenize, context, continuation)
-            result = continuation_loglikelihood(self.scorer, head, tail, self.seq_length, self.eod)
-            self.cache_hook.add_partial("loglikelihood", request.args, result)
-            results.append(result)
-        return results
+        return self._answer_each(requests, "loglikelihood", self._loglikelihood, disable_tqdm)
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list:
         """[sum log p(token | eod, earlier tokens in its window)] over every token of each text."""
-        results = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="lcot loglikelihood_rolling"):
-            tokens = self.tokenize(request.args[0])
-            loglik = 0.0
-            if tokens:
-                scored = sliding_window_perplexity([self.eod, *tokens], self.scorer, self.seq_length, self.stride)
-                loglik = -scored["nll"] * scored["tokens"]
-            self.cache_hook.add_partial("loglikelihood_rolling", request.args, loglik)
-            results.append(loglik)
-        return results
+        return self._answer_each(requests, "loglikelihood_rolling", self._loglikelihood_rolling, disable_tqdm)
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list:
         """[generated text, cut before the first stop string] per request."""
-        results = []
-        for request in tqdm(requests, disable=disable_tqdm, desc="lcot generate_until"):
-            context, gen_kwargs = request.args
-            text = self._generate(context, dict(gen_kwargs))
-            self.cache_hook.add_partial("generate_until", request.args, text)
-            results.append(text)
-        return results
+        return self._answer_each(requests, "generate_until", self._generate, disable_tqdm)
+
+    def _loglikelihood(self, context: str, continuation: str) -> tuple:
+        head, tail = continuation_ids(self.tokenize, context, continuation)
+        return continuation_loglikelihood(self.scorer, head, tail, self.seq_length, self.eod)
+
+    def _loglikelihood_rolling(self, text: str) -> float:
+        tokens = self.tokenize(text)
+        if not tokens:
+            return 0.0
+        scored = sliding_window_perplexity([self.eod, *tokens], self.scorer, self.seq_length, self.stride)
+        return -scored["nll"] * scored["tokens"]
 
     def _generate(self, context: str, gen_kwargs: dict) -> str:
         unknown = set(gen_kwargs) - set(GENERATION_KWARGS)
