@@ -14,11 +14,12 @@ terminal sends SIGINT. The launchers inside handle that badly on their own:
 
 This supervisor (every shipped example script runs its launcher through it):
 
-1. starts the launcher as its child with SIGUSR1 ignored (an ignored disposition survives
-   `exec`; the deepspeed runner, its `launch.py` and torchrun keep it, srun replaces it with its
-   forwarding handler) and without LOCAL_RANK in its environment, and makes itself the child
-   subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so processes the launcher orphans stay its
-   descendants;
+1. starts the launcher as its child in a session of its own (a terminal's Ctrl-C, which signals
+   the whole foreground process group, reaches the supervisor alone instead of crashing ranks
+   with KeyboardInterrupt), with SIGUSR1 ignored (an ignored disposition survives `exec`; the
+   deepspeed runner, its `launch.py` and torchrun keep it, srun replaces it with its forwarding
+   handler) and without LOCAL_RANK in its environment, and makes itself the child subreaper
+   (Linux `PR_SET_CHILD_SUBREAPER`), so processes the launcher orphans stay its descendants;
 2. on SIGTERM, SIGUSR1 or SIGINT sends SIGUSR1, once a second until the launcher has exited,
    to the launcher and to every rank among its descendants: a process whose environment holds
    LOCAL_RANK (every launcher sets it for its ranks) and whose parent's does not (DataLoader
@@ -128,7 +129,7 @@ class Supervisor:
     def _start(self) -> subprocess.Popen:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         env = {name: value for name, value in os.environ.items() if name != "LOCAL_RANK"}
-        launcher = subprocess.Popen(self.command, env=env,
+        launcher = subprocess.Popen(self.command, env=env, start_new_session=True,
                                     preexec_fn=lambda: signal.signal(FORWARDED_SIGNAL, signal.SIG_IGN))
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_stop_signal)
