@@ -40,8 +40,9 @@ require_commands() {
     local name
     for name in "$@"; do
         if ! command -v "$name" >/dev/null; then
-            echo "$(basename "$0"): error: '$name' not found: run scripts/setup_venv.sh (creates $ROOT/.venv," \
-                 "which these scripts use), or activate an environment that provides it" >&2
+            echo "$(basename "$0"): error: '$name' not found: run scripts/setup_venv.sh" \
+                 "(creates $ROOT/.venv, which these scripts use), or activate an environment" \
+                 "that provides it" >&2
             exit 127
         fi
     done

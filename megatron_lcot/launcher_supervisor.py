@@ -29,8 +29,12 @@ This supervisor (every shipped example script runs its launcher through it):
    ranks end with status 0 and ends with 0 itself;
 3. once the launcher has exited, ends what is left of its descendants (SIGTERM, SIGKILL after
    `--leftover-grace-seconds`) and names them: no process outlives the launcher;
-4. exits with the launcher's status (128 + N when signal N ended it). After a signal, when the
-   launcher exited 0, it first runs `--after-preemption` in a shell (SLURM: `scontrol requeue`).
+4. exits with the launcher's status (128 + N when signal N ended it), except after a signal
+   whose stop went cleanly (the launcher exited 0): then it first runs `--after-preemption` in
+   a shell (SLURM: `scontrol requeue`) and exits 128 + the signal's number (`--preempted-status`
+   overrides): "interrupted, resumable", the status a shell gives a signalled command and the
+   one Kubeflow's `restartPolicy: ExitCode` retries (128-255), where 0 would let a Kubernetes
+   Job count a preempted pod as done.
 
 Linux only (/proc, prctl), as the launchers it supervises.
 """
@@ -113,9 +117,11 @@ class Supervisor:
     """Owns the launcher child, the stop request and the reaping of orphans (see the module
     docstring for the protocol)."""
 
-    def __init__(self, command: list, after_preemption: str | None, leftover_grace_seconds: float) -> None:
+    def __init__(self, command: list, after_preemption: str | None, leftover_grace_seconds: float,
+                 preempted_status: int | None) -> None:
         self.command = command
         self.after_preemption = after_preemption
+        self.preempted_status = preempted_status
         self.leftover_grace_seconds = leftover_grace_seconds
         self.stop_signal: int | None = None
         self.stop_time = 0.0
@@ -193,23 +199,35 @@ class Supervisor:
             return status
         _say(f"the launcher exited with status {status}, {time.monotonic() - self.stop_time:.1f} s after "
              f"{signal.Signals(self.stop_signal).name}")
-        if status == 0 and self.after_preemption:
+        if status != 0:
+            return status
+        if self.after_preemption:
             _say(f"running --after-preemption: {self.after_preemption}")
             subprocess.run(self.after_preemption, shell=True, check=False)
-        return status
+        preempted_status = 128 + self.stop_signal if self.preempted_status is None else self.preempted_status
+        _say(f"exiting {preempted_status}: stopped by {signal.Signals(self.stop_signal).name} after every "
+             "rank saved; the same command resumes")
+        return preempted_status
 
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher_supervisor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--after-preemption", default=None,
-                        help="shell command run after a signal, once the launcher exited 0 (e.g. scontrol requeue)")
+                        help="shell command run after a signal, once the launcher exited 0 "
+                             "(e.g. scontrol requeue)")
+    parser.add_argument("--preempted-status", type=int, default=None,
+                        help="exit status after a signal once the launcher exited 0 (default 128 + the "
+                             "signal's number; 0 for srun tasks, whose non-zero status would make "
+                             "srun --kill-on-bad-exit end the other nodes mid-save)")
     parser.add_argument("--leftover-grace-seconds", type=float, default=10.0,
                         help="SIGTERM to SIGKILL delay for processes left behind by the launcher")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the launcher and its arguments")
     args = parser.parse_args(argv)
     if not args.command:
-        parser.error("give the launcher command to run, e.g. `torchrun --nproc-per-node 8 pretrain_lcot.py ...`")
-    return Supervisor(args.command, args.after_preemption, args.leftover_grace_seconds).run()
+        parser.error("give the launcher command to run, e.g. "
+                     "`torchrun --nproc-per-node 8 pretrain_lcot.py ...`")
+    return Supervisor(args.command, args.after_preemption, args.leftover_grace_seconds,
+                      args.preempted_status).run()
 
 
 if __name__ == "__main__":

@@ -29,7 +29,8 @@ def script_env(env: dict, dry_run: bool = False) -> dict:
     PYTHONPATH, no torch.distributed variables; plus `env` (the test's settings)."""
     full_env = {**os.environ, "PATH": BARE_PATH, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                 "DRY_RUN": "1" if dry_run else "0", "LCOT_ROOT": REPO_ROOT}
-    for name in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for name in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                 "MASTER_PORT"):
         full_env.pop(name, None)
     return {**full_env, **env}
 
@@ -89,8 +90,8 @@ def test_torchrun_builds_a_static_rendezvous_without_deepspeed():
 def test_slurm_runs_one_torchrun_per_node_with_c10d_rendezvous():
     slurm = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "4242", "MASTER_ADDR": "gpu001"}
     launcher, flags = _command("pretrain_slurm.sbatch", slurm)
-    assert launcher == ["--after-preemption", "scontrol requeue 4242", "srun", "--kill-on-bad-exit=1", *SUPERVISOR,
-                        "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
+    assert launcher == ["--after-preemption", "scontrol requeue 4242", "srun", "--kill-on-bad-exit=1",
+                        *SUPERVISOR, "--preempted-status", "0", "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
                         "--rdzv-endpoint", "gpu001:29500", "--rdzv-id", "4242"]
     assert "--deepspeed" in flags
     _, plain = _command("pretrain_slurm.sbatch", {**slurm, "USE_DEEPSPEED": "0"})

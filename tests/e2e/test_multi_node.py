@@ -37,7 +37,8 @@ def _train(records_path) -> list:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> list:
     tmp_path = tmp_path_factory.mktemp("one_process")
-    result = run_pretrain([*MODEL, *DATA, *TRAIN, "--metrics-file", str(tmp_path / "one.jsonl")], cwd=tmp_path)
+    result = run_pretrain([*MODEL, *DATA, *TRAIN, "--metrics-file", str(tmp_path / "one.jsonl")],
+                          cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return _train(tmp_path / "one.jsonl")
 
@@ -45,9 +46,11 @@ def one_process(tmp_path_factory) -> list:
 def _two_nodes(script: str, tmp_path, settings: dict) -> str:
     """Starts the script twice (NODE_RANK 0 and 1) and waits for both; their joint output."""
     env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "MODEL_ARGS": " ".join(MODEL),
-           "DATA_ARGS": " ".join(DATA), "TRAIN_ARGS": " ".join([*TRAIN, "--metrics-file", str(tmp_path / "m.jsonl")]),
+           "DATA_ARGS": " ".join(DATA),
+           "TRAIN_ARGS": " ".join([*TRAIN, "--metrics-file", str(tmp_path / "m.jsonl")]),
            "DS_CONFIG": os.path.join(EXAMPLES, "ds_configs", "zero1.json"), **settings}
-    nodes = [subprocess.Popen(["bash", os.path.join(EXAMPLES, script)], env=script_env({**env, "NODE_RANK": str(rank)}),
+    nodes = [subprocess.Popen(["bash", os.path.join(EXAMPLES, script)],
+                              env=script_env({**env, "NODE_RANK": str(rank)}),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
     try:
         outputs = [node.communicate(timeout=900)[0] for node in nodes]

@@ -2,7 +2,8 @@
 job's main process, which Kubernetes, SLURM's `--signal=B:...` and a terminal signal), with
 the script's real launcher underneath: the deepspeed runner (SIGTERM), torchrun (SIGTERM) and
 the sbatch script without srun (SIGUSR1, then its requeue command). Each run: 2 CPU ranks,
-DeepSpeed ZeRO-1, a tiny adaptive model. Checked: the script exits 0 without a traceback,
+DeepSpeed ZeRO-1, a tiny adaptive model. Checked: the script exits 128 + the signal's number
+("interrupted, resumable") without a traceback,
 within the launchers' 30 s grace; every rank saved the same iteration; no process of the job
 outlives the script; the same command relaunched resumes and ends bit-identical (every
 metrics record, the final weights) to one uninterrupted run. Also (fast): the supervisor ends
@@ -38,7 +39,8 @@ def _env(tmp_path, name: str) -> dict:
         "MODEL_ARGS": " ".join([*TINY_MODEL_FLAGS, "--latent-steps", "2", "--halting", "adaptive"]),
         "DATA_ARGS": "--mock-data --vocab-size 200",
         "TRAIN_ARGS": f"--micro-batch-size 2 --global-batch-size 8 --train-iters {TRAIN_ITERS} --lr 3e-3 "
-                      f"--log-interval 1 --eval-iters 1 --eval-interval 1000 --save {run_dir} --load {run_dir} "
+                      f"--log-interval 1 --eval-iters 1 --eval-interval 1000 "
+                      f"--save {run_dir} --load {run_dir} "
                       f"--metrics-file {tmp_path / f'{name}.jsonl'}",
     }
 
@@ -46,7 +48,8 @@ def _env(tmp_path, name: str) -> dict:
 # case: (script, extra settings, flags, signal the scheduler sends)
 CASES = {
     "deepspeed_runner_sigterm": ("pretrain_single_node.sh", {}, [], signal.SIGTERM),
-    "torchrun_sigterm": ("pretrain_torchrun.sh", {}, ["--deepspeed", "--deepspeed_config", ZERO1], signal.SIGTERM),
+    "torchrun_sigterm": ("pretrain_torchrun.sh", {}, ["--deepspeed", "--deepspeed_config", ZERO1],
+                         signal.SIGTERM),
     "sbatch_usr1": ("pretrain_slurm.sbatch", {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7",
                                               "MASTER_ADDR": "127.0.0.1"}, [], signal.SIGUSR1),
 }
@@ -118,7 +121,8 @@ def test_signal_to_the_launch_script_saves_every_rank_and_resumes_exactly(tmp_pa
             job.kill()
     out = log_path.read_text()
     print(f"{case}: {signal.Signals(signum).name} to the script -> exit {status} after {seconds:.1f} s")
-    assert status == 0 and "Traceback" not in out, out[-3000:]
+    assert status == 128 + signum and "Traceback" not in out, out[-3000:]
+    assert "launcher_supervisor: the launcher exited with status 0" in out
     assert seconds < LAUNCHER_GRACE_SECONDS
     survivors = [p.pid for p in below if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
     assert not survivors, f"outlived the launch script: {survivors}"
@@ -126,7 +130,8 @@ def test_signal_to_the_launch_script_saves_every_rank_and_resumes_exactly(tmp_pa
     stopped_at = int((tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped_at < TRAIN_ITERS
     assert f"exiting at iteration {stopped_at}: an exit signal (SIGTERM or SIGUSR1) reached a rank" in out
-    assert sorted(os.listdir(tmp_path / "run")) == [f"iter_{stopped_at:07d}", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path / "run")) == [f"iter_{stopped_at:07d}",
+                                                    "latest_checkpointed_iteration.txt"]
     saved = {name for _, _, names in os.walk(tmp_path / "run") for name in names}
     assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(len(ranks))} <= saved
     assert max(r["iteration"] for r in read_metrics(tmp_path / "run.jsonl")) == stopped_at
@@ -154,8 +159,9 @@ os._exit(0)  # as the deepspeed runner dies at SIGTERM: its child is orphaned, a
 def test_the_supervisor_ends_what_the_launcher_leaves_behind(tmp_path):
     """A launcher that exits leaving a process behind (reparented to the supervisor, the child
     subreaper): the supervisor terminates it, says so and returns the launcher's status."""
-    result = subprocess.run([sys.executable, "-m", "megatron_lcot.launcher_supervisor", "--leftover-grace-seconds",
-                             "5", sys.executable, "-c", LEAVES_AN_ORPHAN], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "megatron_lcot.launcher_supervisor",
+                             "--leftover-grace-seconds", "5", sys.executable, "-c", LEAVES_AN_ORPHAN],
+                            capture_output=True, text=True,
                             timeout=60, env=script_env({"PYTHONPATH": os.path.dirname(EXAMPLES)}))
     orphan = int(result.stdout.split()[0])
     assert result.returncode == 0, result.stderr
@@ -171,7 +177,9 @@ def test_exit_duration_counts_from_the_process_start(tmp_path, capsys):
     age = time.time() - psutil.Process().create_time()
     time.sleep(max(0.0, 10 - age))  # old enough that the first step cannot take as long
     minutes = (time.time() - psutil.Process().create_time()) / 60 / 2
-    flags = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "256", "--micro-batch-size", "2", "--train-iters", "6",
-             "--eval-iters", "1", "--save", str(tmp_path / "run"), "--exit-duration-in-mins", str(minutes)]
+    flags = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "256", "--micro-batch-size", "2",
+             "--train-iters", "6", "--eval-iters", "1", "--save", str(tmp_path / "run"),
+             "--exit-duration-in-mins", str(minutes)]
     assert pretrain_lcot.main(flags) is None
-    assert f"exiting at iteration 1: the process ran for --exit-duration-in-mins {minutes}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"exiting at iteration 1: the process ran for --exit-duration-in-mins {minutes}" in out
