@@ -1,6 +1,7 @@
 """Run a distributed launcher so that a preemption signal sent to this process reaches every rank.
 
-    python -m megatron_lcot.launcher_supervisor [--after-preemption CMD] LAUNCHER [ARG...]
+    python -m megatron_lcot.launcher_supervisor [--after-preemption CMD] [--preempted-status N]
+        LAUNCHER [ARG...]
 
 A scheduler stops a job by signalling its main process: Kubernetes sends SIGTERM to the
 container's first process, SLURM's `--signal=B:USR1@N` sends SIGUSR1 to the batch script, a
