@@ -5,6 +5,11 @@
 #   DS_CONFIG                      DeepSpeed config (default examples/ds_configs/zero2.json)
 #   GPUS_PER_NODE (default 8), MASTER_PORT (default 29500)
 #   DRY_RUN=1                      print the command instead of running it
+# The environment: the repository's .venv (scripts/setup_venv.sh) when it exists, else the
+# python, deepspeed and torchrun on PATH.
+# Preemption: the launcher runs under megatron_lcot/launcher_supervisor.py and the ranks with
+# --exit-signal-handler, so SIGTERM, SIGUSR1 or SIGINT sent to this script's process makes every
+# rank finish its step, save and exit; relaunching the same command resumes (docs/training.md).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PRETRAIN="$ROOT/pretrain_lcot.py"
@@ -12,6 +17,11 @@ GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 DS_CONFIG="${DS_CONFIG:-$ROOT/examples/ds_configs/zero2.json}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"  # launchers leave it unset; one thread per rank
+if [[ -x "$ROOT/.venv/bin/python" ]]; then
+    export PATH="$ROOT/.venv/bin:$PATH"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # for python -m megatron_lcot.launcher_supervisor
+SUPERVISE=(python -m megatron_lcot.launcher_supervisor)
 
 # ~350M-parameter Llama with adaptive latent CoT (K = 2); see docs/scaling.md for sizing.
 MODEL_ARGS="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 4 \
@@ -25,15 +35,31 @@ TRAIN_ARGS="${TRAIN_ARGS:---micro-batch-size 4 --global-batch-size 512 --train-i
 --log-interval 10 --metrics-file checkpoints/lcot/metrics.jsonl}"
 PARALLEL_ARGS="${PARALLEL_ARGS:---tensor-model-parallel-size 1 --pipeline-model-parallel-size 1}"
 
-# run LAUNCHER... : the launcher command, then pretrain_lcot.py with every flag group.
+# require_commands NAME...: fail naming the fix when a command is missing from the environment.
+require_commands() {
+    local name
+    for name in "$@"; do
+        if ! command -v "$name" >/dev/null; then
+            echo "$(basename "$0"): error: '$name' not found: run scripts/setup_venv.sh" \
+                 "(creates $ROOT/.venv, which these scripts use), or activate an environment" \
+                 "that provides it" >&2
+            exit 127
+        fi
+    done
+}
+
+# run LAUNCHER... : the launcher command under the supervisor, then pretrain_lcot.py with every
+# flag group and --exit-signal-handler.
 run() {
     # shellcheck disable=SC2086  # the *_ARGS groups are word lists on purpose
-    local cmd=("$@" "$PRETRAIN" $MODEL_ARGS $DATA_ARGS $TRAIN_ARGS $PARALLEL_ARGS)
+    local cmd=("${SUPERVISE[@]}" "$@" "$PRETRAIN" $MODEL_ARGS $DATA_ARGS $TRAIN_ARGS $PARALLEL_ARGS
+               --exit-signal-handler)
     cmd+=("${EXTRA_ARGS[@]}")
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         printf '%q ' "${cmd[@]}"
         echo
     else
+        require_commands python "$1"
         cd "$ROOT"
         exec "${cmd[@]}"
     fi

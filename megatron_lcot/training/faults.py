@@ -2,7 +2,10 @@
 
 Megatron-LM's flags:
     --exit-signal-handler        SIGTERM or SIGUSR1: finish the current step, save, exit 0
-    --exit-duration-in-mins M    the same once the run has trained for M minutes
+    --exit-duration-in-mins M    the same once the process has run for M minutes (counted from
+                                 the process's start, as Megatron-LM does: start-up and
+                                 checkpoint loading count, so M can be the job's time limit
+                                 less the time a save takes)
     --exit-interval N            the same at every iteration divisible by N
 and ours:
     --max-skipped-steps-in-a-row N   a step whose loss or grad norm is NaN/inf applies no update
@@ -24,6 +27,7 @@ import math
 import signal
 import time
 
+import psutil
 import torch
 import torch.distributed as dist
 
@@ -64,10 +68,9 @@ class RunGuard:
         self.max_skipped_in_a_row = 0 if dynamic_fp16 else args.max_skipped_steps_in_a_row
         self.received_signal: int | None = None
         self._previous_handlers: dict = {}
-        self._start = time.monotonic()
+        self._process_start = psutil.Process().create_time()  # seconds since the epoch
 
     def __enter__(self) -> "RunGuard":
-        self._start = time.monotonic()
         if self.exit_signal_handler:
             for signum in EXIT_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -84,7 +87,7 @@ class RunGuard:
     def agree(self, loss: float | None) -> StepVerdict:
         """All-reduce this rank's view of the step (collective; `loss` is None off the last
         pipeline stage)."""
-        minutes = (time.monotonic() - self._start) / 60
+        minutes = (time.time() - self._process_start) / 60
         flags = torch.tensor([
             loss is not None and not math.isfinite(loss),
             self.received_signal is not None,
@@ -111,7 +114,7 @@ class RunGuard:
         if verdict.signal_received:
             return "an exit signal (SIGTERM or SIGUSR1) reached a rank (--exit-signal-handler)"
         if verdict.duration_exceeded:
-            return f"the run trained for --exit-duration-in-mins {self.exit_duration_in_mins}"
+            return f"the process ran for --exit-duration-in-mins {self.exit_duration_in_mins}"
         if self.exit_interval and state.iteration % self.exit_interval == 0:
             return f"iteration {state.iteration} is a multiple of --exit-interval {self.exit_interval}"
         return None

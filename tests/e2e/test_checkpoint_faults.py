@@ -62,7 +62,7 @@ def test_exit_interval_and_duration_save_and_stop_then_skip_train_evaluates(tmp_
     assert _final_validation(read_metrics(tmp_path / "eval.jsonl"))["lm_loss"] == trained["lm_loss"]
 
     assert _main([*MOCK, "--train-iters", 6, "--save", tmp_path / "timed", "--exit-duration-in-mins", 1e-6]) is None
-    assert "exiting at iteration 1: the run trained for --exit-duration-in-mins 1e-06" in capsys.readouterr().out
+    assert "exiting at iteration 1: the process ran for --exit-duration-in-mins 1e-06" in capsys.readouterr().out
     assert _marker(tmp_path / "timed") == 1
 
 
