@@ -34,8 +34,10 @@ from megatron_lcot.inference.text_stream import TextStream
 @dataclass
 class GenerationResult:
     """tokens[i]: generated ids of prompt i (ending with eod, or with the token that completed a
-    stop string, if it stopped there); texts[i] their text without eod, cut before a stop string. step_logits[i]: [new, vocab] logits each token was chosen from
-    (real vocabulary) when `keep_logits`. latent_steps[i]: executed latent steps per generated
+    stop string, if it stopped there); texts[i] their text without eod, cut before a stop string,
+    with the space that separates it from the prompt (prompt + text reads as one text).
+    step_logits[i]: [new, vocab] logits each token was chosen from (real vocabulary, before the
+    repetition penalty) when `keep_logits`. latent_steps[i]: executed latent steps per generated
     token (the step computing that token's successor)."""
 
     tokens: list
@@ -83,7 +85,7 @@ def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, samp
     vocab = trained.vocab_size
     eod = trained.tokenizer.eod if trained.tokenizer is not None and stop_at_eod else None
     detokenize = trained.tokenizer.detokenize if trained.tokenizer is not None else lambda ids: ""
-    streams = [TextStream(detokenize, stop, eod) for _ in prompts]
+    streams = [TextStream(detokenize, stop, eod, context=prompt[-1:]) for prompt in prompts]
     decoder, cache = LatentDecoder(trained.model), LatentKVCache()
     generator = torch.Generator().manual_seed(sampling.seed)
     ids, valid = left_pad(prompts)

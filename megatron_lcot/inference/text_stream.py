@@ -5,7 +5,9 @@ each token alone is wrong (SentencePiece drops a piece's leading space at the st
 byte-fallback characters span several tokens), so a `TextStream` decodes the whole generated
 sequence after each token and hands out the part not handed out yet. It holds back text that
 may still change: a trailing U+FFFD (an unfinished multi-byte character) and a tail that could
-be the beginning of a stop string. When a stop string appears, the text ends right before its
+be the beginning of a stop string. The sequence is decoded after the prompt's last token and
+that token's text is removed: decoding the new tokens alone would drop the space that begins
+them (SentencePiece strips a leading space at the start of a text). When a stop string appears, the text ends right before its
 first occurrence and the sequence is finished (transformers' `stop_strings` keeps the stop
 string; lm-eval's `until` and most servers cut it, as here).
 """
@@ -19,10 +21,13 @@ UNFINISHED_CHARACTER = "\ufffd"
 
 class TextStream:
     """detokenize: token ids -> text. stop: strings that end the sequence. eod: a token id that
-    ends the sequence and is left out of the text (None: none)."""
+    ends the sequence and is left out of the text (None: none). context: the token ids just
+    before the generated ones (the prompt's last), decoded with them and then removed."""
 
-    def __init__(self, detokenize: Callable[[list], str], stop: tuple = (), eod: int | None = None) -> None:
-        self.detokenize, self.stop, self.eod = detokenize, tuple(stop), eod
+    def __init__(self, detokenize: Callable[[list], str], stop: tuple = (), eod: int | None = None,
+                 context: list = ()) -> None:
+        self.detokenize, self.stop, self.eod, self.context = detokenize, tuple(stop), eod, list(context)
+        self.context_text = detokenize(self.context) if self.context else ""
         self.tokens: list = []
         self.text = ""  # handed out so far
         self.finished = False
@@ -45,7 +50,9 @@ class TextStream:
         return "" if self.finished else self._hand_out(self._decoded(), hold_back=False)
 
     def _decoded(self) -> str:
-        return self.detokenize([t for t in self.tokens if t != self.eod])
+        generated = [t for t in self.tokens if t != self.eod]
+        text = self.detokenize(self.context + generated)
+        return text[len(self.context_text) :] if text.startswith(self.context_text) else self.detokenize(generated)
 
     def _hand_out(self, decoded: str, hold_back: bool) -> str:
         end = len(decoded)

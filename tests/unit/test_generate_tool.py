@@ -80,7 +80,8 @@ def test_streamed_pieces_are_the_texts_as_tokens_come(stepwise):
     for row in range(len(PROMPTS)):
         assert streamed.tokens[row] == quiet.tokens[row]
         assert "".join(pieces[row]) == streamed.texts[row] == quiet.texts[row]
-        assert quiet.texts[row] == detokenize([t for t in quiet.tokens[row] if t != eod])
+        prompt = stepwise.tokenizer.tokenize(PROMPTS[row])
+        assert PROMPTS[row] + quiet.texts[row] == detokenize(prompt + [t for t in quiet.tokens[row] if t != eod])
         assert len(pieces[row]) >= len(streamed.tokens[row]) // 2  # streamed, not handed out at the end
 
 
