@@ -35,7 +35,8 @@ def training_record(root: str, iteration: int) -> dict | None:
             states.append(saved["train_state"])
     if not states:
         return None
-    return {"samples": states[0]["consumed_train_samples"], "flops": max(s.get("train_flops", 0.0) for s in states)}
+    flops = max(state.get("train_flops", 0.0) for state in states)
+    return {"samples": states[0]["consumed_train_samples"], "flops": flops}
 
 
 def last_validation(metrics_file: str | None, iteration: int) -> dict | None:
@@ -86,8 +87,9 @@ def _halting_recipe(args) -> str:
 
 def _perplexity(eval_result: dict | None, validation: dict | None) -> str:
     if eval_result is not None:
-        return (f"{eval_result['perplexity']:.4g} (tools/evaluate.py: {eval_result.get('tokens', '?')} held-out tokens, "
-                f"windows of {eval_result.get('seq_length', '?')}, stride {eval_result.get('stride', '?')})")
+        tokens, window, stride = (eval_result.get(key, "?") for key in ("tokens", "seq_length", "stride"))
+        return (f"{eval_result['perplexity']:.4g} (tools/evaluate.py: {tokens} held-out tokens, windows of {window}, "
+                f"stride {stride})")
     if validation is not None:
         return (f"{validation['ppl']:.4g} (validation split at iteration {validation['iteration']}, "
                 f"lm loss {validation['lm_loss']:.4f})")

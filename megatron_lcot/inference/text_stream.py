@@ -7,9 +7,10 @@ sequence after each token and hands out the part not handed out yet. It holds ba
 may still change: a trailing U+FFFD (an unfinished multi-byte character) and a tail that could
 be the beginning of a stop string. The sequence is decoded after the prompt's last token and
 that token's text is removed: decoding the new tokens alone would drop the space that begins
-them (SentencePiece strips a leading space at the start of a text). When a stop string appears, the text ends right before its
-first occurrence and the sequence is finished (transformers' `stop_strings` keeps the stop
-string; lm-eval's `until` and most servers cut it, as here).
+them (SentencePiece strips a leading space at the start of a text). When a stop string
+appears, the text ends right before its first occurrence and the sequence is finished
+(transformers' `stop_strings` keeps the stop string; lm-eval's `until` and most servers cut
+it, as here).
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ class TextStream:
     def _decoded(self) -> str:
         generated = [t for t in self.tokens if t != self.eod]
         text = self.detokenize(self.context + generated)
-        return text[len(self.context_text) :] if text.startswith(self.context_text) else self.detokenize(generated)
+        if text.startswith(self.context_text):
+            return text[len(self.context_text) :]
+        return self.detokenize(generated)
 
     def _hand_out(self, decoded: str, hold_back: bool) -> str:
         end = len(decoded)

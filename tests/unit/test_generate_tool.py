@@ -38,8 +38,9 @@ def test_repetition_penalty_equals_transformers_on_the_same_logits():
 
 
 def test_generation_applies_the_penalty_to_prompt_and_generated_ids(stepwise):
-    """Every greedy choice under --repetition-penalty 0.5 (favouring repeats) is the argmax of transformers' processor
-    applied to that step's logits with the whole sequence so far (prompt included)."""
+    """Every greedy choice under --repetition-penalty 0.5 (favouring repeats) is the argmax of
+    transformers' processor applied to that step's logits with the whole sequence so far (prompt
+    included)."""
     from transformers import RepetitionPenaltyLogitsProcessor
 
     from megatron_lcot.inference.generation import generate_ids

@@ -181,6 +181,14 @@ def test_target_layout_needs_as_many_processes(llama_dir, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt")
 
 
+def _stored_chunks(root, name_part: str) -> int:
+    """How many chunks dist_checkpointing stored for the tensors whose name holds `name_part`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(root / "iter_0000000" / "model")).read_metadata().state_dict_metadata
+    return sum(len(entry.chunks) for name, entry in metadata.items() if name_part in name and hasattr(entry, "chunks"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout, latent", [((2, 1), ["--latent-steps", "2", "--halting", "adaptive"]),
                                             ((1, 2), [])], ids=["tp2_adaptive", "pp2_vanilla"])
@@ -214,6 +222,8 @@ def test_import_to_a_parallel_layout_equals_the_one_process_import(llama_dir, tm
     assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) == (tp, pp)
     assert sorted(os.listdir(tmp_path / "parallel")) == ["iter_0000000", "latest_checkpointed_iteration.txt",
                                                          "tokenizer"]  # the staging checkpoint is gone
+    if tp > 1:  # written by TP ranks: the fused QKV is stored as TP times as many chunks
+        assert _stored_chunks(tmp_path / "parallel", "linear_qkv") == tp * _stored_chunks(tmp_path / "one", "linear_qkv")
     expected = read_checkpoint_weights(tmp_path / "one" / "iter_0000000", tmp_path)
     written = read_checkpoint_weights(tmp_path / "parallel" / "iter_0000000", tmp_path)
     assert set(written) == set(expected)

@@ -94,8 +94,10 @@ def workflow(halting_checkpoint, trained_checkpoints, sotu_indexed_dataset, tmp_
         with torch.no_grad():
             logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])[0, :, : trained.vocab_size]
         completion = generate(trained, [PROMPT], NEW_TOKENS, SamplingParams(greedy=True))
-        ours[name] = {"ids": ids, "logits": logits, "log_probs": log_probs, "latent_steps": steps.tolist(), "export": result,
-                      "text": completion.texts[0], "completion": trained.tokenizer.tokenize(PROMPT) + completion.tokens[0], "shares": halting_shares(trained, ids),
+        ours[name] = {"ids": ids, "logits": logits, "log_probs": log_probs, "latent_steps": steps.tolist(),
+                      "export": result, "text": completion.texts[0],
+                      "completion": trained.tokenizer.tokenize(PROMPT) + completion.tokens[0],
+                      "shares": halting_shares(trained, ids),
                       "card": open(os.path.join(directory, "README.md"), encoding="utf-8").read()}
         job[name] = {"dir": directory, "ids": ids, "prompt": PROMPT, "new_tokens": NEW_TOKENS}
     work = root / "hf_side"
