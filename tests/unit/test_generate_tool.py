@@ -66,10 +66,12 @@ def test_streamed_pieces_are_the_texts_as_tokens_come(stepwise):
     detokenize = stepwise.tokenizer.detokenize
     stepwise.tokenizer.detokenize = lambda ids: decoded.append(detokenize(ids)) or decoded[-1]
     pieces = {row: [] for row in range(len(PROMPTS))}
+    # the completion is decoded after the prompt's last token, whose text is then removed
+    context = [detokenize(stepwise.tokenizer.tokenize(prompt)[-1:]) for prompt in PROMPTS]
 
     def on_text(row, piece):
         pieces[row].append(piece)
-        assert decoded[-1].startswith("".join(pieces[row]))
+        assert decoded[-1][len(context[row]) :].startswith("".join(pieces[row]))
 
     try:
         sampling = SamplingParams(temperature=0.9, top_k=20, seed=3)

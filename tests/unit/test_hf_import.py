@@ -181,12 +181,12 @@ def test_target_layout_needs_as_many_processes(llama_dir, tmp_path):
     assert not os.path.exists(tmp_path / "ckpt")
 
 
-def _stored_chunks(root, name_part: str) -> int:
-    """How many chunks dist_checkpointing stored for the tensors whose name holds `name_part`."""
+def _stored_chunks(root, suffix: str) -> int:
+    """How many chunks dist_checkpointing stored for the tensors whose name ends with `suffix`."""
     from torch.distributed.checkpoint import FileSystemReader
 
     metadata = FileSystemReader(str(root / "iter_0000000" / "model")).read_metadata().state_dict_metadata
-    return sum(len(entry.chunks) for name, entry in metadata.items() if name_part in name and hasattr(entry, "chunks"))
+    return sum(len(entry.chunks) for name, entry in metadata.items() if name.endswith(suffix) and hasattr(entry, "chunks"))
 
 
 @pytest.mark.slow
@@ -223,7 +223,8 @@ def test_import_to_a_parallel_layout_equals_the_one_process_import(llama_dir, tm
     assert sorted(os.listdir(tmp_path / "parallel")) == ["iter_0000000", "latest_checkpointed_iteration.txt",
                                                          "tokenizer"]  # the staging checkpoint is gone
     if tp > 1:  # written by TP ranks: the fused QKV is stored as TP times as many chunks
-        assert _stored_chunks(tmp_path / "parallel", "linear_qkv") == tp * _stored_chunks(tmp_path / "one", "linear_qkv")
+        assert _stored_chunks(tmp_path / "parallel", "linear_qkv.weight") == tp * _stored_chunks(
+            tmp_path / "one", "linear_qkv.weight")
     expected = read_checkpoint_weights(tmp_path / "one" / "iter_0000000", tmp_path)
     written = read_checkpoint_weights(tmp_path / "parallel" / "iter_0000000", tmp_path)
     assert set(written) == set(expected)
