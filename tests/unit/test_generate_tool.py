@@ -9,13 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import trained_checkpoints  # noqa: F401
-
 PROMPTS = ["The Congress of the United States", "War", "In the year that has passed since my last message"]
 
 
 @pytest.fixture(scope="module")
-def stepwise(trained_checkpoints):  # noqa: F811
+def stepwise(trained_checkpoints):
     from megatron_lcot.inference.loading import load_trained_model
 
     torch.set_num_threads(1)

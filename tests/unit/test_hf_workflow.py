@@ -19,8 +19,7 @@ import os
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import (halting_checkpoint, halting_shares, held_out_ids,  # noqa: F401
-                                    run_without_megatron, trained_checkpoints)
+from tests.unit.hf_fixtures import halting_shares, held_out_ids, run_without_megatron
 
 PROMPT = "The Congress of the United States"
 WINDOW = 64
@@ -73,7 +72,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def workflow(halting_checkpoint, trained_checkpoints, sotu_indexed_dataset, tmp_path_factory):  # noqa: F811
+def workflow(halting_checkpoint, trained_checkpoints, sotu_indexed_dataset, tmp_path_factory):
     """Ours (logits, latent steps and halting shares on held-out text, greedy completion) and
     transformers' results on the sharded exports of the halting and vanilla checkpoints."""
     from megatron_lcot.hf.export import export
@@ -164,7 +163,7 @@ def test_bf16_load_and_save_pretrained_reload(workflow, name):
         assert {"configuration_lcot.py", "modeling_lcot.py"} <= set(result["resaved_files"])
 
 
-def test_imported_halting_export_gives_our_scorer(workflow, halting_checkpoint, tmp_path):  # noqa: F811
+def test_imported_halting_export_gives_our_scorer(workflow, halting_checkpoint, tmp_path):
     import argparse
 
     from megatron_lcot.hf.import_llama import import_llama
@@ -196,7 +195,7 @@ def test_model_card_states_the_checkpoint(workflow):
     assert "trust_remote_code" not in ours["vanilla"]["card"]
 
 
-def test_model_card_takes_tokens_flops_and_perplexity_from_the_run(trained_checkpoints, tmp_path):  # noqa: F811
+def test_model_card_takes_tokens_flops_and_perplexity_from_the_run(trained_checkpoints, tmp_path):
     from megatron_lcot.hf.export import export
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.model.flops import training_flops_per_token
@@ -224,7 +223,7 @@ def test_model_card_takes_tokens_flops_and_perplexity_from_the_run(trained_check
     assert "| held-out perplexity | 412.2 (tools/evaluate.py: 1023 held-out tokens, windows of 64, stride 64) |" in card
 
 
-def test_bad_shard_size_and_eval_result_fail_before_writing(trained_checkpoints, tmp_path, capsys):  # noqa: F811
+def test_bad_shard_size_and_eval_result_fail_before_writing(trained_checkpoints, tmp_path, capsys):
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "tools"))
