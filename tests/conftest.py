@@ -15,6 +15,10 @@ import sys
 
 import pytest
 
+# The Hugging Face / inference checkpoints (session fixtures), registered once for every test
+# module: a module that imports a fixture instead gets its own instance, and trains again.
+pytest_plugins = ["tests.unit.hf_fixtures"]
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcot.py")
 

@@ -1,7 +1,10 @@
 """Convert checkpoints: to Hugging Face, from Hugging Face, between parallel layouts.
 
-    python tools/convert_checkpoint.py to-hf   --load CKPT_DIR --output HF_DIR [--iteration N] [--max-shard-size 5GB]
+    python tools/convert_checkpoint.py to-hf   --load CKPT_DIR --output HF_DIR [--iteration N] [--max-shard-size 5GB] \
+        [--eval-result EVAL.json] [--metrics-file METRICS.jsonl]
     python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR [--latent-steps K ...]
+    torchrun --nproc-per-node TP*PP tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR \
+        --target-tensor-parallel-size TP --target-pipeline-parallel-size PP
     python tools/convert_checkpoint.py reshard --load CKPT_DIR --save CKPT_DIR \
         --target-tensor-parallel-size N --target-pipeline-model-parallel-size M [--format sharded|plain]
 

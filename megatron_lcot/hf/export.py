@@ -5,6 +5,7 @@
     generation_config.json      eos = the tokenizer's eod
     tokenizer.json, tokenizer_config.json
     configuration_lcot.py, modeling_lcot.py      (latent modes: the remote code)
+    README.md                   the model card (model_card.py)
 
 A vanilla model (`--latent-steps 0`) is a plain `LlamaForCausalLM`. The directory is written
 under a temporary name beside `--output` and renamed into place at the end, so a failure leaves
@@ -15,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import tempfile
 
 import torch
 
 from megatron_lcot.hf.errors import ConversionError
+from megatron_lcot.hf.model_card import last_validation, model_card, read_eval_result, training_record
 from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, megatron_to_hf
 from megatron_lcot.hf.tokenizer_files import NoHFTokenizer, hf_tokenizer
 from megatron_lcot.inference.loading import TrainedModel, load_trained_model
@@ -28,15 +31,31 @@ from megatron_lcot.inference.loading import TrainedModel, load_trained_model
 HF_DIR = os.path.dirname(os.path.abspath(__file__))
 REMOTE_CODE = ("configuration_lcot.py", "modeling_lcot.py")
 MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}  # as transformers
+
+
+def shard_size(text: str) -> int:
+    """--max-shard-size: bytes, or a number with KB/MB/GB/TB (powers of 10, as transformers)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if match is None or float(match.group(1)) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size; give bytes or e.g. 200MB, 5GB")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="checkpoint directory (pretrain_lcot.py --save)")
     parser.add_argument("--output", required=True, help="new Hugging Face directory to write")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    parser.add_argument("--max-shard-size", default="5GB", help="safetensors shard size, e.g. 5GB or 200MB")
+    parser.add_argument("--max-shard-size", type=shard_size, default="5GB",
+                        help="largest safetensors file, e.g. 5GB or 200MB: a bigger model is written as shards "
+                             "model-0000i-of-0000n.safetensors with model.safetensors.index.json")
     parser.add_argument("--tokenizer-model", default=None,
                         help="the tokenizer file, when the path stored in the checkpoint no longer exists")
+    parser.add_argument("--eval-result", default=None,
+                        help="saved output of tools/evaluate.py --input: its perplexity goes in the model card")
+    parser.add_argument("--metrics-file", default=None,
+                        help="the run's --metrics-file, for the model card's last validation (default: the "
+                             "path the checkpoint's run wrote to)")
 
 
 def shapes_of(trained: TrainedModel) -> Shapes:
@@ -103,14 +122,20 @@ def check_output_dir(path: str) -> None:
                           "remove it first.")
 
 
-def export(load: str, output: str, iteration: int | None = None, max_shard_size: str = "5GB",
-           tokenizer_model: str | None = None) -> dict:
-    """Write the Hugging Face directory; returns {"output", "iteration", "architecture", "tokenizer"}."""
+def export(load: str, output: str, iteration: int | None = None, max_shard_size: int | str = "5GB",
+           tokenizer_model: str | None = None, eval_result: str | None = None,
+           metrics_file: str | None = None) -> dict:
+    """Write the Hugging Face directory; returns {"output", "iteration", "architecture", "tokenizer",
+    "shards"}."""
     from transformers import GenerationConfig
 
     check_output_dir(output)
+    evaluation = read_eval_result(eval_result) if eval_result else None
     trained = load_trained_model(load, iteration, tokenizer_model)
     model = hf_model(trained)
+    validation = last_validation(metrics_file or getattr(trained.args, "metrics_file", None), trained.iteration)
+    card = model_card(trained, os.path.basename(os.path.abspath(output)), model.num_parameters(),
+                      training_record(load, trained.iteration), validation, evaluation)
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-", dir=parent)
@@ -118,6 +143,9 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
         model.generation_config = GenerationConfig(eos_token_id=model.config.eos_token_id,
                                                    bos_token_id=model.config.bos_token_id)
         model.save_pretrained(staging, max_shard_size=max_shard_size)
+        with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
+            f.write(card)
+        shards = sum(name.endswith(".safetensors") for name in os.listdir(staging))
         tokenizer_note = "tokenizer.json"
         try:
             hf_tokenizer(trained.tokenizer).save_pretrained(staging)
@@ -135,8 +163,9 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return {"output": output, "iteration": trained.iteration, "architecture": model.config.architectures[0],
-            "tokenizer": tokenizer_note}
+            "tokenizer": tokenizer_note, "shards": shards}
 
 
 def run(args: argparse.Namespace) -> dict:
-    return export(args.load, args.output, args.iteration, args.max_shard_size, args.tokenizer_model)
+    return export(args.load, args.output, args.iteration, args.max_shard_size, args.tokenizer_model,
+                  args.eval_result, args.metrics_file)

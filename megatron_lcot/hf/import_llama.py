@@ -2,11 +2,15 @@
 
     python tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR \
         [--latent-steps K --latent-layout stepwise --halting adaptive --halting-threshold 0.05]
+    torchrun --nproc-per-node 2 tools/convert_checkpoint.py from-hf --load HF_DIR --save CKPT_DIR \
+        --target-tensor-parallel-size 2 [--target-pipeline-parallel-size 1]
 
 Reads `config.json`, the safetensors weights and `tokenizer.json` of a `LlamaForCausalLM` (or of
 one of our latent exports), and writes iteration 0 of a training checkpoint (fresh optimizer)
 plus the tokenizer under `CKPT_DIR/tokenizer/`, so `pretrain_lcot.py --load CKPT_DIR` continues
-with the same model flags (printed as `pretrain_flags`).
+with the same model flags (printed as `pretrain_flags`). With a target layout the checkpoint is
+written at that tensor/pipeline layout (vocabulary padded for its TP, its flags recorded), through
+the same dist_checkpointing load as `convert_checkpoint.py reshard`.
 
 Choices (docs/hf.md):
 * the router of adaptive halting starts as in training from scratch (weights 0, every gate at
@@ -35,6 +39,7 @@ from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, hf_to_megatron, une
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LcotForCausalLM")
 NORM_EPSILON = 1e-5  # llama_config's RMSNorm epsilon (no flag changes it)
+STAGING_DIRNAME = ".one_process"  # inside --save while a TP/PP import is resharded
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +50,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--halting", choices=("none", "adaptive"), default=None)
     parser.add_argument("--halting-threshold", type=float, default=None)
     parser.add_argument("--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)")
-    parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
-    parser.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
+                        help="write the checkpoint at this TP (launch TP x PP processes with torchrun)")
+    parser.add_argument("--target-pipeline-parallel-size", "--target-pipeline-model-parallel-size",
+                        dest="target_pipeline_model_parallel_size", type=int, default=1,
+                        help="write the checkpoint at this PP (launch TP x PP processes with torchrun)")
 
 
 def read_hf_config(hf_dir: str) -> dict:
@@ -153,51 +161,79 @@ def pretrain_flags(config: dict, options: argparse.Namespace, tokenizer_path: st
              "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path,
              "--latent-steps", latent_steps, "--latent-layout", layout, "--halting", halting,
              "--halting-threshold", threshold]
-    return [str(flag) for flag in flags]
+    layout_flags = ["--tensor-model-parallel-size", options.target_tensor_parallel_size,
+                    "--pipeline-model-parallel-size", options.target_pipeline_model_parallel_size]
+    return [str(flag) for flag in flags + (layout_flags if layout_flags[1::2] != [1, 1] else [])]
 
 
-def _copy_tokenizer(hf_dir: str, save: str) -> str:
-    source = os.path.join(hf_dir, "tokenizer.json")
-    if not os.path.isfile(source):
-        raise ConversionError(f"--load {hf_dir!r}: no tokenizer.json there; save the tokenizer with the model "
-                              "(tokenizer.save_pretrained(HF_DIR)) so training reads the same ids.")
+def _copy_tokenizer(hf_dir: str, save: str) -> None:
     target = os.path.join(save, "tokenizer")
     os.makedirs(target, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if os.path.isfile(os.path.join(hf_dir, name)):
             shutil.copyfile(os.path.join(hf_dir, name), os.path.join(target, name))
-    return os.path.join(os.path.abspath(target), "tokenizer.json")
 
 
-def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
-    """Write iteration 0 of a checkpoint under `save`; returns {"save", "pretrain_flags", "embedding_scale"}."""
+def _check_layout(options: argparse.Namespace) -> tuple:
+    """The target (TP, PP), checked against the process count before anything is read."""
+    tp, pp = options.target_tensor_parallel_size, options.target_pipeline_model_parallel_size
+    if tp < 1 or pp < 1:
+        raise ConversionError("--target-tensor-parallel-size and --target-pipeline-parallel-size must be >= 1.")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size != tp * pp:
+        raise ConversionError(f"--target-tensor-parallel-size {tp} x --target-pipeline-parallel-size {pp} needs "
+                              f"{tp * pp} processes, this run has {world_size}; launch with "
+                              f"torchrun --nproc-per-node {tp * pp} tools/convert_checkpoint.py from-hf ...")
+    return tp, pp
+
+
+def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | None:
+    """Write iteration 0 of a checkpoint under `save` at the target layout; returns {"save",
+    "pretrain_flags", "embedding_scale", "embedding_fold", ...} on global rank 0 (None elsewhere).
+
+    The HF weights fill a one-process model on every rank. At TP = PP = 1 it is saved as is;
+    otherwise it is saved to a staging checkpoint inside `save`, which `training/reshard.py`
+    loads into the target layout through dist_checkpointing (the `reshard` path) and writes.
+    Collective over the TP x PP processes."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
     from megatron_lcot import parallel
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
     from megatron_lcot.data.tokenizers import build_tokenizer
-    from megatron_lcot.training.checkpointing import latest_iteration, save_weights_only
+    from megatron_lcot.training.checkpointing import latest_iteration, plain_args, save_weights_only
     from megatron_lcot.training.providers import model_provider
+    from megatron_lcot.training.reshard import reshard, target_args
 
-    if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:
-        raise ConversionError("--target-tensor-parallel-size/--target-pipeline-model-parallel-size other than 1: "
-                              "import to one process, then reshard with tools/convert_checkpoint.py reshard.")
+    tp, pp = _check_layout(options)
     if os.path.isdir(save) and (latest_iteration(save) is not None or os.listdir(save)):
         raise ConversionError(f"--save {save!r} is not empty; pass a new directory.")
     config = read_hf_config(hf_dir)
     check_supported(config, hf_dir)
     weights = read_hf_weights(hf_dir)
     check_weight_shapes(weights, config, hf_dir)
-    staging_tokenizer = _copy_tokenizer(hf_dir, save)
+    if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
+        raise ConversionError(f"--load {hf_dir!r}: no tokenizer.json there; save the tokenizer with the model "
+                              "(tokenizer.save_pretrained(HF_DIR)) so training reads the same ids.")
+    parallel.initialize()  # one-process model parallelism (every rank a data-parallel replica)
+    dist.barrier()  # every rank has seen `save` empty before rank 0 writes there
+    tokenizer_path = os.path.join(os.path.abspath(save), "tokenizer", "tokenizer.json")
     try:
-        tokenizer = build_tokenizer("HuggingFaceTokenizer", staging_tokenizer)
+        if dist.get_rank() == 0:
+            _copy_tokenizer(hf_dir, save)
+        dist.barrier()
+        tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_path)
         if tokenizer.vocab_size != config["vocab_size"]:
             raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
                                   f"vocab_size is {config['vocab_size']}; they must agree.")
-        argv = pretrain_flags(config, options, staging_tokenizer) + ["--mock-data", "--train-iters", "1",
-                                                                      "--save", save]
-        args = parse_args(argv)
-        set_padded_vocab_size(args, tokenizer.vocab_size)
-        parallel.initialize(seed=args.seed)
-        model = model_provider(args)
+        flags = pretrain_flags(config, options, tokenizer_path)
+        args = parse_args(flags + ["--mock-data", "--train-iters", "1", "--save", save])
+        set_padded_vocab_size(args, tokenizer.vocab_size)  # the target TP's padding
+        if tp * pp > 1:
+            target_args(plain_args(args), tp, pp)  # refuses a layout the model cannot take, before any work
+        one_process = argparse.Namespace(**vars(args))
+        one_process.tensor_model_parallel_size = one_process.pipeline_model_parallel_size = 1
+        model = model_provider(one_process)
         h = args.hidden_size
         shapes = Shapes(args.num_layers, args.num_attention_heads, args.num_query_groups, h // args.num_attention_heads,
                         tokenizer.vocab_size, args.padded_vocab_size)
@@ -210,13 +246,25 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
+        if tp * pp == 1:
+            save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
+        else:
+            staging = os.path.join(save, STAGING_DIRNAME)
+            save_weights_only(staging, 0, model, one_process, sharded=True)
+            parallel_state.destroy_model_parallel()
+            reshard(staging, save, tp, pp, sharded=True)
+            if dist.get_rank() == 0:
+                shutil.rmtree(staging)
+            dist.barrier()
     except BaseException:
-        if latest_iteration(save) is None:
+        if latest_iteration(save) is None and dist.get_rank() == 0:
             shutil.rmtree(save, ignore_errors=True)
         raise
-    return {"save": save, "embedding_scale": model.config.embedding_scale, "embedding_fold": fold,
-            "pretrain_flags": " ".join(pretrain_flags(config, options, staging_tokenizer))}
+    if dist.get_rank() != 0:
+        return None
+    return {"save": save, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "padded_vocab_size": args.padded_vocab_size, "embedding_scale": model.config.embedding_scale,
+            "embedding_fold": fold, "pretrain_flags": " ".join(flags)}
 
 
 def run(args: argparse.Namespace) -> dict:

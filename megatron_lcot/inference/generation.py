@@ -10,13 +10,16 @@
 
 Prompts are tokenized as training data was (no BOS), left-padded to one length and prefilled
 in one call per latent step; then one token per sequence per call. A sequence stops at the
-tokenizer's eod (kept in its tokens, not in its text) or after `max_new_tokens`.
+tokenizer's eod (kept in its tokens, not in its text), at a stop string (its text ends before
+it; `text_stream.py`) or after `max_new_tokens`. `on_text(row, piece)` receives each row's text
+as it becomes final, in order: the pieces of a row concatenate to its entry of `texts`.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,13 +28,16 @@ from megatron_lcot.inference.decoding import LatentDecoder
 from megatron_lcot.inference.kv_cache import LatentKVCache
 from megatron_lcot.inference.loading import TrainedModel
 from megatron_lcot.inference.sampling import SamplingParams, next_tokens
+from megatron_lcot.inference.text_stream import TextStream
 
 
 @dataclass
 class GenerationResult:
-    """tokens[i]: generated ids of prompt i (ending with eod if it stopped there); texts[i]
-    their text without eod. step_logits[i]: [new, vocab] logits each token was chosen from
-    (real vocabulary) when `keep_logits`. latent_steps[i]: executed latent steps per generated
+    """tokens[i]: generated ids of prompt i (ending with eod, or with the token that completed a
+    stop string, if it stopped there); texts[i] their text without eod, cut before a stop string,
+    with the space that separates it from the prompt (prompt + text reads as one text).
+    step_logits[i]: [new, vocab] logits each token was chosen from (real vocabulary, before the
+    repetition penalty) when `keep_logits`. latent_steps[i]: executed latent steps per generated
     token (the step computing that token's successor)."""
 
     tokens: list
@@ -68,21 +74,31 @@ def left_pad(prompts: list, pad_id: int = 0) -> tuple:
 
 
 def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, sampling: SamplingParams,
-                 keep_logits: bool = False, stop_at_eod: bool = True) -> GenerationResult:
-    """Generate from prompts given as token id lists (each non-empty)."""
+                 keep_logits: bool = False, stop_at_eod: bool = True, stop: tuple = (),
+                 on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+    """Generate from prompts given as token id lists (each non-empty); `stop`: stop strings."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (an empty line gives none).")
+    if stop and trained.tokenizer is None:
+        raise ValueError("stop strings need the checkpoint's tokenizer; pass --tokenizer-model.")
     device = parallel.device()
     vocab = trained.vocab_size
     eod = trained.tokenizer.eod if trained.tokenizer is not None and stop_at_eod else None
+    detokenize = trained.tokenizer.detokenize if trained.tokenizer is not None else lambda ids: ""
+    streams = [TextStream(detokenize, stop, eod, context=prompt[-1:]) for prompt in prompts]
     decoder, cache = LatentDecoder(trained.model), LatentKVCache()
     generator = torch.Generator().manual_seed(sampling.seed)
     ids, valid = left_pad(prompts)
     batch = len(prompts)
-    tokens = [[] for _ in prompts]
+    # ids in each sequence, for the repetition penalty (padding marks a spare last column)
+    seen = torch.zeros((batch, vocab + 1), dtype=torch.bool).scatter_(1, torch.where(valid, ids, vocab), True)
+    seen = seen[:, :vocab].to(device)
     steps = [[] for _ in prompts]
     kept = [[] for _ in prompts] if keep_logits else None
-    finished = torch.zeros(batch, dtype=torch.bool)
+
+    def emit(row: int, piece: str) -> None:
+        if piece and on_text is not None:
+            on_text(row, piece)
 
     start = time.perf_counter()
     logits, latent = decoder(cache, ids.to(device), valid.to(device))
@@ -90,28 +106,31 @@ def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, samp
     prefill_s = time.perf_counter() - start
     start = time.perf_counter()
     for index in range(max_new_tokens):
-        chosen = next_tokens(logits, sampling, generator).cpu()
-        for row in range(batch):
-            if finished[row]:
+        chosen = next_tokens(logits, sampling, generator, seen)
+        seen[torch.arange(batch, device=seen.device), chosen] = True
+        chosen = chosen.cpu()
+        for row, stream in enumerate(streams):
+            if stream.finished:
                 continue
-            tokens[row].append(int(chosen[row]))
             steps[row].append(float(latent[row]))
             if keep_logits:
                 kept[row].append(logits[row].float().cpu())
-            finished[row] = eod is not None and int(chosen[row]) == eod
-        if bool(finished.all()) or index == max_new_tokens - 1:
+            emit(row, stream.push(int(chosen[row])))
+        if all(stream.finished for stream in streams) or index == max_new_tokens - 1:
             break
         # finished rows keep decoding (their tokens are dropped): the batch stays rectangular
         logits, latent = decoder(cache, chosen[:, None].to(device))
         logits, latent = logits[:, -1, :vocab], latent[:, -1]
     decode_s = time.perf_counter() - start
-    texts = [trained.tokenizer.detokenize([t for t in row if t != eod]) if trained.tokenizer else "" for row in tokens]
-    return GenerationResult(tokens, texts, steps, [torch.stack(r) for r in kept] if keep_logits else None,
-                            prefill_s, decode_s)
+    for row, stream in enumerate(streams):
+        emit(row, stream.close())
+    return GenerationResult([s.tokens for s in streams], [s.text for s in streams], steps,
+                            [torch.stack(r) for r in kept] if keep_logits else None, prefill_s, decode_s)
 
 
 def generate(trained: TrainedModel, prompts: list, max_new_tokens: int, sampling: SamplingParams,
-             keep_logits: bool = False) -> GenerationResult:
+             keep_logits: bool = False, stop: tuple = (),
+             on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
     """Generate from text prompts (tokenized as training data was)."""
     return generate_ids(trained, [trained.tokenizer.tokenize(p) for p in prompts], max_new_tokens, sampling,
-                        keep_logits)
+                        keep_logits, stop=stop, on_text=on_text)

@@ -104,18 +104,25 @@ def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoint
 
 @pytest.mark.slow
 def test_generate_cli_prints_what_the_api_generates(trained_checkpoints, tmp_path):  # noqa: F811
+    """Streamed (--batch-size 1) and batched, stdout is each prompt + its completion + '---', then
+    the JSON line; both equal the Python API's tokens and texts."""
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.sampling import SamplingParams
 
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("The Congress of the United States\nWar\n")
-    summary = _last_json(_tool("generate.py", "--load", trained_checkpoints["stepwise"], "--input-file", prompts,
-                               "--greedy", "--max-new-tokens", 8, cwd=tmp_path))
-    expected = generate(load_trained_model(trained_checkpoints["stepwise"]),
-                        ["The Congress of the United States", "War"], 8, SamplingParams(greedy=True))
-    assert summary["tokens"] == expected.tokens
-    assert summary["mean_latent_steps"] == 2.0 and summary["decode_tokens_per_s"] > 0
+    prompts = ["The Congress of the United States", "War"]
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    expected = generate(load_trained_model(trained_checkpoints["stepwise"]), prompts, 8, SamplingParams(greedy=True))
+    for batch_size in (1, 2):
+        run = _tool("generate.py", "--load", trained_checkpoints["stepwise"], "--input-file", tmp_path / "prompts.txt",
+                    "--temperature", 0, "--max-new-tokens", 8, "--batch-size", batch_size, cwd=tmp_path)
+        summary = _last_json(run)
+        assert summary["tokens"] == expected.tokens and summary["texts"] == expected.texts
+        printed = run.stdout.rstrip("\n").rsplit("\n", 1)[0] + "\n"  # all but the JSON line
+        assert printed == "".join(f"{prompt}{text}\n---\n" for prompt, text in zip(prompts, expected.texts))
+        assert summary["mean_latent_steps"] == 2.0 and summary["decode_tokens_per_s"] > 0
+        assert summary["latent_steps"] == [[2.0] * len(row) for row in expected.tokens]
+        assert "latent steps per generated token: mean 2.00 | 0:0.00 1:0.00 2:1.00" in run.stderr
 
 
 def _fails(run, *phrases):

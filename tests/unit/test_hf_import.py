@@ -168,3 +168,69 @@ def test_round_trip_from_a_parallel_layout_is_bit_exact(sotu_indexed_dataset, tm
     assert "halting_router.weight" in tensors and set(tensors) <= set(again)
     for name in tensors:
         assert torch.equal(original[name], again[name]), name
+
+
+def test_target_layout_needs_as_many_processes(llama_dir, tmp_path):
+    from megatron_lcot.hf.errors import ConversionError
+    from megatron_lcot.hf.import_llama import import_llama
+
+    path, _ = llama_dir
+    with pytest.raises(ConversionError, match="--target-tensor-parallel-size 2 x --target-pipeline-parallel-size 1 "
+                                              "needs 2 processes, this run has 1; launch with torchrun"):
+        import_llama(str(path), str(tmp_path / "ckpt"), _options(target_tensor_parallel_size=2))
+    assert not os.path.exists(tmp_path / "ckpt")
+
+
+def _stored_chunks(root, suffix: str) -> int:
+    """How many chunks dist_checkpointing stored for the tensors whose name ends with `suffix`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(root / "iter_0000000" / "model")).read_metadata().state_dict_metadata
+    return sum(len(entry.chunks) for name, entry in metadata.items() if name.endswith(suffix) and hasattr(entry, "chunks"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout, latent", [((2, 1), ["--latent-steps", "2", "--halting", "adaptive"]),
+                                            ((1, 2), [])], ids=["tp2_adaptive", "pp2_vanilla"])
+def test_import_to_a_parallel_layout_equals_the_one_process_import(llama_dir, tmp_path, layout, latent):
+    """from-hf under torchrun at TP=2 (adaptive) or PP=2 (vanilla) writes a checkpoint recording
+    that layout whose weights are those of the one-process import, bit for bit, and whose
+    logits (loaded in one process) are the one-process import's."""
+    import subprocess
+    import sys
+
+    from megatron_lcot.hf.import_llama import import_llama
+    from megatron_lcot.training.checkpointing import saved_args
+    from tests.conftest import REPO_ROOT, read_checkpoint_weights, tool_env
+
+    path, _ = llama_dir
+    tp, pp = layout
+    options = dict(zip(latent[::2], latent[1::2]))
+    one = import_llama(str(path), str(tmp_path / "one"), _options(
+        latent_steps=int(options.get("--latent-steps", 0)), halting=options.get("--halting")))
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(tp * pp))
+    run = subprocess.run([*torchrun, os.path.join(REPO_ROOT, "tools", "convert_checkpoint.py"), "from-hf",
+                          "--load", str(path), "--save", str(tmp_path / "parallel"), "--seq-length", "64", *latent,
+                          "--target-tensor-parallel-size", str(tp), "--target-pipeline-parallel-size", str(pp)],
+                         cwd=tmp_path, env=tool_env(), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert f"--tensor-model-parallel-size {tp} --pipeline-model-parallel-size {pp}" in report["pretrain_flags"]
+    assert report["pretrain_flags"].startswith(one["pretrain_flags"].replace(str(tmp_path / "one"),
+                                                                             str(tmp_path / "parallel")))
+    args = saved_args(str(tmp_path / "parallel"))
+    assert (args["tensor_model_parallel_size"], args["pipeline_model_parallel_size"]) == (tp, pp)
+    assert sorted(os.listdir(tmp_path / "parallel")) == ["iter_0000000", "latest_checkpointed_iteration.txt",
+                                                         "tokenizer"]  # the staging checkpoint is gone
+    if tp > 1:  # written by TP ranks: the fused QKV is stored as TP times as many chunks
+        assert _stored_chunks(tmp_path / "parallel", "linear_qkv.weight") == tp * _stored_chunks(
+            tmp_path / "one", "linear_qkv.weight")
+    expected = read_checkpoint_weights(tmp_path / "one" / "iter_0000000", tmp_path)
+    written = read_checkpoint_weights(tmp_path / "parallel" / "iter_0000000", tmp_path)
+    assert set(written) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(written[name], tensor), name
+    ids = torch.randint(0, VOCAB, (1, 40), generator=torch.Generator().manual_seed(2))
+    ours, _ = _our_logits(tmp_path / "one", ids)
+    theirs, _ = _our_logits(tmp_path / "parallel", ids)
+    assert torch.equal(ours, theirs)
