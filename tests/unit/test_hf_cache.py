@@ -174,3 +174,42 @@ def test_foreign_caches_are_refused(exports):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache())
     with pytest.raises(ValueError, match="cache_implementation='static'"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["adaptive", "interleaved"])
+def test_long_prompt_cached_equals_uncached(exports, sotu_indexed_dataset, mode):
+    """A 960-token prompt (15x the training length) then 64 new tokens; the interleaved uncached
+    reference iterates Jacobi to its fixed point over ~2000 slots per token (minutes)."""
+    from transformers import AutoTokenizer
+
+    model = _hf_model(exports[mode])
+    tokenizer = AutoTokenizer.from_pretrained(exports[mode], trust_remote_code=True)
+    prompt = held_out_ids(sotu_indexed_dataset, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], 960)
+    ids = torch.tensor([prompt])
+    cached, cached_logits = _generate(model, ids, torch.ones_like(ids), use_cache=True)
+    full, full_logits = _generate(model, ids, torch.ones_like(ids), use_cache=False)
+    difference = (cached_logits - full_logits).abs().max().item()
+    print(f"{mode}: 960-token prompt + {NEW_TOKENS}: max |logit difference| {difference:.3g}")
+    assert torch.equal(cached, full)
+    assert difference < 1e-5
+
+
+@pytest.mark.slow
+def test_decode_benchmark_runs(trained_checkpoints):  # noqa: F811
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO_ROOT, tool_env
+
+    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "hf_decode.py"), "--load",
+                             trained_checkpoints["adaptive"], "--decisive-router", "--totals", "24", "96",
+                             "--new-tokens", "4", "--repeats", "1"], env=tool_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {(r["decoder"], r["total_positions"]) for r in lines[:-1]} == {
+        (d, t) for d in ("hf_cached", "hf_uncached", "ours") for t in (24, 96)}
+    assert set(lines[-1]["per_token_time_ratio_96_vs_24"]) == {"hf_cached", "hf_uncached", "ours"}
