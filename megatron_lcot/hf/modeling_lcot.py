@@ -231,17 +231,20 @@ class LcotLatentCache(Cache):
         super().reset()
         self.real = None
 
+    def _map_real(self, function):
+        self.real = None if self.real is None else function(self.real)
+
     def reorder_cache(self, beam_idx):
         super().reorder_cache(beam_idx)
-        self.real = self.real.index_select(0, beam_idx.to(self.real.device))
+        self._map_real(lambda real: real.index_select(0, beam_idx.to(real.device)))
 
     def batch_repeat_interleave(self, repeats):
         super().batch_repeat_interleave(repeats)
-        self.real = self.real.repeat_interleave(repeats, dim=0)
+        self._map_real(lambda real: real.repeat_interleave(repeats, dim=0))
 
     def batch_select_indices(self, indices):
         super().batch_select_indices(indices)
-        self.real = self.real[indices]
+        self._map_real(lambda real: real[indices])
 
 
 def exit_mass(reach, executed):
@@ -420,6 +423,9 @@ class LcotForCausalLM(LcotPreTrainedModel, GenerationMixin):
         cache). With `cache` (or use_cache=True, which starts one) input_ids are the tokens it has
         not seen, and it is returned holding them too. jacobi_iters (interleaved, no cache):
         "config" = `jacobi_eval_iters`, None = exact."""
+        if "past_key_values" in kwargs:
+            raise TypeError("past_key_values: transformers now names it cache; pass cache=... (an "
+                            "LcotLatentCache).")
         if cache is None and use_cache:
             cache = LcotLatentCache(self.config)
         hidden, latent_steps = self.model(input_ids, attention_mask, position_ids, cache, jacobi_iters)

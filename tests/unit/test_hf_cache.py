@@ -91,8 +91,8 @@ class ForwardLog:
 def _generate(model, ids, mask, use_cache, new_tokens=NEW_TOKENS, **options):
     with torch.no_grad():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, use_cache=use_cache, output_logits=True, return_dict_in_generate=True,
-                             pad_token_id=0, **options)
+                             do_sample=False, use_cache=use_cache, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0, **options)
     return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
 
 
@@ -106,7 +106,8 @@ def test_cached_generate_equals_uncached(exports, mode):
     log.calls = []
     tokens, logits = _generate(model, ids, mask, use_cache=False)
     difference = (cached_logits - logits).abs().max().item()
-    print(f"{mode}: {NEW_TOKENS} new tokens, cached == uncached tokens: {torch.equal(cached_tokens, tokens)}, "
+    same = torch.equal(cached_tokens, tokens)
+    print(f"{mode}: {NEW_TOKENS} new tokens, cached == uncached tokens: {same}, "
           f"max |logit difference| {difference:.3g}")
     assert torch.equal(cached_tokens, tokens)
     assert difference < 1e-5
@@ -124,7 +125,8 @@ def test_cached_generate_equals_uncached(exports, mode):
 
 
 @pytest.mark.parametrize("mode", ["stepwise", "adaptive", "interleaved"])
-def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint, mode):  # noqa: F811
+def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint,  # noqa: F811
+                                            mode):
     from megatron_lcot.inference.generation import generate_ids
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.sampling import SamplingParams
@@ -174,6 +176,8 @@ def test_foreign_caches_are_refused(exports):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache=DynamicCache())
     with pytest.raises(ValueError, match="cache_implementation='static'"):
         model.generate(ids, attention_mask=mask, max_new_tokens=2, cache_implementation="static")
+    with pytest.raises(TypeError, match="past_key_values: transformers now names it cache"):
+        model(ids, past_key_values=None)
 
 
 @pytest.mark.slow
@@ -185,7 +189,8 @@ def test_long_prompt_cached_equals_uncached(exports, sotu_indexed_dataset, mode)
 
     model = _hf_model(exports[mode])
     tokenizer = AutoTokenizer.from_pretrained(exports[mode], trust_remote_code=True)
-    prompt = held_out_ids(sotu_indexed_dataset, lambda t: tokenizer(t, add_special_tokens=False)["input_ids"], 960)
+    prompt = held_out_ids(sotu_indexed_dataset,
+                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], 960)
     ids = torch.tensor([prompt])
     cached, cached_logits = _generate(model, ids, torch.ones_like(ids), use_cache=True)
     full, full_logits = _generate(model, ids, torch.ones_like(ids), use_cache=False)
