@@ -25,6 +25,18 @@ DEFAULT_PROMPTS = ["The Congress of the United States", "In the year that has pa
                    "War", "The people of this country", "It is with great satisfaction"]
 
 
+def make_router_decisive(model) -> None:
+    """Replace our model's halting router in place by a seeded random one (weights ~ N(0, 0.6^2),
+    bias 0.5): gates far from 0.9, so tokens of a briefly trained checkpoint halt after 0..K steps."""
+    import torch
+
+    router = model.halting_router
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 0.6)
+        router.bias.fill_(0.5)
+
+
 def main(argv: list | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--load", required=True)
@@ -34,8 +46,6 @@ def main(argv: list | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decisive-router", action="store_true")
     args = parser.parse_args(argv)
-
-    import torch
 
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.loading import load_trained_model
@@ -47,11 +57,7 @@ def main(argv: list | None = None) -> dict:
     if not config.adaptive:
         parser.error(f"--load {args.load}: the checkpoint has no adaptive halting (--halting adaptive).")
     if args.decisive_router:
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            trained.model.halting_router.weight.copy_(torch.randn(trained.model.halting_router.weight.shape,
-                                                                  generator=generator) * 0.6)
-            trained.model.halting_router.bias.fill_(0.5)
+        make_router_decisive(trained.model)
     thresholds = {"off": 0.0, "on": config.halting_threshold}
     best = {}
     for _ in range(args.repeats):

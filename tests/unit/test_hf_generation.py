@@ -1,9 +1,10 @@
 """Incremental decoding with the latent KV cache (fp32, CPU), on checkpoints trained a few steps.
 
 At every decoding step the cached logits must equal a full recomputation of the sequence by the
-training forward (interleaved: Jacobi run to its exact fixed point, T(K+1) iterations). For
-adaptive halting the router is made decisive so that tokens halt at different steps, including
-before the first latent step; batched left-padded generation must equal one prompt at a time.
+training forward (interleaved: Jacobi run to its exact fixed point, T(K+1) iterations). Adaptive
+halting runs on `halting_checkpoint` (a decisive router: tokens halt at different steps,
+including before the first latent step); batched left-padded generation must equal one prompt
+at a time.
 """
 
 from __future__ import annotations
@@ -11,23 +12,22 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import MODES, trained_checkpoints  # noqa: F401
+from tests.unit.hf_fixtures import MODES, halting_checkpoint, trained_checkpoints  # noqa: F401
 
 PROMPTS = ["The Congress of the United States", "War", "In the year that has passed since my last message"]
 
 
-def _loaded(trained_checkpoints, mode):  # noqa: F811
+@pytest.fixture(scope="module")
+def checkpoints(trained_checkpoints, halting_checkpoint) -> dict:  # noqa: F811
+    """The four modes, adaptive with the decisive router (tokens stop after 0, 1, 2 or 3 steps)."""
+    return {**trained_checkpoints, "adaptive": halting_checkpoint}
+
+
+def _loaded(checkpoints, mode):
     from megatron_lcot.inference.loading import load_trained_model
 
     torch.set_num_threads(1)
-    trained = load_trained_model(trained_checkpoints[mode])
-    if mode == "adaptive":  # a decisive router: tokens stop after 0, 1, 2 or 3 latent steps
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            router = trained.model.halting_router
-            router.weight.copy_(torch.randn(router.weight.shape, generator=generator) * 0.6)
-            router.bias.fill_(0.5)
-    return trained
+    return load_trained_model(checkpoints[mode])
 
 
 def _full_logits(trained, ids):
@@ -39,11 +39,11 @@ def _full_logits(trained, ids):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_cached_decoding_equals_full_recomputation(trained_checkpoints, mode):  # noqa: F811
+def test_cached_decoding_equals_full_recomputation(checkpoints, mode):
     from megatron_lcot.inference.generation import generate_ids
     from megatron_lcot.inference.sampling import SamplingParams
 
-    trained = _loaded(trained_checkpoints, mode)
+    trained = _loaded(checkpoints, mode)
     prompt = trained.tokenizer.tokenize(PROMPTS[0])
     result = generate_ids(trained, [prompt], 16, SamplingParams(greedy=True), keep_logits=True, stop_at_eod=False)
     tokens, logits = result.tokens[0], result.step_logits[0]
@@ -62,11 +62,11 @@ def test_cached_decoding_equals_full_recomputation(trained_checkpoints, mode):  
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "interleaved"])
-def test_batched_left_padding_equals_one_at_a_time(trained_checkpoints, mode):  # noqa: F811
+def test_batched_left_padding_equals_one_at_a_time(checkpoints, mode):
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.sampling import SamplingParams
 
-    trained = _loaded(trained_checkpoints, mode)
+    trained = _loaded(checkpoints, mode)
     greedy = SamplingParams(greedy=True)
     batched = generate(trained, PROMPTS, 10, greedy)
     for row, prompt in enumerate(PROMPTS):
@@ -75,11 +75,11 @@ def test_batched_left_padding_equals_one_at_a_time(trained_checkpoints, mode):  
         assert batched.latent_steps[row] == alone.latent_steps[0]
 
 
-def test_sampling_is_seeded_and_respects_top_k(trained_checkpoints):  # noqa: F811
+def test_sampling_is_seeded_and_respects_top_k(checkpoints):
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.sampling import SamplingParams
 
-    trained = _loaded(trained_checkpoints, "stepwise")
+    trained = _loaded(checkpoints, "stepwise")
     params = SamplingParams(temperature=1.5, top_k=3, seed=7)
     first = generate(trained, PROMPTS[:1], 12, params, keep_logits=True)
     again = generate(trained, PROMPTS[:1], 12, params)
