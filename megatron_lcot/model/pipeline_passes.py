@@ -48,6 +48,22 @@ class InjectGrads(torch.autograd.Function):
         return (grad, None, *(leaf.grad for leaf in ctx.leaves))
 
 
+class KeepInputGradient(torch.autograd.Function):
+    """Identity on `loss`; its backward also gives `received` (the chunk's input) a zero
+    gradient. The last chunk's loss need not read its pass's outputs (a pass no token executed
+    contributes nothing to the exit-mass mixture), but the schedule sends the input's gradient
+    back to the previous stage, which waits for it."""
+
+    @staticmethod
+    def forward(ctx, loss, received):
+        ctx.received_shape, ctx.received_dtype = received.shape, received.dtype
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.received_shape, dtype=ctx.received_dtype)
+
+
 def hand_over(tensor: torch.Tensor) -> torch.Tensor:
     """A detached twin of `tensor` that collects the gradient of later chunks' uses."""
     return tensor.detach().requires_grad_(tensor.requires_grad)
@@ -165,7 +181,10 @@ class StagePasses:
         last_chunk = index == self.num_passes - 1
         if model.post_process and last_chunk:
             schedule.after_pass(run, step, outputs, model.halting_router)
-            return model.language_model_output(schedule.thoughts(run), labels)
+            output = model.language_model_output(schedule.thoughts(run), labels)
+            if received is None or labels is None or not torch.is_grad_enabled():
+                return output
+            return output._replace(loss=KeepInputGradient.apply(output.loss, received))
         originals, twins = [], []
         if model.post_process:  # decide pass step+1 from a twin of this pass's output
             originals.append(outputs)
