@@ -207,7 +207,8 @@ class LatentRun:
     def start(cls, token_states, rotary, positions, batch: int, store=None, valid=None):
         """A run over the new tokens at positions [n] or [n, b]; valid [b, n] (decoding's padding)."""
         store = LatentKVStore() if store is None else store
-        halting = HaltingState((positions.shape[0], batch), positions.device, None if valid is None else valid.t())
+        valid_tokens = None if valid is None else valid.t()
+        halting = HaltingState((positions.shape[0], batch), positions.device, valid_tokens)
         return cls(token_states, rotary, positions, store, halting, valid)
 
     @property
@@ -242,7 +243,8 @@ def run_block(block, hidden_states, attention_mask, rotary_pos_emb) -> torch.Ten
     store keep their graph, and a recomputed pass rewrites its own store entries)."""
 
     def run():
-        return block(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
+        return block(hidden_states=hidden_states, attention_mask=attention_mask,
+                     rotary_pos_emb=rotary_pos_emb)
 
     if getattr(block.config, "latent_recompute", None) == "full" and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)

@@ -171,7 +171,8 @@ class LivePacking:
         self.rows = self.token * batch + self.seq  # [N] rows of the flattened [n * b]
         counts = executing.sum(0)  # [b]
         starts = counts.cumsum(0) - counts
-        self.column = torch.arange(live, device=executing.device) - starts[self.seq]  # [N] place in its sequence
+        # [N] each packed row's place in its sequence
+        self.column = torch.arange(live, device=executing.device) - starts[self.seq]
         place = torch.arange(widest, device=executing.device)
         self.query_valid = place[None, :] < counts[:, None]  # [b, widest]
         self.query_rows = torch.where(self.query_valid, starts[:, None] + place, 0)  # [b, widest]
@@ -226,7 +227,8 @@ class HaltingState:
             executing = executing & self.valid
         if parallel_state.model_parallel_is_initialized():
             agreed = executing.to(torch.uint8)
-            parallel.all_reduce(agreed, parallel_state.get_tensor_model_parallel_group(), op=dist.ReduceOp.MIN)
+            group = parallel_state.get_tensor_model_parallel_group()
+            parallel.all_reduce(agreed, group, op=dist.ReduceOp.MIN)
             executing = agreed.bool()
         self.receive(executing)
 

@@ -174,7 +174,8 @@ class StagePasses:
             if step > 0 and not model.post_process:  # the last stage decided it itself
                 run.halting.receive(executing)
             if model.pre_process:
-                hidden = schedule.pass_inputs(run, step, hidden[: num_tokens * schedule.rows_per_token(run, step - 1)])
+                previous = hidden[: num_tokens * schedule.rows_per_token(run, step - 1)]
+                hidden = schedule.pass_inputs(run, step, previous)
             else:
                 hidden = hidden[: num_tokens * schedule.rows_per_token(run, step)]
         outputs = schedule.run_pass(run, step, StageBlock(model.decoder), hidden)
