@@ -22,10 +22,12 @@ memory: on CUDA the peak allocated during the step above what was allocated befo
 parameters excluded), measured in a separate untimed step. MFU's peak: the device's bf16/fp32
 dense peak on CUDA (table below), on CPU the best GEMM rate measured in this run.
 
-The last line is one JSON object with every ratio of issue 11's targets:
+The last line is one JSON object with every ratio of the throughput targets (docs/benchmarks.md):
 `vanilla_vs_baseline` (tokens/s ratio), `fixed_k_vs_ideal` {mode: time / ideal},
 `adaptive_saving_vs_flop_saving` {mode: (1 - t_adaptive / t_fixed) / (1 - F_adaptive / F_fixed)}
-(against the `all` profile of the same K), `mfu` {mode: MFU}, and the raw rows.
+(against the `all` profile of the same K), `mfu` {mode: MFU}, `counted_vs_logged_flops` {adaptive
+mode: FlopCounterMode's count of one step / the FLOPs flops.py logs for it} (CPU: the fused
+attention op gets a formula at its mask-allowed pairs, which FlopCounterMode lacks), and the raw rows.
 
     .venv/bin/python benchmarks/train_throughput.py --device cpu --size tiny --threads 2
     .venv/bin/python benchmarks/train_throughput.py --device cuda --size 1b --bf16
@@ -41,6 +43,7 @@ import time
 import warnings
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 warnings.filterwarnings("ignore")
 
@@ -143,6 +146,45 @@ def step_shares(name, config, output) -> list | None:
         return None
     steps = output.latent_steps.flatten()
     return [1.0] + [(steps >= k).float().mean().item() for k in range(1, config.latent_steps + 1)]
+
+
+def _attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *rest, attn_mask=None, backward=False,
+                     **kwargs) -> int:
+    """FLOPs of one fused attention call at its mask-allowed query-key pairs (QK^T and AV,
+    2 x 2 x pairs x head_dim; backward 2 x forward), flops.py's convention. query [b, np, sq, hn],
+    key [b, ng, sk, hn]; attn_mask additive (0 = allowed) broadcastable to [b, np, sq, sk]."""
+    batch, heads, sq, hn = query.shape
+    sk = key.shape[2]
+    if attn_mask is not None:
+        allowed = attn_mask == 0
+        pairs = int(allowed.sum()) * (batch * heads * sq * sk // allowed.numel())
+    elif is_causal:
+        pairs = batch * heads * sum(min(i + 1, sk) for i in range(sq))
+    else:
+        pairs = batch * heads * sq * sk
+    return 4 * pairs * hn * (2 if backward else 1)
+
+
+def _attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
+                              *rest, attn_mask=None, **kwargs) -> int:
+    return _attention_flops(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, backward=True)
+
+
+_attention_flops._get_raw = True  # the formula reads the mask's values, not only shapes
+_attention_backward_flops._get_raw = True
+ATTENTION_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _attention_backward_flops,
+}
+
+
+def counted_flops(run) -> float:
+    """FlopCounterMode's count of one training step: every matmul as executed (padding rows
+    included), and the fused CPU attention, which it cannot see, at its mask-allowed pairs."""
+    counter = FlopCounterMode(display=False, custom_mapping=ATTENTION_FLOP_FORMULAS)
+    with counter:
+        output = run()
+    return counter.get_total_flops(), output
 
 
 def device_peak_tflops(args) -> float:
@@ -257,6 +299,16 @@ def main() -> None:
             model.zero_grad(set_to_none=True)
             times[name].append(_timed(runs[name], clock))
 
+    counted_vs_logged = {}
+    if device.type == "cpu":  # FlopCounterMode's formulas for the fused attention are CPU ops here
+        for name in modes:
+            if name.startswith("adaptive"):
+                models[name].zero_grad(set_to_none=True)
+                counted, output = counted_flops(runs[name])
+                logged = training_flops_per_token(configs[name], seq, vocab,
+                                                  step_shares=step_shares(name, configs[name], output))
+                counted_vs_logged[name] = counted / (logged * batch * seq)
+
     peak = device_peak_tflops(args)
     tokens = batch * seq
     base_time = statistics.median(times["baseline"])
@@ -294,6 +346,7 @@ def main() -> None:
                              if name.startswith(("stepwise", "interleaved"))},
         "adaptive_saving_vs_flop_saving": {},
         "mfu": {name: row["mfu"] for name, row in rows.items()},
+        "counted_vs_logged_flops": counted_vs_logged,
         "rows": rows,
     }
     for name, row in rows.items():

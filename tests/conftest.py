@@ -95,8 +95,8 @@ def tool_env() -> dict:
     return env
 
 
-def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
-    """Run pretrain_lcot.py with `flags` in a subprocess (`tool_env`); returns the
-    CompletedProcess with text stdout/stderr."""
-    return subprocess.run([*launcher, PRETRAIN, *flags], cwd=cwd, env=tool_env(), capture_output=True, text=True,
+def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300, script: str = PRETRAIN):
+    """Run pretrain_lcot.py (or a script with its command line) with `flags` in a subprocess
+    (`tool_env`); returns the CompletedProcess with text stdout/stderr."""
+    return subprocess.run([*launcher, script, *flags], cwd=cwd, env=tool_env(), capture_output=True, text=True,
                           timeout=timeout)

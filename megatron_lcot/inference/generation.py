@@ -25,7 +25,7 @@ import torch
 
 from megatron_lcot import parallel
 from megatron_lcot.inference.decoding import LatentDecoder
-from megatron_lcot.inference.kv_cache import LatentKVCache
+from megatron_lcot.model.engine import LatentKVStore
 from megatron_lcot.inference.loading import TrainedModel
 from megatron_lcot.inference.sampling import SamplingParams, next_tokens
 from megatron_lcot.inference.text_stream import TextStream
@@ -86,7 +86,7 @@ def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, samp
     eod = trained.tokenizer.eod if trained.tokenizer is not None and stop_at_eod else None
     detokenize = trained.tokenizer.detokenize if trained.tokenizer is not None else lambda ids: ""
     streams = [TextStream(detokenize, stop, eod, context=prompt[-1:]) for prompt in prompts]
-    decoder, cache = LatentDecoder(trained.model), LatentKVCache()
+    decoder, cache = LatentDecoder(trained.model), LatentKVStore()
     generator = torch.Generator().manual_seed(sampling.seed)
     ids, valid = left_pad(prompts)
     batch = len(prompts)

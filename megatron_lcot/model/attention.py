@@ -9,12 +9,13 @@ megatron-core's DotProductAttention without patching megatron-core. It handles t
 * a structured mask: any object with `expose(layer_number, key, value) -> (keys, values)` and
   `allowed_keys(device) -> bool [sq, sk] or [b, 1, sq, sk] or None` (None: every key), and
   optionally `is_causal() -> bool` (True: plain causal over the exposed keys, sq == sk; then
-  no mask is materialised and `allowed_keys` is not called) and `mask_mod()` (the same mask as
-  a FlexAttention mask_mod; otherwise one is read from `allowed_keys`). `StepwisePass` (masking.py) is pass k of the
-  stepwise layout: queries are step k of all T tokens; keys are steps 0..k, read from the
-  pass's per-layer KV store, into which this layer first writes what step k exposes (its own
-  keys, or for tokens that halted before step k the keys of their last executed step: KV
-  reuse). An inference KV cache is the same protocol with one entry per decoded slot.
+  no mask is materialised and `allowed_keys` is not called), `mask_mod()` (the same mask as
+  a FlexAttention mask_mod; otherwise one is read from `allowed_keys`), and `queries(query)` /
+  `context(context)` (the layout attention runs in: packed live tokens [N, 1] are laid out per
+  sequence [widest, b] and back). `LatentPass` (model/engine.py) is one latent pass: this layer
+  first writes what the pass exposes into the KV store's stream (its own keys, or for tokens
+  that do not execute the pass those of their last executed step: KV reuse), then attends the
+  visible streams (training, pipeline stages and cached decoding alike).
 
 Backends (`config.core_attention_backend`, flag `--attention-backend`): `sdpa` (PyTorch's
 fused scaled_dot_product_attention: is_causal without a mask where the mask is causal, else
@@ -91,8 +92,9 @@ class LcotCoreAttention(MegatronModule):
 
     def _attend(self, query, key, value, attention_mask, attn_mask_type) -> torch.Tensor:
         structured = attention_mask if hasattr(attention_mask, "expose") else None
-        if structured is not None:  # a StepwisePass, an inference cache
+        if structured is not None:  # a LatentPass (model/engine.py)
             key, value = structured.expose(self.layer_number, key, value)
+            query = structured.queries(query) if hasattr(structured, "queries") else query
             is_causal = getattr(structured, "is_causal", lambda: False)()
             allowed = None if is_causal else structured.allowed_keys(query.device)
         elif attention_mask is None:
@@ -118,7 +120,8 @@ class LcotCoreAttention(MegatronModule):
             )
         else:
             context = dense_attention(query, key, value, allowed, is_causal, self.softmax_scale, dropout_p)
-        return context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        context = context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+        return structured.context(context) if hasattr(structured, "context") else context
 
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flex", "dense")

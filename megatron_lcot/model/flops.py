@@ -18,7 +18,12 @@ so the inference cost per token is the exact forward's cost averaged over T toke
 interleaved layout that is one pass at its fixed point, not the Jacobi iterations of training).
 
 `step_shares[k]` (k = 0..K) is the fraction of tokens whose step k is computed: None = all
-(fixed K). Adaptive training counts what the schedule computed, adaptive inference what the
+(fixed K). This is what runs: a pass packs exactly its live tokens across the micro-batch
+(model/engine.py), with no padding rows in any linear layer or LM head, and no bucket rounding.
+The one padding is attention's per-sequence layout of the packed queries (widest live count per
+sequence): a padding query sees k+1 keys against (k+1)(T+1)/2 for a real one and is not
+counted (`benchmarks/train_throughput.py` checks the count against FlopCounterMode:
+`counted_vs_logged_flops`, docs/benchmarks.md). Adaptive training counts what the schedule computed, adaptive inference what the
 halting rule executed; the router gate after step k (k < K) and, in training, the
 correctness-aware penalty's forward-only LM head on step k are counted for the same share.
 """

@@ -1,149 +1,129 @@
-"""The latent-thought recurrence: schedules of decoder passes around one TransformerBlock.
+"""Latent schedules: how many decoder passes a forward makes and what each pass does.
 
-Both schedules are spec'd submodules (`LcotSubmodules.latent_schedule`) called as
-`schedule(decoder, token_states, rotary, router) -> LatentThoughts`, where `decoder` is the
-model's TransformerBlock (its output is final-normed: exactly the state fed back as a thought),
-`token_states` [T, b, h] the scaled token embeddings and `rotary` the model's RotaryEmbedding.
+A schedule is a spec'd submodule (`LcotSubmodules.latent_schedule`). Every consumer drives it
+through the same hooks, and every pass runs through model/engine.py:
+
+* single-stage training calls the schedule as `schedule(decoder, token_states, rotary, router)
+  -> LatentThoughts` (`LatentSchedule.forward`: `run_passes` over a fresh `LatentRun`);
+* pipeline stages (pipeline_passes.py) run pass `pass_of_chunk(run, c, V)` as virtual
+  pipeline chunk c (`num_passes` chunks), splitting each pass at the stage boundaries:
+  `pass_inputs` on the first stage, `run_pass` on every stage, `after_pass` (the halting
+  decision, the step states) and `thoughts` on the last;
+* cached decoding (inference/decoding.py) calls `decode(run, decoder, router)`: the same passes
+  over the new tokens, appended to a persisting store (training is the prefill of an empty one).
+
+A custom schedule subclasses one of the two below and overrides hooks; it runs unchanged in all
+three (tests/unit/test_latent_engine.py).
 
 * `StepwiseSchedule` (adaptive latent CoT): K+1 exact passes; pass k computes step k of the
   tokens that execute it, attending steps 0..k of earlier tokens and itself through the
-  per-layer KV store.
-  The halting router gates each step; tokens whose reach falls below the threshold stop
-  executing and expose their last executed step's keys/values (KV reuse).
+  per-layer KV store. The halting router gates each step; tokens whose reach falls below the
+  threshold stop executing and expose their last executed step's keys/values (KV reuse).
 * `InterleavedJacobiSchedule` (PonderLM-2): slots x1 z11..z1K x2 ... under a plain causal mask,
-  solved by Jacobi iterations (all tokens' thoughts updated in parallel).
+  solved by Jacobi iterations (all tokens' thoughts updated in parallel); decoding computes the
+  slots one at a time (the exact sequential semantics that Jacobi training approximates).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.utils.checkpoint
-from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 
-from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.halting import exit_mass
-from megatron_lcot.model.masking import LivePacking, StepwiseKVStore, StepwisePass, interleaved_positions
-from megatron_lcot.model.rotary import rotary_at_positions
+from megatron_lcot.model.engine import LatentPass, LatentRun, rotary_at, run_block, stream_pass
+from megatron_lcot.model.halting import LatentThoughts
+from megatron_lcot.model.masking import interleaved_positions
 
 
-@dataclass
-class LatentThoughts:
-    """What a schedule computed for each token's steps.
-
-    step_states: n tensors [s, b, h], final-normed output of step k for every token (n <= K+1:
-        a schedule may stop early once no token executes a step).
-    reach: [g+1, s, b] r(t,k) for k = 0..g, g = number of gates evaluated (r(t,0) = 1).
-    executed: [n, s, b] bool, whether step k of token t was executed.
-    """
-
-    step_states: list
-    reach: torch.Tensor
-    executed: torch.Tensor
-
-    @property
-    def exit_mass(self) -> torch.Tensor:
-        """[n, s, b] weight of each step in the token's output (halting.exit_mass)."""
-        return exit_mass(self.reach[: len(self.step_states)], self.executed)
-
-    def output_states(self) -> torch.Tensor:
-        """[s, b, h] the exit-mass mixture of step states (the last step when nothing halts)."""
-        weights = self.exit_mass.unsqueeze(-1)  # fp32: the mixture is summed in fp32 under bf16
-        return (weights * torch.stack(self.step_states).float()).sum(0).to(self.step_states[0].dtype)
-
-    def latent_steps(self) -> torch.Tensor:
-        """[s, b] executed latent steps (k >= 1) per token."""
-        return self.executed[1:].sum(0).float()
-
-    def expected_latent_steps(self) -> torch.Tensor:
-        """[s, b] soft ponder cost: reach summed over executed latent steps."""
-        n = len(self.step_states)
-        return (self.reach[1:n] * self.executed[1:]).sum(0).float()
-
-
-def decoder_pass(decoder, hidden_states, attention_mask, rotary_pos_emb) -> torch.Tensor:
-    """One pass of `decoder` (a TransformerBlock); under `latent_recompute == 'full'` with grad
-    enabled, inside torch.utils.checkpoint (non-reentrant: tensors read from earlier passes' KV
-    store keep their graph, and a recomputed stepwise pass rewrites its own store entry)."""
-
-    def run():
-        return decoder(hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb)
-
-    if getattr(decoder.config, "latent_recompute", None) == "full" and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)
-    return run()
-
-
-def stepwise_pass(decoder, inputs, step: int, store: StepwiseKVStore, executing, rotary_pos_emb):
-    """Pass `step` of the stepwise layout through `decoder` (a whole model's or one pipeline
-    stage's TransformerBlock): inputs [T, b, h] -> outputs [T, b, h]; rotary_pos_emb: the
-    table [T, 1, 1, dim]. The layers write what this step exposes into `store`.
-
-    Only the tokens in `executing` ([T, b] bool, None = all) are computed: they are packed to
-    the front of each sequence (LivePacking), the pass runs on those rows with RoPE at their
-    positions, and its outputs (and, in each layer, its keys/values) are scattered back onto
-    the previous step's: a token that does not execute keeps its input as its state and
-    exposes its last executed step's keys/values (KV reuse). Halted tokens cost nothing.
-    """
-    if executing is None or bool(executing.all()):
-        mask = StepwisePass(step, inputs.shape[0], store)
-        return decoder_pass(decoder, inputs, mask, rotary_pos_emb)
-    live = LivePacking(executing)
-    mask = StepwisePass(step, inputs.shape[0], store, live)
-    packed = decoder_pass(decoder, live.gather(inputs), mask, live.rotary(rotary_pos_emb))  # [width, b, h]
-    return live.scatter(packed, inputs)
-
-
-def continue_reach(router, reach: torch.Tensor, step_state: torch.Tensor, step: int) -> torch.Tensor:
-    """r(t, step+1) = r(t, step) * g(t, step): [s, b]."""
-    return reach * router(step_state, step)
-
-
-def halting_decision(executed: torch.Tensor, reach: torch.Tensor, threshold: float) -> torch.Tensor:
-    """[s, b] bool: the tokens that execute the next step (monotone; reach below tau prunes).
-
-    The hard threshold turns any drift between tensor-parallel ranks of the replicated router
-    into different executed steps (different KV per head shard, mismatched collectives), so a
-    token executes only where every tensor-parallel rank says so (a MIN all-reduce): the
-    decision is identical by construction.
-    """
-    executing = executed & (reach.detach() >= threshold)
-    if not parallel_state.model_parallel_is_initialized():
-        return executing
-    agreed = executing.to(torch.uint8)
-    parallel.all_reduce(agreed, parallel_state.get_tensor_model_parallel_group(), op=dist.ReduceOp.MIN)
-    return agreed.bool()
-
-
-class StepwiseSchedule(MegatronModule):
-    """K+1 exact passes of the stepwise layout, with halting and KV reuse; pass k computes only
-    the tokens that execute step k (`stepwise_pass`)."""
+class LatentSchedule(MegatronModule):
+    """The hooks every consumer drives (see the module docstring); `run_passes` is the one-process
+    loop, `forward` single-stage training and `decode` cached decoding."""
 
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
 
-    def forward(self, decoder, token_states, rotary, router) -> LatentThoughts:
-        rotary_pos_emb = rotary(token_states.shape[0])  # every pass: token t at position t
-        store = StepwiseKVStore()
-        states = [stepwise_pass(decoder, token_states, 0, store, None, rotary_pos_emb)]
-        all_tokens = torch.ones(token_states.shape[:2], dtype=torch.bool, device=token_states.device)
-        reach, executed = [all_tokens.float()], [all_tokens]  # reach and exit mass in fp32
-        for step in range(1, self.config.latent_steps + 1):
-            reach.append(continue_reach(router, reach[-1], states[-1], step - 1))
-            executing = halting_decision(executed[-1], reach[-1], router.threshold())
-            if not executing.any():
-                break
-            executed.append(executing)
-            states.append(stepwise_pass(decoder, states[-1], step, store, executing, rotary_pos_emb))
-        return LatentThoughts(states, torch.stack(reach), torch.stack(executed))
+    def forward(self, decoder, token_states, rotary, router, **start) -> LatentThoughts:
+        """token_states [T, b, h] scaled embeddings; rotary: the model's RotaryEmbedding."""
+        positions = torch.arange(token_states.shape[0], device=token_states.device)
+        run = LatentRun.start(token_states, rotary, positions, token_states.shape[1])
+        self.start(run, **start)
+        return self.run_passes(run, decoder, router)
+
+    def run_passes(self, run: LatentRun, block, router) -> LatentThoughts:
+        outputs = None
+        for index in range(self.passes_of(run)):
+            outputs = self.run_pass(run, index, block, self.pass_inputs(run, index, outputs))
+            self.after_pass(run, index, outputs, router)
+        return self.thoughts(run)
+
+    def decode(self, run: LatentRun, block, router) -> LatentThoughts:
+        """New tokens of a cached decoding call (run.store persists between calls)."""
+        self.start(run)
+        return self.run_passes(run, block, router)
+
+    # hooks ------------------------------------------------------------------------------------
+    def start(self, run: LatentRun) -> None:
+        """Per forward (micro-batch) set-up, on every stage: the store takes the new tokens."""
+        run.store.begin(run.num_tokens, run.valid)
+
+    def num_passes(self, forward_only: bool) -> int:
+        """The most passes a forward can make (the pipeline's chunk count)."""
+        raise NotImplementedError
+
+    def passes_of(self, run: LatentRun) -> int:
+        """The passes this forward makes."""
+        return self.num_passes(not self.training)
+
+    def pass_of_chunk(self, run: LatentRun, chunk: int, num_chunks: int) -> int | None:
+        """The pass pipeline chunk `chunk` runs for this forward (None: it passes its input on)."""
+        return chunk
+
+    def rows_per_token(self, run: LatentRun | None, index: int) -> int:
+        """Hidden rows per token of pass `index`'s input and output ([rows T, b, h])."""
+        return 1
+
+    def pass_inputs(self, run: LatentRun, index: int, previous: torch.Tensor | None) -> torch.Tensor:
+        """Pass `index`'s input from the previous pass's outputs (first stage)."""
+        raise NotImplementedError
+
+    def run_pass(self, run: LatentRun, index: int, block, hidden: torch.Tensor) -> torch.Tensor:
+        """Pass `index` of `block` (a whole decoder or one stage's layers) on every stage."""
+        raise NotImplementedError
+
+    def after_pass(self, run: LatentRun, index: int, outputs: torch.Tensor, router) -> None:
+        """The last stage's bookkeeping after pass `index` (step states, halting decision)."""
+
+    def thoughts(self, run: LatentRun) -> LatentThoughts:
+        raise NotImplementedError
 
 
-class InterleavedJacobiSchedule(MegatronModule):
+class StepwiseSchedule(LatentSchedule):
+    """K+1 exact passes of the stepwise layout, with halting and KV reuse; pass k writes stream
+    k of the store and computes only the tokens that execute step k."""
+
+    def num_passes(self, forward_only: bool) -> int:
+        return self.config.latent_steps + 1
+
+    def pass_inputs(self, run, index, previous):
+        return run.token_states if index == 0 else previous
+
+    def run_pass(self, run, index, block, hidden):
+        return stream_pass(block, run, hidden, stream=index, streams_seen=index + 1)
+
+    def after_pass(self, run, index, outputs, router):
+        if run.halting.none_executing():
+            return
+        run.step_states.append(outputs)
+        if index < self.config.latent_steps:
+            run.halting.decide(router, outputs, index)
+
+    def thoughts(self, run):
+        return run.halting.thoughts(run.step_states)
+
+
+class InterleavedJacobiSchedule(LatentSchedule):
     """PonderLM-2's interleaved layout solved by Jacobi iterations.
 
     Warm-up: pass k (k = 1..K) runs the interleaved sequence of steps 0..k-1 only and fills
@@ -166,26 +146,63 @@ class InterleavedJacobiSchedule(MegatronModule):
         self.jacobi_draws += 1
         return draw
 
-    def forward(self, decoder, token_states, rotary, router, jacobi_iters=None) -> LatentThoughts:
-        def run(slots: torch.Tensor) -> torch.Tensor:
-            flat = slots.flatten(0, 1)  # [T n, b, h]
-            return interleaved_pass(decoder, flat, slots.shape[0], rotary).view(slots.shape)
+    def start(self, run, jacobi_iters=None):
+        run.jacobi_iters = self.num_iterations() if jacobi_iters is None else jacobi_iters
 
-        slots = token_states.unsqueeze(1)
-        for _ in range(self.config.latent_steps):
-            slots = warm_up_slots(slots, run(slots))
-        iterations = self.num_iterations() if jacobi_iters is None else jacobi_iters
-        for _ in range(iterations):
-            slots = jacobi_slots(slots, run(slots))
-        return interleaved_thoughts(run(slots))
+    def num_passes(self, forward_only):
+        jacobi = self.config.jacobi_eval_iters if forward_only else max(self.config.jacobi_iters)
+        return self.config.latent_steps + jacobi + 1
+
+    def passes_of(self, run):
+        return self.config.latent_steps + run.jacobi_iters + 1
+
+    def pass_of_chunk(self, run, chunk, num_chunks):
+        drawn = self.passes_of(run)
+        if chunk == num_chunks - 1:
+            return drawn - 1  # the final pass
+        return chunk if chunk < drawn - 1 else None
+
+    def rows_per_token(self, run, index):
+        return min(index, self.config.latent_steps) + 1
+
+    def pass_inputs(self, run, index, previous):
+        if index == 0:
+            run.slots = run.token_states.unsqueeze(1)  # [T, 1, b, h]
+        else:
+            outputs = previous.view(run.num_tokens, -1, *previous.shape[1:])
+            update = warm_up_slots if index <= self.config.latent_steps else jacobi_slots
+            run.slots = update(run.slots, outputs)
+        return run.slots.flatten(0, 1)
+
+    def run_pass(self, run, index, block, hidden):
+        return interleaved_pass(block, hidden, run.num_tokens, run.rotary)
+
+    def after_pass(self, run, index, outputs, router):
+        run.step_states = [outputs]  # the last pass's outputs are the thoughts
+
+    def thoughts(self, run):
+        outputs = run.step_states[-1]
+        return interleaved_thoughts(outputs.view(run.num_tokens, -1, *outputs.shape[1:]))
+
+    def decode(self, run, block, router):
+        """The K+1 slots of each new token, one length-1 pass each, in order (exact)."""
+        store, table = run.store, run.rotary_table()
+        tokens = []
+        for i in range(run.num_tokens):
+            state, slots = run.token_states[i : i + 1], []
+            for _ in range(self.config.latent_steps + 1):
+                store.begin(1, run.valid[:, i : i + 1])
+                state = run_block(block, state, LatentPass(store, 0, 1), table[i : i + 1])
+                slots.append(state)
+            tokens.append(torch.stack(slots, dim=1))  # [1, K+1, b, h]
+        return interleaved_thoughts(torch.cat(tokens))
 
 
-def interleaved_pass(decoder, slots: torch.Tensor, num_tokens: int, rotary) -> torch.Tensor:
+def interleaved_pass(block, slots: torch.Tensor, num_tokens: int, rotary) -> torch.Tensor:
     """One causal pass over slots [T n, b, h] in interleaved order (n slots per token, every
-    slot of token t at position t) -> outputs [T n, b, h]. Shared by the one-stage schedule and
-    the pipeline stages (pipeline_passes.py)."""
+    slot of token t at position t) -> outputs [T n, b, h]."""
     positions = interleaved_positions(num_tokens, slots.shape[0] // num_tokens - 1, slots.device)
-    return decoder_pass(decoder, slots, None, rotary_at_positions(rotary, positions))
+    return run_block(block, slots, None, rotary_at(rotary, positions))
 
 
 def warm_up_slots(slots: torch.Tensor, outputs: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from megatron_lcot.model.latent import LatentThoughts
-from megatron_lcot.model.masking import LivePacking
+from megatron_lcot.model.halting import LatentThoughts
 
 
 class LcotOutput(NamedTuple):
@@ -48,15 +47,16 @@ def correctness_penalty(
     penalty = 0.0
     for step in range(num_gates):
         executed = thoughts.executed[step]  # [s, b]
+        live = thoughts.packing(step)
         with torch.no_grad():
-            if bool(executed.all()):
+            if live is None:  # every token executed step `step`
                 gold_prob = torch.exp(-token_loss_of(thoughts.step_states[step], labels)) ** exponent
-            else:
-                live = LivePacking(executed)
-                packed_labels = live.gather(labels.t()).t()  # [b, width]
+            else:  # the head on the live tokens only, packed as the pass ran them
+                packed_labels = live.gather(labels.t()[..., None])[..., 0].t()  # [1, N]
                 packed_ce = token_loss_of(live.gather(thoughts.step_states[step]), packed_labels)
                 gold_prob = live.scatter((torch.exp(-packed_ce) ** exponent).t(),
-                                         torch.zeros_like(executed, dtype=packed_ce.dtype)).t()
+                                         torch.zeros_like(executed, dtype=packed_ce.dtype))
+                gold_prob = gold_prob.t()
         continue_reach = (thoughts.reach[step + 1] * executed).transpose(0, 1)
         penalty = penalty + continue_reach * gold_prob
     return penalty

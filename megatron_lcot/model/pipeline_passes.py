@@ -24,24 +24,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_attr_wrapped_model
 
-from megatron_lcot.model.latent import (
-    LatentThoughts,
-    continue_reach,
-    halting_decision,
-    interleaved_pass,
-    interleaved_thoughts,
-    jacobi_slots,
-    stepwise_pass,
-    warm_up_slots,
-)
-from megatron_lcot.model.masking import StepwiseKVStore
+from megatron_lcot.model.engine import LatentRun
 
 
 class InjectGrads(torch.autograd.Function):
@@ -56,6 +46,22 @@ class InjectGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         return (grad, None, *(leaf.grad for leaf in ctx.leaves))
+
+
+class KeepInputGradient(torch.autograd.Function):
+    """Identity on `loss`; its backward also gives `received` (the chunk's input) a zero
+    gradient. The last chunk's loss need not read its pass's outputs (a pass no token executed
+    contributes nothing to the exit-mass mixture), but the schedule sends the input's gradient
+    back to the previous stage, which waits for it."""
+
+    @staticmethod
+    def forward(ctx, loss, received):
+        ctx.received_shape, ctx.received_dtype = received.shape, received.dtype
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.received_shape, dtype=ctx.received_dtype)
 
 
 def hand_over(tensor: torch.Tensor) -> torch.Tensor:
@@ -84,32 +90,12 @@ def unpack_payload(payload: torch.Tensor, num_tokens: int) -> tuple:
     return payload[:-rows], flags[:num_tokens] > 0.5
 
 
-@dataclass
-class MicroBatchPasses:
-    """What one micro-batch's later passes read on this stage.
-
-    store: this stage's layers' keys/values per pass (entries of finished passes detached).
-    executed: [T, b] bool per pass run so far (pass 0: every token).
-    step_states: last stage, detached outputs y_k of passes k < current (for the loss chunk).
-    reach: last stage, no-grad r(t, k) for the next decision.
-    slots: first stage, interleaved layout: detached slots [T, n, b, h] of the previous pass.
-    jacobi: interleaved layout: the Jacobi iterations this micro-batch drew.
-    """
-
-    store: StepwiseKVStore = field(default_factory=StepwiseKVStore)
-    executed: list = field(default_factory=list)
-    step_states: list = field(default_factory=list)
-    reach: list = field(default_factory=list)
-    slots: torch.Tensor | None = None
-    jacobi: int = 0
-
-
 class StageBlock:
     """This stage's TransformerBlock as a function of the hidden states it is called with.
 
     megatron-core's block on a non-first stage ignores its `hidden_states` argument and reads
     `input_tensor`; setting that to whatever a pass runs (all rows, or only the live tokens'
-    packed rows) keeps the shared per-pass functions of latent.py valid on every stage.
+    packed rows) keeps the engine's pass functions valid on every stage.
     """
 
     def __init__(self, decoder):
@@ -121,13 +107,25 @@ class StageBlock:
         return self.decoder(hidden_states=hidden_states, **kwargs)
 
 
-def _hand_over_pass(store: StepwiseKVStore, step: int) -> tuple:
-    """Replace pass `step`'s keys/values in every layer by detached twins: (originals, twins)."""
+def hand_over_run(run: LatentRun) -> tuple:
+    """Replace every tensor of `run` that a later chunk reads and that still belongs to this
+    chunk's graph (the store's entries, the step states, the token states and a schedule's
+    slots) by a detached twin: (originals, twins). Reach is not handed over: its graph holds
+    only the router's parameters and handed-over step states, and the last chunk reads it once."""
     originals, twins = [], []
-    for per_layer in (*store.keys.values(), *store.values.values()):
-        originals.append(per_layer[step])
-        per_layer[step] = hand_over(per_layer[step])
-        twins.append(per_layer[step])
+
+    def twin(tensor):
+        if tensor is None or tensor.grad_fn is None:
+            return tensor
+        originals.append(tensor)
+        twins.append(hand_over(tensor))
+        return twins[-1]
+
+    for streams in (*run.store.keys.values(), *run.store.values.values()):
+        for stream in streams:
+            streams[stream] = twin(streams[stream])
+    run.step_states = [twin(state) for state in run.step_states]
+    run.token_states, run.slots = twin(run.token_states), twin(run.slots)
     return originals, twins
 
 
@@ -135,112 +133,69 @@ class StagePasses:
     """One schedule call's latent passes on this stage: V chunks over one LcotGPTModel.
 
     The schedule runs each chunk's micro-batches in order, so chunk k's n-th forward is
-    micro-batch n; its state is dropped after the last chunk's forward (the autograd graph and
-    `InjectGrads` keep what backward needs).
+    micro-batch n; its `LatentRun` is dropped after the last chunk's forward (the autograd graph
+    and `InjectGrads` keep what backward needs). Which pass a chunk runs and what it does is the
+    model's latent schedule's (model/latent.py): nothing here knows the layout.
     """
 
     def __init__(self, model, num_passes: int):
         self.model = model
+        self.schedule = model.latent_schedule
         self.config = model.config
         self.num_passes = num_passes
         self.forwards = [0] * num_passes
         self.micro_batches: dict = {}
         self.chunks = [PassChunk(self, index) for index in range(num_passes)]
 
-    def _state(self, index: int) -> MicroBatchPasses:
+    def _run(self, index: int, input_ids) -> LatentRun:
         micro_batch = self.forwards[index]
         self.forwards[index] += 1
+        if index == 0:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+            run = LatentRun.start(None, self.model.rotary_pos_emb, positions, input_ids.shape[0])
+            self.schedule.start(run)
+            self.micro_batches[micro_batch] = run
         if index == self.num_passes - 1:
-            return self.micro_batches.pop(micro_batch, None) or MicroBatchPasses()
-        return self.micro_batches.setdefault(micro_batch, MicroBatchPasses())
+            return self.micro_batches.pop(micro_batch)
+        return self.micro_batches[micro_batch]
 
     def forward(self, index: int, received, input_ids, position_ids, labels):
-        state = self._state(index)
-        if self.config.latent_layout == "interleaved":
-            return self._interleaved(index, state, received, input_ids, position_ids, labels)
-        return self._stepwise(index, state, received, input_ids, position_ids, labels)
-
-    def _stage_inputs(self, index: int, received, input_ids, position_ids) -> tuple:
-        """(hidden [T', b, h], executing [T, b] bool) this chunk starts from."""
-        if received is None:  # first stage, first pass
-            tokens = self.model.embed_tokens(input_ids, position_ids)
-            return tokens, torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
-        return unpack_payload(received, input_ids.shape[1])
-
-    def _stepwise(self, index, state, received, input_ids, position_ids, labels):
-        model = self.model
-        inputs, executing = self._stage_inputs(index, received, input_ids, position_ids)
-        state.executed.append(executing)
-        # Once no token executes (one process stops its loop there), a pass computes nothing:
-        # every token keeps its state, and no later pass reads this pass's keys/values.
-        idle = index > 0 and not bool(executing.any())
-        if idle:
-            outputs = inputs.view_as(inputs)
-        else:
-            outputs = stepwise_pass(StageBlock(model.decoder), inputs, index, state.store,
-                                    executing if index > 0 else None, model.rotary_pos_emb(input_ids.shape[1]))
-        last_pass = index == self.num_passes - 1
-        if model.post_process and last_pass:
-            return model.language_model_output(self._thoughts(state, outputs), labels)
-        originals, twins = _hand_over_pass(state.store, index) if not (last_pass or idle) else ([], [])
-        if model.post_process:  # decide pass index+1 from this pass's output
-            if not state.reach:
-                state.reach.append(torch.ones_like(executing, dtype=torch.float32))  # reach in fp32
-            with torch.no_grad():
-                state.reach.append(continue_reach(model.halting_router, state.reach[-1], outputs, index))
-            executing = halting_decision(executing, state.reach[-1], model.halting_router.threshold())
-            state.step_states.append(hand_over(outputs))
-            originals.append(outputs)
-            twins.append(state.step_states[-1])
-        return pack_payload(InjectGrads.apply(outputs, twins, *originals), executing)
-
-    def _thoughts(self, state: MicroBatchPasses, last_output: torch.Tensor) -> LatentThoughts:
-        """The step states, reach (with gradient, into the router) and executed steps of every
-        pass, as StepwiseSchedule returns them in one process."""
-        states = [*state.step_states, last_output]
-        reach = [torch.ones_like(state.executed[0], dtype=torch.float32)]
-        for step, step_state in enumerate(states[:-1]):
-            reach.append(continue_reach(self.model.halting_router, reach[-1], step_state, step))
-        return LatentThoughts(states, torch.stack(reach), torch.stack(state.executed))
-
-    def _interleaved(self, index, state, received, input_ids, position_ids, labels):
-        """Pass `index` of the interleaved layout: K warm-up passes (n = index + 1 slots per
-        token), then J Jacobi passes and the final pass over all K+1 slots. The first stage
-        rebuilds each pass's slots from the previous pass's slots and the received outputs; a
-        micro-batch that drew J below the chunks' maximum passes its payload through the
-        chunks of the Jacobi passes it did not draw, on every stage."""
-        model, latent_steps = self.model, self.config.latent_steps
-        num_tokens, batch = input_ids.shape[1], input_ids.shape[0]
-        if index == 0:  # every stage draws J once per micro-batch, in the same order
-            state.jacobi = model.latent_schedule.num_iterations()
-        final = index == self.num_passes - 1
-        if latent_steps + state.jacobi <= index and not final:
+        model, schedule = self.model, self.schedule
+        run = self._run(index, input_ids)
+        step = schedule.pass_of_chunk(run, index, self.num_passes)
+        if step is None:  # a pass this micro-batch did not draw: its payload passes through
             return received.clone()
-        previous = latent_steps + state.jacobi - 1 if final else index - 1
-        slots_per_token = min(index, latent_steps) + 1
-        if model.pre_process:
-            if index == 0:
-                slots = model.embed_tokens(input_ids, position_ids).unsqueeze(1)  # [T, 1, b, h]
-            else:
-                rows = num_tokens * (min(previous, latent_steps) + 1)
-                outputs = unpack_payload(received, num_tokens)[0][:rows].view(num_tokens, -1, batch, self.config.hidden_size)
-                update = warm_up_slots if previous < latent_steps else jacobi_slots
-                slots = update(state.slots, outputs)
-            hidden = slots.flatten(0, 1)
+        num_tokens = run.num_tokens
+        if received is None:  # first stage, first pass
+            run.token_states = model.embed_tokens(input_ids, position_ids)
+            hidden = schedule.pass_inputs(run, step, None)
         else:
-            hidden = unpack_payload(received, num_tokens)[0][: num_tokens * slots_per_token]
-        outputs = interleaved_pass(StageBlock(model.decoder), hidden, num_tokens, model.rotary_pos_emb)
-        if final and model.post_process:
-            steps = outputs.view(num_tokens, latent_steps + 1, batch, -1)
-            return model.language_model_output(interleaved_thoughts(steps), labels)
+            hidden, executing = unpack_payload(received, num_tokens)
+            if step > 0 and not model.post_process:  # the last stage decided it itself
+                run.halting.receive(executing)
+            if model.pre_process:
+                previous = hidden[: num_tokens * schedule.rows_per_token(run, step - 1)]
+                hidden = schedule.pass_inputs(run, step, previous)
+            else:
+                hidden = hidden[: num_tokens * schedule.rows_per_token(run, step)]
+        outputs = schedule.run_pass(run, step, StageBlock(model.decoder), hidden)
+        last_chunk = index == self.num_passes - 1
+        if model.post_process and last_chunk:
+            schedule.after_pass(run, step, outputs, model.halting_router)
+            output = model.language_model_output(schedule.thoughts(run), labels)
+            if received is None or labels is None or not torch.is_grad_enabled():
+                return output
+            return output._replace(loss=KeepInputGradient.apply(output.loss, received))
         originals, twins = [], []
-        if model.pre_process and not final:
-            state.slots = hand_over(slots)
-            originals, twins = [slots], [state.slots]
-        outputs = InjectGrads.apply(outputs, twins, *originals)
-        padding = outputs.new_zeros(num_tokens * (latent_steps + 1) - outputs.shape[0], *outputs.shape[1:])
-        everyone = torch.ones(num_tokens, batch, dtype=torch.bool, device=outputs.device)
-        return pack_payload(torch.cat([outputs, padding]), everyone)
+        if model.post_process:  # decide pass step+1 from a twin of this pass's output
+            originals.append(outputs)
+            twins.append(hand_over(outputs))
+            schedule.after_pass(run, step, twins[-1], model.halting_router)
+        handed_originals, handed_twins = hand_over_run(run)
+        outputs = InjectGrads.apply(outputs, [*twins, *handed_twins], *originals, *handed_originals)
+        rows = num_tokens * schedule.rows_per_token(run, self.num_passes)  # the payload's hidden rows
+        padding = outputs.new_zeros(rows - outputs.shape[0], *outputs.shape[1:])
+        return pack_payload(torch.cat([outputs, padding]), run.halting.executing)
 
 
 class PassChunk(torch.nn.Module):
@@ -261,14 +216,6 @@ class PassChunk(torch.nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask=None, labels=None):
         return self.passes.forward(self.index, self.received, input_ids, position_ids, labels)
-
-
-def num_passes(config, forward_only: bool) -> int:
-    """V: decoder passes per micro-batch (chunks of the virtual pipeline)."""
-    if config.latent_layout == "stepwise":
-        return config.latent_steps + 1
-    jacobi = config.jacobi_eval_iters if forward_only else max(config.jacobi_iters)
-    return config.latent_steps + jacobi + 1
 
 
 @dataclass
@@ -298,8 +245,9 @@ def pipeline_schedule(model_parts: list, data_iterator, seq_length: int, forward
     if parallel_state.get_pipeline_model_parallel_world_size() == 1 or config.latent_steps == 0:
         yield ScheduleCall(get_forward_backward_func(), model_parts, data_iterator, seq_length)
         return
-    passes = StagePasses(lcot_model, num_passes(config, forward_only))
-    slots = seq_length * (config.latent_steps + 1) if config.latent_layout == "interleaved" else seq_length
+    schedule = lcot_model.latent_schedule
+    passes = StagePasses(lcot_model, schedule.num_passes(forward_only))
+    slots = seq_length * schedule.rows_per_token(None, passes.num_passes)
     previous = config.virtual_pipeline_model_parallel_size, config.finalize_model_grads_func
     config.virtual_pipeline_model_parallel_size = passes.num_passes
     if previous[1] is not None:  # megatron DDP: finalize the wrapped parts, not the pass views

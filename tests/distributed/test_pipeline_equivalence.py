@@ -10,11 +10,12 @@ here as a loss or grad-norm difference.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
 
-from tests.conftest import TINY_MODEL_FLAGS, read_metrics, run_pretrain
+from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, read_metrics, run_pretrain
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node")
 TRAIN_ITERS = 10
@@ -28,11 +29,11 @@ def _flags(dataset: dict, tmp_path) -> list:
             "--eval-iters", "1", "--use-cpu-initialization", "--seed", "7"]
 
 
-def _run_records(tmp_path, dataset, name: str, extra: list, processes: int) -> list:
+def _run_records(tmp_path, dataset, name: str, extra: list, processes: int, script: str = PRETRAIN) -> list:
     metrics = tmp_path / f"{name}.jsonl"
     launcher = (sys.executable,) if processes == 1 else (*TORCHRUN, str(processes))
     result = run_pretrain([*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics], cwd=tmp_path,
-                          launcher=launcher, timeout=600)
+                          launcher=launcher, timeout=600, script=script)
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(metrics)
 
@@ -75,6 +76,20 @@ def test_pipeline_parallel_matches_one_process(tmp_path, sotu_indexed_dataset, m
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]
     if mode == "adaptive_k2":  # pruning happened, so the halting state really crossed stages
         assert any(0.0 < r["halted_share"][-1] < 1.0 for r in train)
+
+
+@pytest.mark.slow
+def test_custom_schedule_runs_unchanged_across_stages(tmp_path, sotu_indexed_dataset):
+    """A schedule swapped in through the spec (tests/distributed/residual_schedule.py: every pass
+    reads the token states, which then cross chunks on the first stage) trains under PP=2 with
+    the same losses, grad norms and halting as in one process: the pipeline chunks ask the
+    schedule what each pass does instead of knowing the layouts."""
+    script = os.path.join(os.path.dirname(__file__), "residual_schedule.py")
+    reference = _run_records(tmp_path, sotu_indexed_dataset, "one", ADAPTIVE_2, 1, script)
+    records = _run_records(tmp_path, sotu_indexed_dataset, "pp2",
+                           [*ADAPTIVE_2, "--pipeline-model-parallel-size", "2"], 2, script)
+    assert_same_run(records, reference)
+    assert any(0.0 < r["halted_share"][-1] < 1.0 for r in reference if r["split"] == "train")
 
 
 @pytest.mark.slow

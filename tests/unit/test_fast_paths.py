@@ -54,24 +54,27 @@ def decisive_router(model) -> None:
 
 
 def test_live_packing_gathers_and_scatters_live_tokens():
-    """Proves LivePacking's bookkeeping: packed rows are each sequence's live tokens in order,
-    padding rows are flagged, scatter puts packed rows back at their tokens and keeps the base
-    elsewhere, and the packed RoPE rows are the table rows of those tokens."""
-    from megatron_lcot.model.masking import LivePacking
+    """Proves LivePacking's bookkeeping: the packed rows are the live tokens of the whole
+    micro-batch (no padding), sequence by sequence in token order; scatter puts packed rows back
+    at their tokens and keeps the base elsewhere; attention's per-sequence layout flags its
+    padding and maps back to the packed rows exactly."""
+    from megatron_lcot.model.halting import LivePacking
 
     executing = torch.tensor([[1, 0], [0, 0], [1, 1], [1, 0], [0, 0]], dtype=torch.bool)  # [T=5, b=2]
-    live = LivePacking(executing)
-    assert live.width == 3
-    assert live.positions.t().tolist() == [[0, 2, 3], [2, 0, 0]]
-    assert live.valid.t().tolist() == [[True, True, True], [True, False, False]]
+    live = LivePacking(executing, live=4, widest=3)
     full = torch.arange(10.0).view(5, 2, 1)
-    assert torch.equal(live.gather(full)[:, 0, 0], torch.tensor([0.0, 4.0, 6.0]))
+    assert live.gather(full).shape == (4, 1, 1)
+    assert torch.equal(live.gather(full)[:, 0, 0], torch.tensor([0.0, 4.0, 6.0, 5.0]))
     merged = live.scatter(-live.gather(full), full)
     want = torch.where(executing[..., None], -full, full)
     assert torch.equal(merged, want)
-    table = torch.arange(5.0).view(5, 1, 1, 1).expand(5, 1, 1, 4)
-    assert live.rotary(table).shape == (3, 2, 1, 4)
-    assert torch.equal(live.rotary(table)[:, 1, 0, 0], torch.tensor([2.0, 0.0, 0.0]))
+    assert live.query_tokens.tolist() == [[0, 2, 3], [2, 0, 0]]
+    assert live.query_valid.tolist() == [[True, True, True], [True, False, False]]
+    packed = torch.randn(4, 1, 3, 2)  # [N, 1, heads, hn]
+    laid_out = live.queries(packed)  # [widest, b, heads, hn]
+    assert laid_out.shape == (3, 2, 3, 2)
+    torch.testing.assert_close(laid_out[0, 1], packed[3, 0])
+    torch.testing.assert_close(live.context(laid_out.flatten(2)), packed.flatten(2))
 
 
 def test_mostly_halted_adaptive_equals_naive_reference(batch):  # noqa: F811
@@ -130,7 +133,7 @@ def test_sdpa_backend_equals_dense_reference(batch, mode):  # noqa: F811
 
 @pytest.mark.parametrize("mode", ["vanilla", "stepwise", "adaptive"])
 def test_flex_backend_forward_equals_dense_reference(batch, mode):  # noqa: F811
-    """Proves the flex backend's block masks (from StepwisePass.mask_mod, packed queries
+    """Proves the flex backend's block masks (from LatentPass.mask_mod, packed queries
     included) select the same keys as the dense reference. PyTorch 2.13 runs FlexAttention on
     CPU forward only, so this compares logits; training with flex needs CUDA."""
     ids, _ = batch

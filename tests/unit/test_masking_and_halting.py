@@ -10,11 +10,9 @@ import itertools
 
 import torch
 
-from megatron_lcot.model.halting import exit_mass
+from megatron_lcot.model.engine import LatentKVStore, LatentPass
+from megatron_lcot.model.halting import LivePacking, exit_mass
 from megatron_lcot.model.masking import (
-    LivePacking,
-    StepwiseKVStore,
-    StepwisePass,
     interleaved_dense_mask,
     interleaved_positions,
     stepwise_dense_mask,
@@ -77,13 +75,14 @@ def test_kv_reuse_exposes_last_executed_step():
     step k-1; executing tokens (whose keys arrive packed: only they are computed) expose their
     new ones; the store returns steps 0..k in order."""
     T, b, g, d = 3, 2, 1, 4
-    store = StepwiseKVStore()
+    store = LatentKVStore()
+    store.begin(T)
     k0, v0 = torch.randn(T, b, g, d), torch.randn(T, b, g, d)
-    StepwisePass(0, T, store).expose(1, k0, v0)
+    LatentPass(store, 0, 1).expose(1, k0, v0)
     executing = torch.tensor([[True, False], [False, True], [True, True]])
     k1, v1 = torch.randn(T, b, g, d), torch.randn(T, b, g, d)
-    live = LivePacking(executing)
-    keys, values = StepwisePass(1, T, store, live).expose(1, live.gather(k1), live.gather(v1))
+    live = LivePacking(executing, live=4, widest=2)
+    keys, values = LatentPass(store, 1, 2, live).expose(1, live.gather(k1), live.gather(v1))
     assert keys.shape == (2 * T, b, g, d)
     torch.testing.assert_close(keys[:T], k0)
     for t, i in itertools.product(range(T), range(b)):
@@ -91,5 +90,5 @@ def test_kv_reuse_exposes_last_executed_step():
         torch.testing.assert_close(keys[T + t, i], source_k[t, i])
         torch.testing.assert_close(values[T + t, i], source_v[t, i])
     # a re-run of pass 1 (e.g. activation recompute) overwrites its entry instead of appending
-    keys_again, _ = StepwisePass(1, T, store, live).expose(1, live.gather(k1), live.gather(v1))
+    keys_again, _ = LatentPass(store, 1, 2, live).expose(1, live.gather(k1), live.gather(v1))
     assert keys_again.shape == keys.shape
