@@ -11,12 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import MODES, trained_checkpoints  # noqa: F401
+from tests.unit.hf_fixtures import MODES
 
 PROMPTS = ["The Congress of the United States", "War", "In the year that has passed since my last message"]
 
 
-def _loaded(trained_checkpoints, mode):  # noqa: F811
+def _loaded(trained_checkpoints, mode):
     from megatron_lcot.inference.loading import load_trained_model
 
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def _full_logits(trained, ids):
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-def test_cached_decoding_equals_full_recomputation(trained_checkpoints, mode):  # noqa: F811
+def test_cached_decoding_equals_full_recomputation(trained_checkpoints, mode):
     from megatron_lcot.inference.generation import generate_ids
     from megatron_lcot.inference.sampling import SamplingParams
 
@@ -62,7 +62,7 @@ def test_cached_decoding_equals_full_recomputation(trained_checkpoints, mode):  
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "interleaved"])
-def test_batched_left_padding_equals_one_at_a_time(trained_checkpoints, mode):  # noqa: F811
+def test_batched_left_padding_equals_one_at_a_time(trained_checkpoints, mode):
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.sampling import SamplingParams
 
@@ -75,7 +75,7 @@ def test_batched_left_padding_equals_one_at_a_time(trained_checkpoints, mode):  
         assert batched.latent_steps[row] == alone.latent_steps[0]
 
 
-def test_sampling_is_seeded_and_respects_top_k(trained_checkpoints):  # noqa: F811
+def test_sampling_is_seeded_and_respects_top_k(trained_checkpoints):
     from megatron_lcot.inference.generation import generate
     from megatron_lcot.inference.sampling import SamplingParams
 
