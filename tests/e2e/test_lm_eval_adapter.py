@@ -21,9 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
-from tests.unit.hf_fixtures import tool_env, trained_checkpoints  # noqa: F401
-
-pytest.importorskip("lm_eval")
+from tests.unit.hf_fixtures import tool_env
 
 LAUNCHER = os.path.join(REPO_ROOT, "tools", "lm_eval_lcot.py")
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -100,7 +98,7 @@ def items(sotu_indexed_dataset) -> dict:
 
 
 @pytest.fixture(scope="module")
-def adapters(trained_checkpoints) -> dict:  # noqa: F811
+def adapters(trained_checkpoints) -> dict:
     """{mode: LcotLM}, built on first use."""
     from megatron_lcot.inference.lm_eval_adapter import LcotLM
 
@@ -177,7 +175,7 @@ def _greedy_items(trained, cloze: list) -> list:
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "vanilla"])  # vanilla: a padded vocabulary (512 -> 576)
-def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, items, mode, monkeypatch):  # noqa: F811
+def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, items, mode, monkeypatch):
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.scoring import CheckpointScorer
 
@@ -213,7 +211,7 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
     assert len(steps) > 1 if mode == "adaptive" else steps == {0.0}  # adaptive: tokens halted at different steps
 
 
-def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoints, sotu_indexed_dataset,  # noqa: F811
+def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoints, sotu_indexed_dataset,
                                                       tmp_path):
     """evaluate.py's stream for the records ["", text] is [eod] + tokens(text) + [eod]: its windows
     depend only on positions, so its total NLL is the adapter's rolling NLL of `text` (stream
@@ -237,7 +235,7 @@ def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoint
     assert -ours + eod_nll == pytest.approx(evaluated["nll"] * n, rel=1e-6)
 
 
-def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, items, sotu_indexed_dataset,  # noqa: F811
+def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, items, sotu_indexed_dataset,
                                                 monkeypatch, tmp_path):
     """lm-eval's own pipeline in process (task YAML -> requests -> metrics), model="lcot" by name:
     acc/acc_norm equal score_task (evaluate.py --task's function) on the same items, and the
@@ -272,7 +270,7 @@ def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, it
 
 
 @pytest.mark.slow  # lm-eval indexes its 14k built-in tasks, loads the model, scores 100 requests: ~1 min
-def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, tmp_path):  # noqa: F811
+def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, tmp_path):
     from megatron_lcot.inference.loading import load_trained_model
 
     checkpoint = trained_checkpoints["adaptive"]

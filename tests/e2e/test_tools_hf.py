@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT
-from tests.unit.hf_fixtures import tool_env, trained_checkpoints  # noqa: F401
+from tests.unit.hf_fixtures import tool_env
 
 TASK = [
     {"context": "The Congress of the United", "choices": [" States", " banana", " of the"], "answer": 0},
@@ -35,7 +35,7 @@ def _last_json(run) -> dict:
 
 
 @pytest.fixture(scope="module")
-def exports(trained_checkpoints, tmp_path_factory):  # noqa: F811
+def exports(trained_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("tool_exports")
     for mode in ("vanilla", "adaptive"):
         _last_json(_tool("convert_checkpoint.py", "to-hf", "--load", trained_checkpoints[mode],
@@ -55,7 +55,7 @@ def held_out_text(sotu_indexed_dataset, tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "adaptive"])
-def test_evaluate_perplexity_equals_exported_copy(trained_checkpoints, exports, held_out_text, tmp_path, mode):  # noqa: F811
+def test_evaluate_perplexity_equals_exported_copy(trained_checkpoints, exports, held_out_text, tmp_path, mode):
     ours = _last_json(_tool("evaluate.py", "--load", trained_checkpoints[mode], "--input", held_out_text,
                             "--json-key", "body", "--stride", 48, cwd=tmp_path))
     theirs = _last_json(_tool("evaluate.py", "--hf", exports / mode, "--input", held_out_text, "--json-key", "body",
@@ -69,7 +69,7 @@ def test_evaluate_perplexity_equals_exported_copy(trained_checkpoints, exports, 
 
 
 @pytest.mark.slow
-def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoints, exports, tmp_path):  # noqa: F811
+def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoints, exports, tmp_path):
     from megatron_lcot.inference.loading import load_trained_model
 
     task = tmp_path / "task.jsonl"
@@ -103,7 +103,7 @@ def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoint
 
 
 @pytest.mark.slow
-def test_generate_cli_prints_what_the_api_generates(trained_checkpoints, tmp_path):  # noqa: F811
+def test_generate_cli_prints_what_the_api_generates(trained_checkpoints, tmp_path):
     """Streamed (--batch-size 1) and batched, stdout is each prompt + its completion + '---', then
     the JSON line; both equal the Python API's tokens and texts."""
     from megatron_lcot.inference.generation import generate
@@ -134,7 +134,7 @@ def _fails(run, *phrases):
 
 
 @pytest.mark.slow
-def test_bad_input_fails_early_and_writes_nothing(trained_checkpoints, exports, tmp_path):  # noqa: F811
+def test_bad_input_fails_early_and_writes_nothing(trained_checkpoints, exports, tmp_path):
     import shutil
 
     _fails(_tool("convert_checkpoint.py", "to-hf", "--load", tmp_path / "nowhere", "--output", tmp_path / "out",

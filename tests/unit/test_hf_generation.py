@@ -12,13 +12,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.unit.hf_fixtures import MODES, halting_checkpoint, trained_checkpoints  # noqa: F401
+from tests.unit.hf_fixtures import MODES
 
 PROMPTS = ["The Congress of the United States", "War", "In the year that has passed since my last message"]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(trained_checkpoints, halting_checkpoint) -> dict:  # noqa: F811
+def checkpoints(trained_checkpoints, halting_checkpoint) -> dict:
     """The four modes, adaptive with the decisive router (tokens stop after 0, 1, 2 or 3 steps)."""
     return {**trained_checkpoints, "adaptive": halting_checkpoint}
 

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.conftest import run_pretrain
-from tests.unit.hf_fixtures import trained_checkpoints  # noqa: F401
 
 VOCAB = 512
 
@@ -78,7 +77,7 @@ def test_imported_llama_gives_transformers_logits(llama_dir, tmp_path, latent):
     assert (token_inputs - llama_inputs).abs().max().item() < 1e-6
 
 
-def test_round_trip_ours_hf_ours_is_bit_exact(trained_checkpoints, tmp_path):  # noqa: F811
+def test_round_trip_ours_hf_ours_is_bit_exact(trained_checkpoints, tmp_path):
     from megatron_lcot.hf.export import export
     from megatron_lcot.hf.import_llama import import_llama
     from megatron_lcot.inference.loading import load_trained_model

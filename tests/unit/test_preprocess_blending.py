@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from megatron_lcot.data.tokenizers import build_tokenizer
-from preprocess_helpers import run, write_jsonl
+from tests.unit.preprocess_helpers import run, write_jsonl
 
 NULL = {"tokenizer_type": "NullTokenizer", "vocab_size": 100}
 

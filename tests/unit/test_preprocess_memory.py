@@ -8,7 +8,7 @@ import pytest
 
 from benchmarks.preprocess_throughput import peak_rss_of_cli
 from megatron_lcot.data.tokenizers import build_tokenizer
-from preprocess_helpers import read_documents, sotu_texts, sp_args, trained_tokenizers  # noqa: F401  (fixtures)
+from tests.unit.preprocess_helpers import read_documents, sotu_texts
 
 DOCUMENT_BYTES = 100_000_000
 

@@ -12,9 +12,7 @@ import pytest
 from megatron_lcot.data.preprocessing.cli import merge_main
 from megatron_lcot.data.preprocessing.indexed_writer import IndexedWriter, merge_indexed
 from megatron_lcot.data.tokenizers import build_tokenizer
-from preprocess_helpers import (  # noqa: F401  (fixtures)
-    corpus, files_equal, read_documents, run, sotu_texts, sp_args, trained_tokenizers, write_jsonl,
-)
+from tests.unit.preprocess_helpers import files_equal, read_documents, run, sotu_texts, write_jsonl
 
 
 def test_round_trip_through_megatron_core_equals_tokenizer_output(tmp_path, corpus, sp_args):

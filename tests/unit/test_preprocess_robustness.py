@@ -16,9 +16,7 @@ import pytest
 from megatron_lcot.data.preprocessing.cli import preprocess_main
 from megatron_lcot.data.preprocessing.errors import PreprocessError
 from megatron_lcot.data.tokenizers import build_tokenizer
-from preprocess_helpers import (  # noqa: F401  (fixtures)
-    files_equal, read_documents, run, sotu_texts, sp_args, trained_tokenizers, write_jsonl,
-)
+from tests.unit.preprocess_helpers import files_equal, read_documents, run, sotu_texts, write_jsonl
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -12,7 +12,7 @@ import tokenizers
 
 from megatron_lcot.data.tokenizer_training import train_sentencepiece
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer
-from preprocess_helpers import sotu_texts, trained_tokenizers  # noqa: F401  (fixture)
+from tests.unit.preprocess_helpers import sotu_texts
 
 SAMPLE = sotu_texts(3, start=200) + ["Ünïcödé — “quotes” 中文 emoji 🎉\n\n  indented\ttabs", "x"]
 
