@@ -3,7 +3,10 @@
 Trains one step of a vanilla model (mock tokens, bf16) on 2 ranks under the real `deepspeed`
 launcher, or torchrun for the megatron seams, and saves it. Inside each rank a thread samples
 the resident set size (/proc/self/statm) every 2 ms while `save_checkpoint` runs; the rank
-prints its peak minus its size just before the save. A save that gathered the model on one
+prints its peak minus its size just before the save. glibc's malloc would keep the memory that
+training freed resident and hand it out again, hiding new allocations from the RSS, so the
+ranks run with `MALLOC_MMAP_THRESHOLD_` at 64 KiB: every tensor larger than that is its own
+mapping, returned to the system when freed. A save that gathered the model on one
 rank would grow that rank by the whole model; a partitioned save grows it by its own shard at
 most (plus what serialisation copies). Host memory is where CPU ranks keep their tensors; on
 GPUs the same gather would land in device memory.
@@ -90,7 +93,7 @@ def main() -> None:
                         "--master_port", str(free_port())]
         else:
             launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, "MALLOC_MMAP_THRESHOLD_": "65536"}
         result = subprocess.run([*launcher, os.path.abspath(__file__), "--rank-worker", *map(str, flags)], env=env,
                                 capture_output=True, text=True)
         if result.returncode != 0:
