@@ -24,8 +24,9 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
-from megatron_lcot.training.checkpointing import CheckpointError  # noqa: E402
-from megatron_lcot.training.faults import TooManySkippedSteps  # noqa: E402
+from megatron_lcot.training.checkpointing import CheckpointError, CheckpointSaveError  # noqa: E402
+from megatron_lcot.training.faults import (TooManySkippedSteps, describe_collective_failure,  # noqa: E402
+                                           record_first_failure)
 from megatron_lcot.training.loop import pretrain  # noqa: E402
 from megatron_lcot.training.providers import forward_step, model_provider, train_valid_test_datasets_provider  # noqa: E402
 
@@ -49,14 +50,13 @@ def main(argv: list | None = None) -> dict | None:
                         partial(model_provider, args), partial(forward_step, args))
     except (ArgumentError, TokenizerError, CheckpointError) as error:
         _fail(str(error), USAGE_ERROR_EXIT_CODE)
-    except TooManySkippedSteps as error:
+    except (TooManySkippedSteps, CheckpointSaveError) as error:
         _fail(str(error), 1)
-    except RuntimeError as error:
+    except Exception as error:
         if not parallel.is_collective_failure(error):
+            record_first_failure(error)  # the other ranks name it when their collectives fail
             raise
-        first_line = str(error).strip().splitlines()[0]
-        _fail(f"rank {os.environ.get('RANK', '0')}: a collective with the other ranks failed (a rank died, or "
-              f"did not answer within --distributed-timeout-minutes): {first_line}", 1, every_rank=True)
+        _fail(describe_collective_failure(error), 1, every_rank=True)
 
 
 if __name__ == "__main__":

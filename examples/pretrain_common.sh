@@ -23,6 +23,15 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # for python -m megatron_lcot.launcher_supervisor
 SUPERVISE=(python -m megatron_lcot.launcher_supervisor)
 
+# NCCL failure handling (docs/training.md, "Faults"): a collective that fails or outlives
+# --distributed-timeout-minutes is aborted by NCCL's watchdog and raised in the rank's Python
+# thread (2 = clean up only, do not tear the process down), so the rank prints which rank
+# failed first and exits 1, and the launcher stops the others. The heartbeat monitor kills a
+# rank whose watchdog itself hangs (e.g. a stuck CUDA call) after the given seconds.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING="${TORCH_NCCL_ASYNC_ERROR_HANDLING:-2}"
+export TORCH_NCCL_ENABLE_MONITORING="${TORCH_NCCL_ENABLE_MONITORING:-1}"
+export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC="${TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC:-600}"
+
 # ~350M-parameter Llama with adaptive latent CoT (K = 2); see docs/scaling.md for sizing.
 MODEL_ARGS="${MODEL_ARGS:---num-layers 24 --hidden-size 1024 --num-attention-heads 16 --num-query-groups 4 \
 --ffn-hidden-size 2816 --seq-length 2048 --max-position-embeddings 2048 --bf16 \

@@ -29,6 +29,8 @@ from __future__ import annotations
 import random
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot.model.config import LcotConfig
@@ -138,6 +140,16 @@ class InterleavedJacobiSchedule(LatentSchedule):
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
         self.register_buffer("jacobi_draws", torch.zeros((), dtype=torch.long))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """`jacobi_draws` as one counter replicated on every rank: every pipeline stage runs the
+        schedule and counts the same draws, so the default declaration (one main replica per
+        stage, under the same key) is an invalid access pattern at PP > 1. The main replica is
+        the first rank of the first stage; every other rank holds a copy."""
+        replica_id = (parallel_state.get_pipeline_model_parallel_rank(),
+                      parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
+        key = f"{prefix}jacobi_draws"
+        return {key: ShardedTensor.from_rank_offsets(key, self.jacobi_draws, replica_id=replica_id)}
 
     def num_iterations(self) -> int:
         if not self.training:

@@ -8,6 +8,12 @@
         mp_rank_00[_PPP]/model_optim_rng.pt     one model-parallel rank's optimizer, LR schedule,
                                                 RNG states and TrainState (iteration, data position,
                                                 skipped-step counters): exact resume at this layout
+        optimizer/                              --use-distributed-optimizer: every data-parallel
+                                                rank's own shard of the optimizer state
+                                                (dist_checkpointing, megatron-core's `dp_reshardable`)
+        deepspeed/                              --deepspeed: the engine's own files, one ZeRO
+                                                partition per rank; under ZeRO-3 they are the
+                                                only copy of the weights (no `model/`)
     <save>/latest_checkpointed_iteration.txt    written last: "100"
 
 A *weights-only* checkpoint (tools/convert_checkpoint.py reshard) has `run.pt` and either
@@ -17,16 +23,22 @@ exports, but does not resume training.
 
 An iteration directory is written under a temporary name, every file is fsync'ed, and the
 directory is renamed into place; the marker is then replaced atomically and `--keep-last`
-prunes older iterations. A crash therefore leaves either the previous checkpoint or the new
-one, never a half-written one behind the marker. Files hold only tensors and plain Python
-values and are read with `torch.load(weights_only=True)`. A DeepSpeed engine behind the
-optimizer seam writes its own ZeRO-partitioned files into the iteration directory
-(`save(dir)` / `load(dir)`).
+prunes older iterations. Before the rename every rank says whether it wrote its part; when one
+failed, the staged directory is deleted, the marker keeps naming the previous iteration and
+every rank raises a CheckpointSaveError naming the first failing rank. A crash therefore leaves
+either the previous checkpoint or the new one, never a half-written one behind the marker.
+Files hold only tensors and plain Python values and are read with `torch.load(weights_only=True)`.
+
+No rank ever holds more than its own shards while saving: the model's tensors are written by
+the ranks that hold them; an optimizer seam with sharded state (the distributed optimizer, a
+DeepSpeed engine) writes it with `save(dir)` / reads it with `load(dir)`. A ZeRO-3 engine's
+weights are partitioned over the data-parallel ranks: its checkpoint keeps them only in
+DeepSpeed's partitioned files, and `load_model_weights` consolidates them in one process
+(DeepSpeed's `zero_to_fp32`) for evaluation, export and resharding.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import queue
 import random
@@ -45,6 +57,7 @@ TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
 RUN_FILENAME = "run.pt"
 MODEL_DIRNAME = "model"
+DEEPSPEED_DIRNAME = "deepspeed"
 
 # Flags that fix the parameters (their shapes, their dtype, or what they mean): weights saved
 # under other values are another model.
@@ -59,6 +72,10 @@ LAYOUT_FLAGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this run; the message says which flag differs."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A rank failed to write its part of a checkpoint; the marker still names the previous one."""
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -148,25 +165,12 @@ def _sharded_weights(model_parts: list) -> dict:
     return {f"model{index}": unwrap_model(part).sharded_state_dict() for index, part in enumerate(model_parts)}
 
 
-def _gathered_zero3_parameters(model_parts: list):
-    """DeepSpeed ZeRO-3 partitions every parameter over the data-parallel ranks (it marks them
-    with `ds_id`): gather them while their full values are read (collective)."""
-    partitioned = [p for part in model_parts for p in part.parameters() if hasattr(p, "ds_id")]
-    if not partitioned:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
-
-
 def save_model_weights(model, directory: str) -> None:
     """Write the weights of `model` (a module or the list of model parts) as a dist_checkpointing
-    directory (collective; `directory` must exist and be empty). Every rank contributes its
-    shards; replicated tensors are written once."""
+    directory (collective; `directory` must exist and be empty). Every rank writes its own
+    shards; a replicated tensor is written once, by its main replica."""
     _use_in_process_results_queue()
-    parts = _as_parts(model)
-    with _gathered_zero3_parameters(parts):
-        dist_checkpointing.save(_sharded_weights(parts), directory)
+    dist_checkpointing.save(_sharded_weights(_as_parts(model)), directory)
 
 
 def _prepare_staging(root: str, iteration: int) -> str:
@@ -180,10 +184,37 @@ def _prepare_staging(root: str, iteration: int) -> str:
     return staging_dir
 
 
+def _agree_every_part_written(root: str, staging_dir: str, iteration: int, failure: str | None) -> None:
+    """All ranks exchange whether they wrote their part (collective). When one failed, rank 0
+    deletes the staged directory and every rank raises, naming the first failing rank: the
+    marker is not moved."""
+    failures = [None] * dist.get_world_size()
+    dist.all_gather_object(failures, failure)
+    failed = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging_dir, ignore_errors=True)
+    rank, text = failed[0]
+    raise CheckpointSaveError(f"saving iteration {iteration} to {root!r} failed on rank {rank} ({text})"
+                              f"{f' and {len(failed) - 1} more rank(s)' if len(failed) > 1 else ''}; "
+                              f"{TRACKER_FILENAME} still names iteration {latest_iteration(root)}.")
+
+
+def _written_by_every_rank(root: str, staging_dir: str, iteration: int, write) -> None:
+    """Run this rank's `write()`, then agree with the others that every part was written."""
+    failure = None
+    try:
+        write()
+    except Exception as error:  # noqa: BLE001 - every rank must learn of it, or the others hang
+        failure = f"{type(error).__name__}: {error}"
+    _agree_every_part_written(root, staging_dir, iteration, failure)
+
+
 def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_last: int | None) -> str:
-    """Rename the staged directory into place, then move the marker (collective)."""
+    """Rename the staged directory into place, then move the marker (collective; after
+    `_agree_every_part_written`)."""
     final_dir = iteration_dir(root, iteration)
-    dist.barrier()
     if dist.get_rank() == 0:
         _write_durably(os.path.join(staging_dir, RUN_FILENAME), lambda f: torch.save(run_state, f))
         for dirpath, _, _ in os.walk(staging_dir):
@@ -201,33 +232,72 @@ def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_
     return final_dir
 
 
+def _engine_of(args) -> str:
+    """The optimizer seam a run trains with, as saved in `run.pt`: its per-rank state only
+    resumes under the same one."""
+    if getattr(args, "deepspeed", False):
+        from megatron_lcot.training.deepspeed_config import zero_stage_of
+
+        return f"deepspeed zero-{zero_stage_of(args.deepspeed_config, args.zero_stage)}"
+    return "megatron distributed-optimizer" if args.use_distributed_optimizer else "megatron ddp"
+
+
+_ENGINE_FLAGS = {"deepspeed": "--deepspeed", "megatron": "no --deepspeed"}
+
+
+def _check_same_engine(saved: str | None, args, root: str) -> None:
+    """Refuse to resume the optimizer state of another seam, naming the flag and the command
+    that converts the weights (the optimizer state of one seam does not map onto another's)."""
+    now = _engine_of(args)
+    if saved is None or saved == now:
+        return
+    if saved.split()[0] != now.split()[0]:
+        flag = "--deepspeed"
+    elif now.startswith("deepspeed"):
+        flag = "--zero-stage (or zero_optimization.stage in --deepspeed_config)"
+    else:
+        flag = "--use-distributed-optimizer"
+    raise CheckpointError(
+        f"--load {root!r}: the checkpoint's optimizer state was saved by {saved} but this run trains with "
+        f"{now} ({flag} differs); resume with the checkpoint's {flag}, or convert its weights and start a new "
+        f"optimizer from them: tools/convert_checkpoint.py reshard --load {root} --save NEW_DIR --as-initial-weights, "
+        "then --load NEW_DIR.")
+
+
 def save_checkpoint(root: str, train_state: TrainState, components, args) -> str:
     """Write `train_state.iteration` atomically and point the marker at it (collective call).
 
     components: the TrainComponents whose model parts, optimizer and scheduler are saved. The
     optimizer seam either returns its state from `state_dict()` (kept in the per-rank file)
-    or, as a DeepSpeed engine does, writes its own partitioned files with `save(directory)`.
+    or, when its state is sharded over ranks (`saves_own_files`: distributed optimizer,
+    DeepSpeed), writes its own files with `save(directory)`. A seam that `partitions_weights`
+    (ZeRO-3) keeps the only copy of the weights in those files.
     """
     iteration, optimizer = train_state.iteration, components.optimizer
     staging_dir = _prepare_staging(root, iteration)
-    save_model_weights(components.model_parts, os.path.join(staging_dir, MODEL_DIRNAME))
-    own_files = getattr(optimizer, "save", None)
-    if own_files is not None:  # DeepSpeed: every rank writes its ZeRO partition (under deepspeed/)
-        own_files(staging_dir)
-    # Every rank asks: a distributed optimizer gathers its shards onto data-parallel rank 0.
-    optimizer_state = None if own_files is not None else optimizer.state_dict()
-    if parallel_state.get_data_parallel_rank() == 0:
-        state = {
-            "optimizer": optimizer_state,
-            "opt_param_scheduler": components.scheduler.state_dict(),
-            "train_state": train_state.state_dict(),
-            "rng_state": _rng_state(),
-            "args": plain_args(args),
-        }
-        rank_dir = os.path.join(staging_dir, _rank_subdir())
-        os.makedirs(rank_dir, exist_ok=True)
-        _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False}
+    own_files = optimizer.save if optimizer.saves_own_files else None
+
+    def write() -> None:
+        if not optimizer.partitions_weights:
+            save_model_weights(components.model_parts, os.path.join(staging_dir, MODEL_DIRNAME))
+        elif dist.get_rank() == 0:  # ZeRO-3: the weights live in the engine's partitions only
+            os.rmdir(os.path.join(staging_dir, MODEL_DIRNAME))
+        if own_files is not None:
+            own_files(staging_dir)
+        if parallel_state.get_data_parallel_rank() == 0:
+            state = {
+                "optimizer": None if own_files is not None else optimizer.state_dict(),
+                "opt_param_scheduler": components.scheduler.state_dict(),
+                "train_state": train_state.state_dict(),
+                "rng_state": _rng_state(),
+                "args": plain_args(args),
+            }
+            rank_dir = os.path.join(staging_dir, _rank_subdir())
+            os.makedirs(rank_dir, exist_ok=True)
+            _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
+
+    _written_by_every_rank(root, staging_dir, iteration, write)
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False, "engine": _engine_of(args)}
     return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
 
 
@@ -236,9 +306,11 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
     dist_checkpointing (`sharded`, any layout loads it) or one plain torch file per
     model-parallel rank. Collective; what tools/convert_checkpoint.py reshard writes."""
     staging_dir = _prepare_staging(root, iteration)
-    if sharded:
-        save_model_weights(model, os.path.join(staging_dir, MODEL_DIRNAME))
-    else:
+
+    def write() -> None:
+        if sharded:
+            save_model_weights(model, os.path.join(staging_dir, MODEL_DIRNAME))
+            return
         if dist.get_rank() == 0:
             os.rmdir(os.path.join(staging_dir, MODEL_DIRNAME))
         if parallel_state.get_data_parallel_rank() == 0:
@@ -246,6 +318,8 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
             os.makedirs(rank_dir, exist_ok=True)
             weights = {"model": unwrap_model(model).state_dict(), "args": plain_args(args)}
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
+
+    _written_by_every_rank(root, staging_dir, iteration, write)
     run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True}
     return _publish(root, staging_dir, iteration, run_state, None)
 
@@ -342,6 +416,8 @@ def load_model_weights(root: str, model, iteration: int | None = None) -> int:
         loaded = dist_checkpointing.load(_sharded_weights(parts), model_dir)
         for index, part in enumerate(parts):
             part.load_state_dict(loaded[f"model{index}"])
+    elif os.path.isdir(os.path.join(iteration_dir(root, iteration), DEEPSPEED_DIRNAME)):
+        _load_consolidated_zero_weights(root, iteration, parts)
     elif len(parts) == 1:
         state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
         parts[0].load_state_dict(state["model"])
@@ -351,12 +427,43 @@ def load_model_weights(root: str, model, iteration: int | None = None) -> int:
     return iteration
 
 
+def _load_consolidated_zero_weights(root: str, iteration: int, parts: list) -> None:
+    """A ZeRO-3 checkpoint keeps its weights only as the ranks' fp32 partitions: consolidate
+    them here (DeepSpeed's `zero_to_fp32`, in this process's memory) into a model built at
+    TP = PP = 1. The rounding to the model's dtype is the one the engine applied in training."""
+    if len(parts) != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1:
+        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds ZeRO-3-partitioned weights, which "
+                              "load into one process (TP = PP = 1); reshard them to the sharded format "
+                              "(tools/convert_checkpoint.py reshard, one process) to load them at another layout.")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(iteration_dir(root, iteration), tag=DEEPSPEED_DIRNAME)
+    missing, unexpected = parts[0].load_state_dict(consolidated, strict=False)
+    missing = [name for name in missing if not name.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"--load {root!r}: the ZeRO-3 weights of iteration {iteration} do not match this "
+                              f"model (missing {missing[:3]}, unexpected {unexpected[:3]}); build it with the "
+                              "checkpoint's model flags.")
+
+
 def holds_initial_weights(root: str) -> bool:
     """Whether `root`'s latest checkpoint is a weights-only iteration 0: a starting point such as
     `tools/convert_checkpoint.py from-hf` writes. Training loads it as its initial weights (before
     the optimizer copies them) and starts at iteration 0 with a fresh optimizer and schedule."""
     iteration = latest_iteration(root)
     return iteration == 0 and _run_state(root, 0)["weights_only"]
+
+
+def check_resumable(root: str, args) -> None:
+    """Before anything is built: raise a CheckpointError when `root`'s latest checkpoint is one
+    this run would refuse to resume (another model, schedule, layout or optimizer seam)."""
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return
+    run_state = _run_state(root, _resolve_iteration(root, iteration))
+    if not run_state["weights_only"]:
+        check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
+        _check_same_engine(run_state.get("engine"), args, root)
 
 
 def load_checkpoint(root: str, components, args) -> TrainState:
@@ -380,13 +487,15 @@ def load_checkpoint(root: str, components, args) -> TrainState:
                               "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "
                               "from a checkpoint written by pretrain_lcot.py --save.")
     check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
+    _check_same_engine(run_state.get("engine"), args, root)
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
-    own_files = getattr(components.optimizer, "load", None)
-    if own_files is not None:  # a DeepSpeed engine restores its (possibly ZeRO-3-partitioned) weights too
-        own_files(iteration_dir(root, iteration))
-    else:
+    optimizer = components.optimizer
+    if not optimizer.load_restores_weights:
         load_model_weights(root, components.model_parts, iteration)
-        components.optimizer.load_state_dict(state["optimizer"])
+    if optimizer.saves_own_files:  # sharded optimizer state (a DeepSpeed engine also restores the weights)
+        optimizer.load(iteration_dir(root, iteration))
+    else:
+        optimizer.load_state_dict(state["optimizer"])
     components.scheduler.load_state_dict(state["opt_param_scheduler"])
     _restore_rng_state(state["rng_state"])
     train_state.load_state_dict(state["train_state"])

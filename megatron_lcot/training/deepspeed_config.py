@@ -10,6 +10,9 @@ Two settings are forced, both measured (docs/architecture.md, "DeepSpeed"): mega
 schedule accumulates the micro-batches of a global batch itself, so DeepSpeed sees one
 micro-batch per step (`gradient_accumulation_steps` 1) and does not manage accumulation
 (`managed_gradient_accumulation` false: its managed mode is silently wrong under the schedule).
+Under `--bf16` gradients are accumulated and reduced in fp32 (`data_types.grad_accum_dtype`,
+`communication_data_type`), as megatron-core's DDP does (`grad_reduce_in_fp32`); the grad norm
+is always computed, since the loop logs it and skips steps where it is not finite.
 """
 
 from __future__ import annotations
@@ -73,6 +76,14 @@ def effective_config(args) -> dict:
                                        "accumulation (megatron-core's schedule accumulates micro-batches).")
     _check_precision(config, path, "bf16", args.bf16)
     _check_precision(config, path, "fp16", args.fp16)
+    if config.get("zero_optimization", {}).get("compute_grad_norm", True) is not True:
+        raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: drop zero_optimization.compute_grad_norm false; "
+                                   "the grad norm is logged and decides whether a step is applied.")
+    for key, value in (("data_types.grad_accum_dtype", config.get("data_types", {}).get("grad_accum_dtype")),
+                       ("communication_data_type", config.get("communication_data_type"))):
+        if args.bf16 and value not in (None, "fp32"):
+            raise DeepSpeedConfigError(f"--deepspeed_config {path!r} sets {key} {value!r}; under --bf16 gradients "
+                                       "are accumulated and reduced in fp32 (set it to \"fp32\" or drop it).")
     config.update(wanted)
     config.update({
         "train_batch_size": args.micro_batch_size * args.data_parallel_size,
@@ -83,6 +94,9 @@ def effective_config(args) -> dict:
         "bf16": {**config.get("bf16", {}), "enabled": args.bf16},
         "fp16": {**config.get("fp16", {}), "enabled": args.fp16},
     })
+    if args.bf16:
+        config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": "fp32"}
+        config["communication_data_type"] = "fp32"
     if args.fp16 and args.loss_scale is not None:
         config["fp16"]["loss_scale"] = args.loss_scale
     config.setdefault("steps_per_print", 2**31 - 1)  # our logger prints; DeepSpeed's would repeat it

@@ -13,7 +13,13 @@ scaling, DeepSpeed's scaler).
 The client optimizer is torch's AdamW over two groups (matrices decay, vectors do not, as the
 megatron-core seam), so no DeepSpeed op is JIT-compiled and megatron's OptimizerParamScheduler
 sets the learning rate through `param_groups`. Checkpoints of the engine (ZeRO-partitioned
-optimizer state, fp32 master weights) are written by `save(dir)` / read by `load(dir)`.
+optimizer state, fp32 master weights) are written by `save(dir)` / read by `load(dir)`; under
+ZeRO-3 these partitions are the only copy of the weights written (nothing is gathered).
+
+A step whose gradients hold a NaN/inf is not applied: the ZeRO optimizers of stages 1-3 check
+their reduced gradient partitions (`check_grad_overflow`, on under bf16/fp16) and the global
+norm (always) across data- and model-parallel ranks before updating, and report the skip
+through `engine.was_step_applied()`, which `step()` turns into a non-finite norm for the loop.
 """
 
 from __future__ import annotations
@@ -92,6 +98,10 @@ class DeepSpeedOptimizer:
         config.no_sync_func = config.finalize_model_grads_func = None
         config.grad_scale_func = self.engine.scale if args.fp16 else None
         self.schedule_parts = [_ScheduleView(self.engine, config)]
+        self.partitions_weights = self.engine.zero_optimization_partition_weights()
+
+    saves_own_files = True
+    load_restores_weights = True
 
     @property
     def param_groups(self) -> list:
@@ -101,10 +111,13 @@ class DeepSpeedOptimizer:
         self.engine.zero_grad()
 
     def step(self) -> float:
-        """Finish the gradient reduction, clip, update; returns the pre-clip grad norm."""
+        """Finish the gradient reduction, clip, update; returns the pre-clip grad norm, or inf
+        when the engine found a NaN/inf gradient and applied nothing (its `skipped_steps`
+        counts it too)."""
         self.engine.step()
-        norm = self.engine.get_global_grad_norm()
-        return float("nan") if norm is None else float(norm)
+        if not self.engine.was_step_applied():
+            return float("inf")
+        return float(self.engine.get_global_grad_norm())
 
     def state_dict(self) -> dict:
         """Empty: the engine's state is partitioned over ranks and lives in `save(dir)`'s files."""

@@ -12,6 +12,12 @@ and ours:
                                      and is counted; after N such steps in a row the run saves
                                      and stops with an error
 
+When a rank fails, the others meet it as a failed collective ("connection closed", a timeout),
+which says nothing of the cause. The failing rank therefore records "rank R: its error" in the
+process group's key-value store (the rendezvous store every rank can read, held outside the
+failing process's collectives), first writer wins; a rank whose collective failed reads it
+and names that rank and error (`record_first_failure`, `describe_collective_failure`).
+
 A signal reaches one process (a scheduler may signal only some), and wall clocks differ, so
 the ranks agree through one all-reduce (MAX over the whole world, on `parallel.device()`) of
 [loss is not finite, a signal was received, the duration is exceeded] after each step's
@@ -23,7 +29,9 @@ carries it to the others.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
+import os
 import signal
 import time
 
@@ -35,6 +43,54 @@ from megatron_lcot import parallel
 from megatron_lcot.training.state import TrainState
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+FIRST_FAILURE_KEY = "megatron_lcot/first_failure"
+# How long a rank whose collective failed waits for the failing rank's record: the failing rank
+# writes it while the others already see their collective fail.
+FIRST_FAILURE_WAIT = datetime.timedelta(seconds=10)
+
+
+def _failure_store():
+    """The default process group's store, or None before init / when it cannot be reached."""
+    if not dist.is_initialized():
+        return None
+    return dist.distributed_c10d._get_default_store()  # private in torch 2.13: no public accessor
+
+
+def record_first_failure(error: BaseException) -> None:
+    """Record this rank's error as the run's first failure unless another rank recorded one."""
+    store = _failure_store()
+    if store is None:
+        return
+    text = str(error).strip().splitlines()
+    text = f"rank {dist.get_rank()}: {type(error).__name__}: {text[0] if text else ''}"
+    try:
+        store.compare_set(FIRST_FAILURE_KEY, "", text)
+    except (RuntimeError, dist.DistError):  # the store's host is gone too: nothing to tell
+        pass
+
+
+def first_failure(wait: datetime.timedelta = FIRST_FAILURE_WAIT) -> str | None:
+    """The first failure a rank recorded ("rank R: Type: message"), waiting up to `wait` for it;
+    None when no rank recorded one (a rank was killed or froze) or the store is gone."""
+    store = _failure_store()
+    if store is None:
+        return None
+    try:
+        store.wait([FIRST_FAILURE_KEY], wait)
+        return store.get(FIRST_FAILURE_KEY).decode()
+    except (RuntimeError, dist.DistError):
+        return None
+
+
+def describe_collective_failure(error: BaseException) -> str:
+    """What a rank whose collective failed reports: itself, the first failing rank and its error."""
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    cause = first_failure()
+    cause = (f"the first rank to fail was {cause}" if cause is not None else
+             "no rank recorded an error: one was killed (e.g. out of memory), froze, or lost its network")
+    return (f"rank {os.environ.get('RANK', dist.get_rank() if dist.is_initialized() else 0)}: a collective with "
+            f"the other ranks failed; {cause} (this rank saw: {first_line}; collectives time out after "
+            "--distributed-timeout-minutes)")
 
 
 class TooManySkippedSteps(RuntimeError):

@@ -33,8 +33,8 @@ from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.training.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
-                                                  load_model_weights, save_checkpoint)
+from megatron_lcot.training.checkpointing import (check_resumable, check_weights_loadable, holds_initial_weights,
+                                                  load_checkpoint, load_model_weights, save_checkpoint)
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -161,6 +161,8 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     starts_from_weights = args.load and not args.skip_train and holds_initial_weights(args.load)
     if starts_from_weights:
         check_weights_loadable(args.load, args)
+    elif args.load and not args.skip_train:
+        check_resumable(args.load, args)
     model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
     model_parts = [model]

@@ -1,8 +1,13 @@
 """The optimizer seam: everything between "the schedule ran backward" and "weights moved".
 
 The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf),
-`state_dict()` and `load_state_dict()`, hands `param_groups` to the LR scheduler and
-`schedule_parts` (the modules the pipeline schedule runs) to megatron-core's schedule; it never asks which seam it has.
+hands `param_groups` to the LR scheduler and `schedule_parts` (the modules the pipeline
+schedule runs) to megatron-core's schedule; it never asks which seam it has. Checkpoints
+(`training/checkpointing.py`) ask three questions of a seam: `saves_own_files` (its state is
+sharded over ranks and written by every rank with `save(dir)` / read with `load(dir)`;
+otherwise it is replicated over data-parallel ranks and travels in `state_dict()`),
+`partitions_weights` (the model's weights exist only as partitions: ZeRO-3) and
+`load_restores_weights` (`load(dir)` also restores the weights).
 
 * `MegatronCoreOptimizer` (default): megatron-core's `DistributedDataParallel` (gradients
   accumulated into fp32 buffers and averaged over the data-parallel group by
@@ -20,8 +25,10 @@ The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
@@ -30,6 +37,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from megatron_lcot import parallel
 from megatron_lcot.model.halting import is_router_param
+
+OPTIMIZER_DIRNAME = "optimizer"
 
 
 def _one_or_list(items: list):
@@ -82,7 +91,10 @@ class MegatronCoreOptimizer:
         config.no_sync_func = _one_or_list([part.no_sync for part in self.schedule_parts])
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss if args.fp16 else None
-        self.distributed = args.use_distributed_optimizer
+        self.saves_own_files = args.use_distributed_optimizer
+
+    partitions_weights = False
+    load_restores_weights = False
 
     @property
     def param_groups(self) -> list:
@@ -114,39 +126,64 @@ class MegatronCoreOptimizer:
         return grad_norm
 
     def state_dict(self) -> dict:
-        """Optimizer state (fp32 main weights and Adam moments, loss scaler). With the
-        distributed optimizer every data-parallel rank must call this (it gathers the shards
-        onto data-parallel rank 0)."""
+        """Optimizer state (fp32 main weights and Adam moments, loss scaler) without
+        `--use-distributed-optimizer`: the same on every data-parallel rank."""
         with parallel.schedule_device_context():
-            state = {"optimizer": self.optimizer.state_dict()}
-            if self.distributed:
-                state["param_state"] = [chained.get_parameter_state_dp_zero()
-                                        for chained in self.optimizer.chained_optimizers]
-        return state
+            return {"optimizer": self.optimizer.state_dict()}
 
-    @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the state of an optimizer built by the same code at the same layout (the
         router's group is told apart by `is_decoupled_lr`, see router_config_overrides)."""
         with parallel.schedule_device_context():
             self.optimizer.load_state_dict(state_dict["optimizer"])
-            if self.distributed:
-                for chained, param_state in zip(self.optimizer.chained_optimizers, state_dict["param_state"],
-                                                strict=True):
-                    _load_dp_zero_parameter_state(chained, param_state)
 
+    def _sharded_state_dict(self, is_loading: bool) -> dict:
+        """megatron-core's sharded state of the distributed optimizer in its `dp_reshardable`
+        form: each data-parallel rank's contiguous shard of main weights and Adam moments is
+        one slice of a ShardedTensor, saved and read by that rank alone (no gather). Its
+        `fully_reshardable` form all-gathers the whole state on every rank to save it."""
+        model_state = {}
+        for index, part in enumerate(self.schedule_parts):
+            model_state.update({f"model{index}.{key}": value
+                                for key, value in part.module.sharded_state_dict().items()})
+        return self.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                 metadata={"distrib_optim_sharding_type": "dp_reshardable"})
 
-def _load_dp_zero_parameter_state(distributed_optimizer, param_state) -> None:
-    """`load_parameter_state_from_dp_zero` of megatron-core 0.16.1 on torch's AdamW (no Apex /
-    TE) copies every key of the live Adam state from the gathered shards, which carry no
-    "step" (it travels in the param groups and `load_state_dict` has already restored it):
-    set the steps aside for the copy and give every parameter its own step tensor back
-    (a shared one would be advanced once per parameter)."""
-    state = distributed_optimizer.optimizer.state
-    steps = {param: entry.pop("step") for param, entry in state.items() if "step" in entry}
-    distributed_optimizer.load_parameter_state_from_dp_zero(param_state)
-    for param, step in steps.items():
-        state[param]["step"] = step.clone()
+    def save(self, directory: str) -> None:
+        """Write the distributed optimizer's shards to `directory/optimizer` (collective)."""
+        os.makedirs(os.path.join(directory, OPTIMIZER_DIRNAME), exist_ok=True)
+        with parallel.schedule_device_context():
+            dist_checkpointing.save(self._sharded_state_dict(is_loading=False),
+                                    os.path.join(directory, OPTIMIZER_DIRNAME))
+
+    @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
+    def load(self, directory: str) -> None:
+        """Read what `save(directory)` wrote, into an optimizer of the same layout (collective).
+
+        megatron-core 0.16.1 on torch's AdamW (no Apex / TE) needs the Adam state allocated
+        before it describes what to load (it reads the step from it), gives every parameter one
+        shared `step` tensor from the param groups, then copies the local (not loaded) step
+        over it with the shards: allocate the state, then give every parameter its own copy of
+        the saved step."""
+        path = os.path.join(directory, OPTIMIZER_DIRNAME)
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        for distributed in chained:
+            adam = distributed.optimizer
+            for param in (param for group in adam.param_groups for param in group["params"]):
+                if not adam.state[param]:
+                    adam.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
+                                             exp_avg_sq=torch.zeros_like(param))
+        with parallel.schedule_device_context():
+            loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), path)
+            self.optimizer.load_state_dict(loaded)
+        saved = loaded if len(chained) == 1 and "optimizer" in loaded else None
+        for index, distributed in enumerate(chained):
+            groups = (saved or loaded[index])["optimizer"]["param_groups"]
+            steps = {group["step"] for group in groups if "step" in group}
+            if len(steps) == 1:
+                step = steps.pop()
+                for entry in distributed.optimizer.state.values():
+                    entry["step"] = torch.tensor(float(step))
 
 
 def build_optimizer(model_parts: list, args):

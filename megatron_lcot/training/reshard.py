@@ -1,9 +1,10 @@
 """Checkpoints to another tensor/pipeline layout, through megatron-core's dist_checkpointing.
 
 The weights of a training checkpoint are a dist_checkpointing directory, which any layout
-loads: resharding is "build the model at the target layout from the checkpoint's flags, load,
-write". Nothing here slices tensors by hand. The output is a weights-only checkpoint (the
-optimizer state belongs to the old layout), either sharded (dist_checkpointing again) or plain
+loads (or, under ZeRO-3, DeepSpeed's partitions, consolidated in one process): resharding is
+"build the model at the target layout from the checkpoint's flags, load, write". Nothing here
+slices tensors by hand. The output is a weights-only checkpoint (the optimizer state belongs to
+the old layout), either sharded (dist_checkpointing again) or plain
 (one `torch.save` file per model-parallel rank, Megatron-LM's legacy layout).
 
 Run with as many processes as the target layout has model-parallel ranks
@@ -42,9 +43,11 @@ def target_args(saved: dict, tensor_parallel: int, pipeline_parallel: int) -> ar
 
 
 def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_parallel: int, sharded: bool,
-            iteration: int | None = None) -> str:
+            iteration: int | None = None, as_initial_weights: bool = False) -> str:
     """Write `load_dir`'s weights (iteration: default the marker's) to `save_dir` at the
-    target layout; returns the written iteration directory. Collective over TP x PP ranks."""
+    target layout; returns the written iteration directory. Collective over TP x PP ranks.
+    `as_initial_weights`: write them as iteration 0, the starting point a training run with
+    `--load save_dir` takes (a new optimizer, under any engine)."""
     args = target_args(saved_args(load_dir, iteration), tensor_parallel, pipeline_parallel)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != tensor_parallel * pipeline_parallel:
@@ -55,7 +58,7 @@ def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_paralle
     model = model_provider(args, pre_process=parallel_state.is_pipeline_first_stage(),
                            post_process=parallel_state.is_pipeline_last_stage())
     iteration = load_model_weights(load_dir, model, iteration)
-    return save_weights_only(save_dir, iteration, model, args, sharded=sharded)
+    return save_weights_only(save_dir, 0 if as_initial_weights else iteration, model, args, sharded=sharded)
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:
@@ -68,6 +71,10 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--format", choices=("sharded", "plain"), default="sharded",
                          help="sharded: dist_checkpointing (loads at any layout); plain: one torch file "
                               "per model-parallel rank of the target layout")
+    command.add_argument("--as-initial-weights", action="store_true",
+                         help="write the weights as iteration 0: a training run with --load SAVE starts from "
+                              "them with a new optimizer (e.g. after changing --deepspeed, the ZeRO stage or "
+                              "--use-distributed-optimizer)")
 
 
 def run(options: argparse.Namespace) -> dict | None:
@@ -76,7 +83,8 @@ def run(options: argparse.Namespace) -> dict | None:
         if getattr(options, flag) < 1:
             raise CheckpointError(f"--{flag.replace('_', '-')} must be >= 1.")
     written = reshard(options.load, options.save, options.target_tensor_parallel_size,
-                      options.target_pipeline_model_parallel_size, options.format == "sharded", options.iteration)
+                      options.target_pipeline_model_parallel_size, options.format == "sharded", options.iteration,
+                      options.as_initial_weights)
     if int(os.environ.get("RANK", "0")) != 0:
         return None
     return {"save": written, "tensor_model_parallel_size": options.target_tensor_parallel_size,

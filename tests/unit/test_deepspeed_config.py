@@ -89,6 +89,13 @@ BAD_FILES = {
     "other_clipping": ({"gradient_clipping": 1.0}, "sets gradient_clipping 1.0 but --clip-grad is 0.5"),
     "accumulation": ({"gradient_accumulation_steps": 4}, "drop gradient_accumulation_steps"),
     "bf16_without_flag": ({"bf16": {"enabled": True}}, "enables bf16; pass --bf16"),
+    "no_grad_norm": ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+                     "drop zero_optimization.compute_grad_norm false"),
+    "bf16_accumulation": ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}},
+                          "sets data_types.grad_accum_dtype 'bf16'; under --bf16 gradients are accumulated and "
+                          "reduced in fp32"),
+    "bf16_reduction": ({"bf16": {"enabled": True}, "communication_data_type": "bf16"},
+                       "sets communication_data_type 'bf16'"),
 }
 
 
@@ -96,7 +103,28 @@ BAD_FILES = {
 def test_configs_that_contradict_the_flags_are_refused(tmp_path, case):
     config, message = BAD_FILES[case]
     with pytest.raises(ArgumentError, match=message):
-        parse_args([*BASE, "--clip-grad", "0.5", "--deepspeed", "--deepspeed_config", _config_file(tmp_path, config)])
+        precision = ["--bf16"] if case in ("bf16_accumulation", "bf16_reduction") else []
+        parse_args([*BASE, *precision, "--clip-grad", "0.5", "--deepspeed", "--deepspeed_config",
+                    _config_file(tmp_path, config)])
+
+
+@pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"])
+def test_bf16_accumulates_and_reduces_gradients_in_fp32(two_ranks, name):
+    """As megatron-core's DDP (grad_reduce_in_fp32): the shipped configs say so, and the
+    generated config says so under --bf16 even for a file that does not."""
+    path = os.path.join(REPO_ROOT, "examples", "ds_configs", name)
+    with open(path) as f:
+        shipped = json.load(f)
+    assert shipped["data_types"] == {"grad_accum_dtype": "fp32"} and shipped["communication_data_type"] == "fp32"
+    config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    assert config["data_types"]["grad_accum_dtype"] == config["communication_data_type"] == "fp32"
+    assert config["bf16"]["enabled"] is True
+
+
+def test_bf16_without_accumulation_keys_in_the_file_gets_fp32_accumulation(two_ranks, tmp_path):
+    path = _config_file(tmp_path, {"zero_optimization": {"stage": 2}})
+    config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
 
 
 def test_unreadable_config_is_refused_by_the_flag_check(tmp_path):
