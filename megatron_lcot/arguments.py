@@ -287,7 +287,7 @@ def _validate_precision_and_optimizer(args) -> None:
     _require(os.path.isfile(args.deepspeed_config),
              f"--deepspeed_config {args.deepspeed_config!r}: no such file; pass a DeepSpeed JSON config "
              "such as examples/ds_configs/zero2.json.")
-    from megatron_lcot.training.deepspeed_config import DeepSpeedConfigError, effective_config
+    from megatron_lcot.parallel.deepspeed_config import DeepSpeedConfigError, effective_config
 
     try:
         stage = effective_config(args)["zero_optimization"]["stage"]

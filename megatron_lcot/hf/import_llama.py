@@ -174,7 +174,7 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
     from megatron_lcot import parallel
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
     from megatron_lcot.data.tokenizers import build_tokenizer
-    from megatron_lcot.training.checkpointing import latest_iteration, save_weights_only
+    from megatron_lcot.checkpoint.checkpointing import latest_iteration, save_weights_only
     from megatron_lcot.training.providers import model_provider
 
     if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:

@@ -17,7 +17,7 @@ import torch
 
 from megatron_lcot import parallel
 from megatron_lcot.data.tokenizers import LcotTokenizer, TokenizerError, build_tokenizer
-from megatron_lcot.training.checkpointing import CheckpointError, load_model_weights, saved_args
+from megatron_lcot.checkpoint.checkpointing import CheckpointError, load_model_weights, saved_args
 from megatron_lcot.training.providers import model_provider
 
 # The errors a tool reports as `tool: error: ...` with exit status 2 (user mistakes, not bugs).

@@ -14,7 +14,7 @@ Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) ove
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
 the number of micro-batches. The update itself is behind the optimizer seam
-(`training/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
+(`parallel/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
 signals, time and iteration limits stop the run after a step (`training/faults.py`). Evaluation runs the same schedule forward-only over the first
 `--eval-iters` global batches of the validation split, every `--eval-interval` iterations
 and once at the end.
@@ -33,12 +33,12 @@ from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.training.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
+from megatron_lcot.checkpoint.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
                                                   load_model_weights, save_checkpoint)
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
-from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
 
 

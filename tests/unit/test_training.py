@@ -49,7 +49,7 @@ def tiny_training_state():
     """(args, model, optimizer, scheduler) for a 1-layer vanilla model on a world of one."""
     from megatron_lcot import parallel
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
@@ -105,8 +105,8 @@ def test_optimizer_clips_to_global_norm_and_skips_decay_on_vectors(tiny_training
 
 
 def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_path, monkeypatch):
-    from megatron_lcot.training import checkpointing
-    from megatron_lcot.training.optimizer import build_lr_scheduler
+    from megatron_lcot.checkpoint import checkpointing
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
@@ -152,7 +152,7 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_training_state, tmp_path, flag, value,
                                                                        message):
     """The message names the flag (megatron-core's scheduler would only assert on --lr)."""
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
@@ -165,7 +165,7 @@ def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_train
 
 
 def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_state, tmp_path):
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
@@ -183,7 +183,7 @@ def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_
 def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_training_state, tmp_path):
     """save_weights_only in both formats round-trips through load_model_weights, and training
     refuses to resume from a weights-only checkpoint with a message that says what it is."""
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
@@ -207,7 +207,7 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
     accumulate there, the bf16 weight is the main weight rounded, and the main copies survive
     a state_dict round trip into a fresh optimizer."""
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     args = argparse.Namespace(**{**vars(tiny_training_state[0]), "bf16": True, "lr": 1e-5, "clip_grad": 0.0})
 
@@ -240,7 +240,7 @@ def test_distributed_optimizer_state_round_trips(tiny_training_state):
     """--use-distributed-optimizer: the seam's state_dict gathers the sharded fp32 weights and Adam
     moments; loading it into a fresh model and optimizer restores them (the next step agrees)."""
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     args = argparse.Namespace(**{**vars(tiny_training_state[0]), "use_distributed_optimizer": True})
 

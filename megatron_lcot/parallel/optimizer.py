@@ -10,7 +10,7 @@ The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update whe
   `--bf16`/`--fp16`, dynamic loss scaling under `--fp16`, global-norm clipping across
   tensor/pipeline shards; `--use-distributed-optimizer` shards the optimizer state over the
   data-parallel group as ZeRO-1 does).
-* `DeepSpeedOptimizer` (`--deepspeed`, `training/deepspeed_engine.py`): a ZeRO 1/2/3 engine.
+* `DeepSpeedOptimizer` (`--deepspeed`, `parallel/deepspeed_engine.py`): a ZeRO 1/2/3 engine.
 
 The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which only needs
 `param_groups` (with `wd_mult` 0 for vectors: norm weights, biases), so Megatron-LM's
@@ -153,7 +153,7 @@ def build_optimizer(model_parts: list, args):
     """The optimizer seam the flags ask for: DeepSpeed ZeRO under `--deepspeed`, else
     megatron-core DDP + its optimizer."""
     if getattr(args, "deepspeed", False):
-        from megatron_lcot.training.deepspeed_engine import DeepSpeedOptimizer
+        from megatron_lcot.parallel.deepspeed_engine import DeepSpeedOptimizer
 
         return DeepSpeedOptimizer(model_parts, args)
     return MegatronCoreOptimizer(model_parts, args)

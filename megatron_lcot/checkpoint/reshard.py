@@ -19,7 +19,7 @@ import os
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
-from megatron_lcot.training.checkpointing import (CheckpointError, load_model_weights, save_weights_only,
+from megatron_lcot.checkpoint.checkpointing import (CheckpointError, load_model_weights, save_weights_only,
                                                   saved_args)
 from megatron_lcot.training.providers import model_provider
 
