@@ -174,12 +174,12 @@ def analyze(args) -> dict:
 
     trained = load_trained_model(args.load)
     if not trained.model.config.adaptive:
-        raise ValueError(f"--load {args.load!r}: trained with --halting {trained.args.halting} and "
-                         f"--latent-steps {trained.args.latent_steps}; pass an adaptive checkpoint "
+        raise ValueError(f"--load {args.load!r}: trained with --halting {trained.config.model.halting} and "
+                         f"--latent-steps {trained.config.model.latent_steps}; pass an adaptive checkpoint "
                          "(--halting adaptive), whose per-token steps vary.")
     reference = load_trained_model(args.reference) if args.reference else None
     tokenizer = trained.tokenizer
-    seq_length = args.seq_length or trained.args.seq_length
+    seq_length = args.seq_length or trained.config.model.seq_length
     stream = [t for text in read_texts(args.input, args.json_key) for t in [*tokenizer.tokenize(text), tokenizer.eod]]
     stream = stream[: args.max_tokens + 1]
     if len(stream) < 2:
@@ -215,7 +215,7 @@ def analyze(args) -> dict:
             records.append(record)
             f.write(json.dumps(record) + "\n")
 
-    max_steps = trained.args.latent_steps
+    max_steps = trained.config.model.latent_steps
     difficulty = {"own step-0 NLL": data["first_step_nll"], "final NLL": data["nll"]}
     if "reference_nll" in data:
         difficulty["reference NLL"] = data["reference_nll"]

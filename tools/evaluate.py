@@ -107,7 +107,7 @@ def main(argv: list | None = None) -> dict:
         if args.load:
             trained = load_trained_model(args.load, args.iteration, args.tokenizer_model)
             scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
-            seq_length = args.seq_length or trained.args.seq_length
+            seq_length = args.seq_length or trained.config.model.seq_length
         else:
             if args.seq_length is None:
                 raise ValueError("--hf needs --seq-length (use the checkpoint's to compare with --load).")
@@ -139,7 +139,7 @@ def _flops(trained, seq_length: int, halted_share: list) -> dict:
     from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
 
     return {"flops_per_token": inference_flops_per_token(trained.model.config, seq_length,
-                                                         trained.args.padded_vocab_size,
+                                                         trained.config.model.padded_vocab_size,
                                                          step_shares_from_halted(halted_share))}
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from megatron_lcot.training.state import TrainState
+from megatron_lcot.run_config import RunConfig
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
@@ -201,7 +201,7 @@ def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_
     return final_dir
 
 
-def save_checkpoint(root: str, train_state: TrainState, components, args) -> str:
+def save_checkpoint(root: str, train_state, components, args) -> str:
     """Write `train_state.iteration` atomically and point the marker at it (collective call).
 
     components: the TrainComponents whose model parts, optimizer and scheduler are saved. The
@@ -227,7 +227,8 @@ def save_checkpoint(root: str, train_state: TrainState, components, args) -> str
         rank_dir = os.path.join(staging_dir, _rank_subdir())
         os.makedirs(rank_dir, exist_ok=True)
         _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False}
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False,
+                 "run_config": RunConfig.from_values(args).to_dict()}
     return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
 
 
@@ -246,7 +247,8 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
             os.makedirs(rank_dir, exist_ok=True)
             weights = {"model": unwrap_model(model).state_dict(), "args": plain_args(args)}
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True}
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True,
+                 "run_config": RunConfig.from_values(args).to_dict()}
     return _publish(root, staging_dir, iteration, run_state, None)
 
 
@@ -307,6 +309,16 @@ def saved_args(root: str, iteration: int | None = None) -> dict:
     return _run_state(root, _resolve_iteration(root, iteration))["args"]
 
 
+def load_run_config(root: str, iteration: int | None = None) -> RunConfig:
+    """The RunConfig a checkpoint was written with, read without building anything. Checkpoints
+    written before the RunConfig existed stored only the flags (`args`): the same by-name
+    reading of those flags gives the RunConfig they describe."""
+    run_state = _run_state(root, _resolve_iteration(root, iteration))
+    if "run_config" in run_state:
+        return RunConfig.from_dict(run_state["run_config"])
+    return RunConfig.from_values(run_state["args"])
+
+
 def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
     """Raise a CheckpointError naming the first of `flags` whose value differs from `saved`."""
     for flag in flags:
@@ -359,15 +371,15 @@ def holds_initial_weights(root: str) -> bool:
     return iteration == 0 and _run_state(root, 0)["weights_only"]
 
 
-def load_checkpoint(root: str, components, args) -> TrainState:
+def load_checkpoint(root: str, components, args, train_state):
     """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
-    scheduler and the RNGs; returns the run's TrainState.
+    scheduler and the RNGs, and the saved TrainState into `train_state` (a fresh one, which
+    the training loop owns); returns it.
 
-    A fresh TrainState when `root` holds no checkpoint yet, so `--save D --load D` starts
-    fresh the first time and resumes afterwards. Raises CheckpointError, before touching
+    `train_state` is returned unchanged when `root` holds no checkpoint yet, so
+    `--save D --load D` starts fresh the first time and resumes afterwards. Raises CheckpointError, before touching
     anything, when a flag that fixes the model, the schedule or the layout differs.
     """
-    train_state = TrainState()
     if latest_iteration(root) is None:
         return train_state
     iteration = _resolve_iteration(root, None)

@@ -32,6 +32,8 @@ import torch
 
 from megatron_lcot.hf.errors import ConversionError
 from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, hf_to_megatron, unexpected_hf_tensors
+from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS
+from megatron_lcot.run_config import field_default
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LcotForCausalLM")
 NORM_EPSILON = 1e-5  # llama_config's RMSNorm epsilon (no flag changes it)
@@ -41,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     parser.add_argument("--save", required=True, help="new checkpoint directory to write")
     parser.add_argument("--latent-steps", type=int, default=None, help="default: the model's (0 for a Llama)")
-    parser.add_argument("--latent-layout", choices=("stepwise", "interleaved"), default=None)
-    parser.add_argument("--halting", choices=("none", "adaptive"), default=None)
+    parser.add_argument("--latent-layout", choices=LATENT_LAYOUTS, default=None)
+    parser.add_argument("--halting", choices=HALTING_RULES, default=None)
     parser.add_argument("--halting-threshold", type=float, default=None)
     parser.add_argument("--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1)
@@ -139,21 +141,24 @@ def check_weight_shapes(weights: dict, config: dict, hf_dir: str) -> None:
                               "(biases or extra layers?).")
 
 
-def pretrain_flags(config: dict, options: argparse.Namespace, tokenizer_path: str) -> list:
-    """The model flags of pretrain_lcot.py for this model (what the continuing run passes too)."""
-    latent_steps = options.latent_steps if options.latent_steps is not None else config.get("latent_steps", 0)
-    layout = options.latent_layout or config.get("latent_layout", "stepwise")
-    halting = options.halting or config.get("halting", "none")
-    threshold = options.halting_threshold if options.halting_threshold is not None else config.get("halting_threshold", 0.05)
+def run_fields(config: dict, options: argparse.Namespace, tokenizer_path: str) -> dict:
+    """The RunConfig fields of this model, in the order of pretrain_lcot.py's model flags."""
+    def chosen(name: str):
+        given = getattr(options, name)
+        return given if given is not None else config.get(name, field_default(name))
+
     seq_length = options.seq_length or min(config.get("max_position_embeddings", 2048), 2048)
-    flags = ["--num-layers", config["num_hidden_layers"], "--hidden-size", config["hidden_size"],
-             "--ffn-hidden-size", config["intermediate_size"], "--num-attention-heads", config["num_attention_heads"],
-             "--num-query-groups", config.get("num_key_value_heads") or config["num_attention_heads"],
-             "--seq-length", seq_length, "--max-position-embeddings", config.get("max_position_embeddings", seq_length),
-             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path,
-             "--latent-steps", latent_steps, "--latent-layout", layout, "--halting", halting,
-             "--halting-threshold", threshold]
-    return [str(flag) for flag in flags]
+    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+            "ffn_hidden_size": config["intermediate_size"], "num_attention_heads": config["num_attention_heads"],
+            "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
+            "seq_length": seq_length, "max_position_embeddings": config.get("max_position_embeddings", seq_length),
+            "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_path,
+            **{name: chosen(name) for name in ("latent_steps", "latent_layout", "halting", "halting_threshold")}}
+
+
+def pretrain_flags(fields: dict) -> str:
+    """The model flags of pretrain_lcot.py for these fields (what the continuing run passes too)."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in fields.items())
 
 
 def _copy_tokenizer(hf_dir: str, save: str) -> str:
@@ -172,10 +177,10 @@ def _copy_tokenizer(hf_dir: str, save: str) -> str:
 def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
     """Write iteration 0 of a checkpoint under `save`; returns {"save", "pretrain_flags", "embedding_scale"}."""
     from megatron_lcot import parallel
-    from megatron_lcot.arguments import parse_args, set_padded_vocab_size
-    from megatron_lcot.data.tokenizers import build_tokenizer
+    from megatron_lcot.arguments import run_config_from_fields
     from megatron_lcot.checkpoint.checkpointing import latest_iteration, save_weights_only
-    from megatron_lcot.training.providers import model_provider
+    from megatron_lcot.data.tokenizers import build_tokenizer
+    from megatron_lcot.model.building import build_model
 
     if options.target_tensor_parallel_size != 1 or options.target_pipeline_model_parallel_size != 1:
         raise ConversionError("--target-tensor-parallel-size/--target-pipeline-model-parallel-size other than 1: "
@@ -192,15 +197,13 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
         if tokenizer.vocab_size != config["vocab_size"]:
             raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
                                   f"vocab_size is {config['vocab_size']}; they must agree.")
-        argv = pretrain_flags(config, options, staging_tokenizer) + ["--mock-data", "--train-iters", "1",
-                                                                      "--save", save]
-        args = parse_args(argv)
-        set_padded_vocab_size(args, tokenizer.vocab_size)
-        parallel.initialize(seed=args.seed)
-        model = model_provider(args)
-        h = args.hidden_size
-        shapes = Shapes(args.num_layers, args.num_attention_heads, args.num_query_groups, h // args.num_attention_heads,
-                        tokenizer.vocab_size, args.padded_vocab_size)
+        fields = run_fields(config, options, staging_tokenizer)
+        run_config = run_config_from_fields(tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save)
+        parallel.initialize(seed=run_config.model.seed)
+        model = build_model(run_config.model)
+        m = run_config.model
+        shapes = Shapes(m.num_layers, m.num_attention_heads, m.num_query_groups, m.hidden_size // m.num_attention_heads,
+                        tokenizer.vocab_size, m.padded_vocab_size)
         state = model.state_dict()
         converted = hf_to_megatron(weights, shapes)
         if "halting_router.weight" in converted and "halting_router.weight" not in state:
@@ -210,13 +213,13 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
+        save_weights_only(save, 0, model, run_config.as_flags(), sharded=True)  # a starting point for pretrain_lcot.py --load
     except BaseException:
         if latest_iteration(save) is None:
             shutil.rmtree(save, ignore_errors=True)
         raise
     return {"save": save, "embedding_scale": model.config.embedding_scale, "embedding_fold": fold,
-            "pretrain_flags": " ".join(pretrain_flags(config, options, staging_tokenizer))}
+            "pretrain_flags": pretrain_flags(fields)}
 
 
 def run(args: argparse.Namespace) -> dict:

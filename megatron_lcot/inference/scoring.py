@@ -33,7 +33,7 @@ class CheckpointScorer:
 
     def __init__(self, trained) -> None:
         self.trained = trained
-        self.max_latent_steps = trained.args.latent_steps
+        self.max_latent_steps = trained.config.model.latent_steps
         self._steps = None
         schedule = trained.model.latent_schedule
         if schedule is not None:

@@ -172,7 +172,7 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     if args.skip_train:
         state = TrainState(iteration=load_model_weights(args.load, model_parts))
     else:
-        state = load_checkpoint(args.load, components, args) if args.load else TrainState()
+        state = load_checkpoint(args.load, components, args, TrainState()) if args.load else TrainState()
 
     samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
     train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)

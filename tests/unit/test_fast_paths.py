@@ -151,15 +151,15 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 def test_attention_and_recompute_flags_reach_the_config(capsys, monkeypatch):
     """Proves --attention-backend and --recompute-granularity arrive in LcotConfig by field name
-    (lcot_config_from_args), that `selective` leaves megatron-core's own recompute off (ours
+    (RunConfig.from_values), that `selective` leaves megatron-core's own recompute off (ours
     wraps the core attention), and that a wrong backend is refused by argparse naming the flag."""
     from megatron_lcot.arguments import ArgumentError, parse_args
-    from megatron_lcot.training.providers import lcot_config_from_args
+    from megatron_lcot.run_config import RunConfig
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = parse_args(FLAGS + ["--attention-backend", "dense", "--recompute-granularity", "selective",
                                "--latent-steps", "2", "--vocab-size", "128"])
-    config = lcot_config_from_args(args)
+    config = RunConfig.from_values(args).model.lcot_config()
     assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
     assert config.recompute_granularity is None
     with pytest.raises(ArgumentError, match="--recompute-granularity full is not supported yet with latent"):

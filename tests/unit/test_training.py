@@ -14,6 +14,7 @@ import torch
 from megatron_lcot.data.datasets import PretrainingSampler
 from megatron_lcot.model import LcotOutput
 from megatron_lcot.training.metrics import summarize, token_statistics
+from megatron_lcot.training.state import TrainState
 
 
 def test_token_statistics_count_only_loss_tokens():
@@ -72,8 +73,6 @@ def _components(model, optimizer, scheduler):
 
 
 def _at(iteration: int, consumed_samples: int):
-    from megatron_lcot.training.state import TrainState
-
     return TrainState(iteration=iteration, consumed_train_samples=consumed_samples)
 
 
@@ -131,7 +130,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert not os.path.exists(tmp_path / "iter_0000002")
 
     fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
-    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args)
+    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args,
+                                            TrainState())
     assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
@@ -159,8 +159,8 @@ def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_train
     checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
     other = argparse.Namespace(**{**vars(args), flag: value})
     with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
-        checkpointing.load_checkpoint(str(tmp_path), components, other)
-    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args)
+        checkpointing.load_checkpoint(str(tmp_path), components, other, TrainState())
+    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args, TrainState())
     assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
 
 
@@ -199,7 +199,7 @@ def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_train
         assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
         assert checkpointing.saved_args(root)["hidden_size"] == 32
         with pytest.raises(checkpointing.CheckpointError, match="holds weights only .* --skip-train"):
-            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args)
+            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args, TrainState())
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
