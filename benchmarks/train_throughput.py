@@ -22,7 +22,7 @@ memory: on CUDA the peak allocated during the step above what was allocated befo
 parameters excluded), measured in a separate untimed step. MFU's peak: the device's bf16/fp32
 dense peak on CUDA (table below), on CPU the best GEMM rate measured in this run.
 
-The last line is one JSON object with every ratio of issue 11's targets:
+The last line is one JSON object with every ratio of the targets in docs/benchmarks.md:
 `vanilla_vs_baseline` (tokens/s ratio), `fixed_k_vs_ideal` {mode: time / ideal},
 `adaptive_saving_vs_flop_saving` {mode: (1 - t_adaptive / t_fixed) / (1 - F_adaptive / F_fixed)}
 (against the `all` profile of the same K), `mfu` {mode: MFU}, and the raw rows.

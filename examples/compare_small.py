@@ -1,4 +1,4 @@
-"""The comparison of issue 12, reproducible: every mode at equal parameters and training tokens,
+"""The comparison of docs/results.md, reproducible: every mode at equal parameters and training tokens,
 plus two vanilla yardsticks, over several seeds; writes a table and plots.
 
     bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]

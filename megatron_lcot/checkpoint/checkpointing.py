@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import random
 import re
 import shutil
@@ -37,8 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 
+from megatron_lcot import compat
 from megatron_lcot.run_config import RunConfig
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
@@ -128,16 +127,6 @@ def plain_args(args) -> dict:
             if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
-def _use_in_process_results_queue() -> None:
-    """dist_checkpointing's torch_dist writer collects its (forked) writers' results through a
-    queue that by default lives in a *spawned* multiprocessing Manager: a fresh interpreter
-    that re-imports `__main__` (13 s per process here, and a crash for scripts without a
-    `__main__` guard). Saving is synchronous: the results are put and read by this process,
-    so a thread queue serves (a multiprocessing one could still be empty when read)."""
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def _as_parts(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -163,7 +152,7 @@ def save_model_weights(model, directory: str) -> None:
     """Write the weights of `model` (a module or the list of model parts) as a dist_checkpointing
     directory (collective; `directory` must exist and be empty). Every rank contributes its
     shards; replicated tensors are written once."""
-    _use_in_process_results_queue()
+    compat.use_in_process_results_queue()
     parts = _as_parts(model)
     with _gathered_zero3_parameters(parts):
         dist_checkpointing.save(_sharded_weights(parts), directory)

@@ -4,7 +4,7 @@ The cache holds, for every layer, the rotary-embedded keys/values of every slot 
 in *streams*:
 
 * stepwise layout (and vanilla, K = 0): stream k holds step k of every token, so pass k of new
-  tokens attends streams 0..k up to its own token (METHOD.md: slot (t,k) sees (t',k') iff
+  tokens attends streams 0..k up to its own token (docs/method.md: slot (t,k) sees (t',k') iff
   t' <= t and k' <= k). A token that halted before step k writes, in every layer, the entry of
   its last executed step (KV reuse) and computes nothing more;
 * interleaved layout: one stream x1 z11..z1K x2 ... (plain causal), written one slot at a time:

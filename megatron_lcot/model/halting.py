@@ -5,7 +5,7 @@ method: `router(step_state [s, b, h], step k) -> continue_prob [s, b]` (fp32), t
 g(t, k) that token t runs step k+1 given the final-normed output of its step k; the base class
 adds the training recipe's warm-up (`threshold()`, `loss_weight()`). Swapping the spec swaps the
 rule; the schedule (latent.py) turns gates into reach, executed steps and exit mass with the
-functions below, which are shared by every router (METHOD.md section 3).
+functions below, which are shared by every router (docs/method.md).
 """
 
 from __future__ import annotations

@@ -19,16 +19,13 @@ The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which
 
 from __future__ import annotations
 
-import math
-
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-from megatron_lcot import parallel
+from megatron_lcot import compat, parallel
 from megatron_lcot.model.halting import is_router_param
 
 
@@ -100,11 +97,7 @@ class MegatronCoreOptimizer:
         megatron-core's own `step()` (prepare, norm + clip, update) with one check added: its
         fp32/bf16 optimizers would apply a NaN gradient."""
         with parallel.schedule_device_context():
-            if self.optimizer.prepare_grads():  # --fp16 overflow: the loss scaler backed off
-                return float("nan")
-            grad_norm = float(self.optimizer.get_grad_norm())
-            if not math.isfinite(grad_norm):
-                return grad_norm
+            return compat.step_unless_nonfinite(self.optimizer)
             for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
                 parameters = optimizer.get_parameters()
                 if optimizer.config.clip_grad > 0.0 and parameters:
@@ -133,20 +126,7 @@ class MegatronCoreOptimizer:
             if self.distributed:
                 for chained, param_state in zip(self.optimizer.chained_optimizers, state_dict["param_state"],
                                                 strict=True):
-                    _load_dp_zero_parameter_state(chained, param_state)
-
-
-def _load_dp_zero_parameter_state(distributed_optimizer, param_state) -> None:
-    """`load_parameter_state_from_dp_zero` of megatron-core 0.16.1 on torch's AdamW (no Apex /
-    TE) copies every key of the live Adam state from the gathered shards, which carry no
-    "step" (it travels in the param groups and `load_state_dict` has already restored it):
-    set the steps aside for the copy and give every parameter its own step tensor back
-    (a shared one would be advanced once per parameter)."""
-    state = distributed_optimizer.optimizer.state
-    steps = {param: entry.pop("step") for param, entry in state.items() if "step" in entry}
-    distributed_optimizer.load_parameter_state_from_dp_zero(param_state)
-    for param, step in steps.items():
-        state[param]["step"] = step.clone()
+                    compat.load_dp_zero_parameter_state(chained, param_state)
 
 
 def build_optimizer(model_parts: list, args):

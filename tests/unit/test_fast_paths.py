@@ -206,7 +206,7 @@ def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # no
 
 def test_train_throughput_benchmark_smoke():
     """The benchmark runs end to end at a tiny size (no timing asserted) and its last line is the
-    JSON summary with a ratio for every target of issue 11."""
+    JSON summary with a ratio for every target of docs/benchmarks.md."""
     pytest.importorskip("megatron_lcot.model.flops", reason="model/flops.py (science) not merged yet")
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "train_throughput.py"), "--size", "tiny",

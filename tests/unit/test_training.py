@@ -54,7 +54,7 @@ def tiny_training_state():
 
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
-        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
+        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2, seq_length=16,
         padded_vocab_size=128, latent_steps=0, latent_layout="stepwise", halting="none", init_method_std=None,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
