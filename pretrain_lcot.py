@@ -23,8 +23,8 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
-from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
 from megatron_lcot.checkpoint.checkpointing import CheckpointError  # noqa: E402
+from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
 from megatron_lcot.training.faults import TooManySkippedSteps  # noqa: E402
 from megatron_lcot.training.loop import pretrain  # noqa: E402
 from megatron_lcot.training.providers import forward_step, model_provider, train_valid_test_datasets_provider  # noqa: E402

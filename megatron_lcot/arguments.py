@@ -19,8 +19,15 @@ import os
 from megatron_lcot.data.tokenizers import TOKENIZER_TYPES
 from megatron_lcot.model.attention import ATTENTION_BACKENDS
 from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS, RECOMPUTE_GRANULARITIES
-from megatron_lcot.run_config import (LR_DECAY_STYLES, SECTIONS, TRANSFORMER_IMPLS, WANDB_MODES, ZERO_STAGES,
-                                      RunConfig, field_default)
+from megatron_lcot.run_config import (
+    LR_DECAY_STYLES,
+    SECTIONS,
+    TRANSFORMER_IMPLS,
+    WANDB_MODES,
+    ZERO_STAGES,
+    RunConfig,
+    field_default,
+)
 
 USAGE_ERROR_EXIT_CODE = 2
 

@@ -8,15 +8,16 @@ package, a sentencepiece model trained on some of them, written as a Megatron in
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from megatron_lcot import runs
+from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: shared with the tests)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcot.py")
 
 # A model small enough that a training step takes milliseconds on a CPU core.
 TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -53,12 +54,6 @@ def sotu_indexed_dataset(tmp_path_factory) -> dict:
     return {"prefix": str(root / "sotu_text_document"), "tokenizer_model": model_path}
 
 
-def read_metrics(path) -> list:
-    """The JSON records of a --metrics-file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def read_checkpoint_weights(iteration_dir, tmp_path) -> dict:
     """The full (unsharded) weights of a checkpoint iteration directory, read from its
     dist_checkpointing `model/` directory without a process group; None-valued entries dropped."""
@@ -81,18 +76,13 @@ def nested_tensors(value, path: str = "") -> dict:
 
 
 def tool_env() -> dict:
-    """Environment for a tool or training subprocess: 1 OpenMP thread, this repository first on
-    the path, and no torch.distributed rendezvous variables: a test that initialised
-    torch.distributed in-process (`parallel.initialize` sets MASTER_PORT) still holds that port,
-    and a child given it would fail with EADDRINUSE."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    """Environment for a tool or training subprocess (`megatron_lcot.runs.subprocess_env`: one
+    OpenMP thread, this repository first on the path, no inherited torch.distributed rendezvous
+    variables, which a test that initialised torch.distributed in-process still holds)."""
+    return subprocess_env()
 
 
 def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300):
     """Run pretrain_lcot.py with `flags` in a subprocess (`tool_env`); returns the
     CompletedProcess with text stdout/stderr."""
-    return subprocess.run([*launcher, PRETRAIN, *flags], cwd=cwd, env=tool_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return runs.run_pretrain(flags, cwd=cwd, launcher=launcher, env=tool_env(), timeout=timeout)

@@ -19,8 +19,12 @@ import os
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
-from megatron_lcot.checkpoint.checkpointing import (CheckpointError, load_model_weights, save_weights_only,
-                                                  saved_args)
+from megatron_lcot.checkpoint.checkpointing import (
+    CheckpointError,
+    load_model_weights,
+    save_weights_only,
+    saved_args,
+)
 from megatron_lcot.model.building import build_model
 from megatron_lcot.run_config import RunConfig
 

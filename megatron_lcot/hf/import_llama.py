@@ -28,8 +28,6 @@ import math
 import os
 import shutil
 
-import torch
-
 from megatron_lcot.hf.errors import ConversionError
 from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, hf_to_megatron, unexpected_hf_tensors
 from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from megatron_lcot import parallel
-from megatron_lcot.data.tokenizers import LcotTokenizer, TokenizerError, build_tokenizer
 from megatron_lcot.checkpoint.checkpointing import CheckpointError, load_model_weights, load_run_config
+from megatron_lcot.data.tokenizers import LcotTokenizer, TokenizerError, build_tokenizer
 from megatron_lcot.model.building import build_model
 from megatron_lcot.run_config import RunConfig
 

@@ -20,7 +20,11 @@ The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which
 from __future__ import annotations
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
@@ -94,17 +98,9 @@ class MegatronCoreOptimizer:
         """Apply one update from the reduced gradients; returns the pre-clip grad norm. No
         update when it is NaN/inf, nor when `--fp16` found an overflow (then nan).
 
-        megatron-core's own `step()` (prepare, norm + clip, update) with one check added: its
-        fp32/bf16 optimizers would apply a NaN gradient."""
+        megatron-core's own `step()` with one check added (`compat.step_unless_nonfinite`)."""
         with parallel.schedule_device_context():
             return compat.step_unless_nonfinite(self.optimizer)
-            for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                parameters = optimizer.get_parameters()
-                if optimizer.config.clip_grad > 0.0 and parameters:
-                    clip_grad_by_total_norm_fp32(parameters, max_norm=optimizer.config.clip_grad,
-                                                 total_norm=grad_norm)
-            self.optimizer.step_with_ready_grads()
-        return grad_norm
 
     def state_dict(self) -> dict:
         """Optimizer state (fp32 main weights and Adam moments, loss scaler). With the

@@ -30,15 +30,20 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
+from megatron_lcot.checkpoint.checkpointing import (
+    check_weights_loadable,
+    holds_initial_weights,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.checkpoint.checkpointing import (check_weights_loadable, holds_initial_weights, load_checkpoint,
-                                                  load_model_weights, save_checkpoint)
+from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
-from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
 
 

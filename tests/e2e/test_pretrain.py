@@ -16,7 +16,13 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL_FLAGS, nested_tensors, read_checkpoint_weights, read_metrics, run_pretrain
+from tests.conftest import (
+    TINY_MODEL_FLAGS,
+    nested_tensors,
+    read_checkpoint_weights,
+    read_metrics,
+    run_pretrain,
+)
 
 
 def _flags(*extra) -> list:
