@@ -1,8 +1,9 @@
 """Training checkpoints: layout-free weights, per-rank training state, atomic directories.
 
     <save>/iter_0000100/
-        run.pt                                  the flags and the iteration (global rank 0): what
-                                                tools read before building anything
+        run.pt                                  the RunConfig (versioned), the flags and the
+                                                iteration (global rank 0): what tools read
+                                                before building anything
         model/                                  the weights, megatron-core `dist_checkpointing`
                                                 (torch_dist): loads into a model of any TP/PP
         mp_rank_00[_PPP]/model_optim_rng.pt     one model-parallel rank's optimizer, LR schedule,
