@@ -64,7 +64,8 @@ def main() -> None:
               "--train-iters", str(args.train_iters), "--lr-warmup-iters", str(max(1, args.train_iters // 15)), "--eval-interval", str(args.eval_interval),
               "--data-path", corpus.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
               "--tokenizer-model", corpus.tokenizer_model, *extra]
-    results = {name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common, args.out_dir)
+    results = {name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common,
+                                      args.out_dir)
                for name, run_args in RUNS.items()}
 
     print("\n=== held-out results (same shape, same seed, same tokens)")

@@ -36,6 +36,13 @@ class ArgumentError(ValueError):
     """A user mistake in the flags; the message names the flag and how to fix it."""
 
 
+def _add(group, flag: str, *aliases: str, dest: str | None = None, **options) -> None:
+    """`group.add_argument` for a flag that fills the RunConfig field `dest` (default: the flag's
+    name with `_`), with that field's default: one default per field, written in run_config.py."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, *aliases, dest=dest, default=field_default(dest), **options)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain_lcot.py",
@@ -45,145 +52,119 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, required=True)
     model.add_argument("--hidden-size", type=int, required=True)
-    model.add_argument("--ffn-hidden-size", type=int, default=field_default("ffn_hidden_size"),
-                       help="default: 4 x hidden size")
+    _add(model, "--ffn-hidden-size", type=int, help="default: 4 x hidden size")
     model.add_argument("--num-attention-heads", type=int, required=True)
-    model.add_argument("--num-query-groups", type=int, default=field_default("num_query_groups"),
-                       help="GQA groups; default: one per head")
+    _add(model, "--num-query-groups", type=int, help="GQA groups; default: one per head")
     model.add_argument("--seq-length", type=int, required=True)
-    model.add_argument("--max-position-embeddings", type=int, default=field_default("max_position_embeddings"),
-                       help="default: --seq-length")
-    model.add_argument("--init-method-std", type=float, default=field_default("init_method_std"),
-                       help="default: PonderLM-2's sqrt(2/(5h))")
-    model.add_argument("--make-vocab-size-divisible-by", type=int,
-                       default=field_default("make_vocab_size_divisible_by"))
-    model.add_argument("--use-cpu-initialization", action="store_true",
-                       help="initialise each full weight, then shard it: tensor-parallel runs start from "
-                            "the weights of the one-process run")
-    model.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS,
-                       default=field_default("transformer_impl"))
-    model.add_argument("--bf16", action="store_true",
-                       help="bf16 weights and activations; fp32 main weights in the optimizer")
-    model.add_argument("--fp16", action="store_true",
-                       help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
-    model.add_argument("--attention-backend", dest="core_attention_backend", choices=ATTENTION_BACKENDS,
-                       default=field_default("core_attention_backend"), help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
-                                            "CUDA for training; dense: the materialised-mask reference)")
-    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=RECOMPUTE_GRANULARITIES[1:],
-                       default=field_default("latent_recompute"),
-                       help="activation recompute: selective = each core attention (the per-pass KV "
-                            "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
+    _add(model, "--max-position-embeddings", type=int, help="default: --seq-length")
+    _add(model, "--init-method-std", type=float, help="default: PonderLM-2's sqrt(2/(5h))")
+    _add(model, "--make-vocab-size-divisible-by", type=int)
+    _add(model, "--use-cpu-initialization", action="store_true",
+         help="initialise each full weight, then shard it: tensor-parallel runs start from "
+              "the weights of the one-process run")
+    _add(model, "--transformer-impl", choices=TRANSFORMER_IMPLS)
+    _add(model, "--bf16", action="store_true",
+         help="bf16 weights and activations; fp32 main weights in the optimizer")
+    _add(model, "--fp16", action="store_true",
+         help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
+    _add(model, "--attention-backend", dest="core_attention_backend", choices=ATTENTION_BACKENDS,
+         help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+              "CUDA for training; dense: the materialised-mask reference)")
+    _add(model, "--recompute-granularity", dest="latent_recompute", choices=RECOMPUTE_GRANULARITIES[1:],
+         help="activation recompute: selective = each core attention (the per-pass KV concatenation is "
+              "rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
-    latent.add_argument("--latent-steps", type=int, default=field_default("latent_steps"),
-                        help="K latent thoughts per token (0 = vanilla GPT)")
-    latent.add_argument("--latent-layout", choices=LATENT_LAYOUTS, default=field_default("latent_layout"))
-    latent.add_argument("--halting", choices=HALTING_RULES, default=field_default("halting"))
-    latent.add_argument("--halting-threshold", type=float, default=field_default("halting_threshold"))
-    latent.add_argument("--halting-loss-weight", type=float, default=field_default("halting_loss_weight"))
-    latent.add_argument("--halting-correctness-exponent", type=float,
-                        default=field_default("halting_correctness_exponent"))
-    latent.add_argument("--halting-warmup-iters", type=int, default=field_default("halting_warmup_iters"),
-                        help="training iterations without pruning while the halting loss weight ramps from 0")
-    latent.add_argument("--halting-router-lr-mult", type=float,
-                        default=field_default("halting_router_lr_mult"),
-                        help="router learning rate = --lr x this (its own param group, no weight decay)")
+    _add(latent, "--latent-steps", type=int, help="K latent thoughts per token (0 = vanilla GPT)")
+    _add(latent, "--latent-layout", choices=LATENT_LAYOUTS)
+    _add(latent, "--halting", choices=HALTING_RULES)
+    _add(latent, "--halting-threshold", type=float)
+    _add(latent, "--halting-loss-weight", type=float)
+    _add(latent, "--halting-correctness-exponent", type=float)
+    _add(latent, "--halting-warmup-iters", type=int,
+         help="training iterations without pruning while the halting loss weight ramps from 0")
+    _add(latent, "--halting-router-lr-mult", type=float,
+         help="router learning rate = --lr x this (its own param group, no weight decay)")
     latent.add_argument("--jacobi-iters", default=",".join(map(str, field_default("jacobi_iters"))),
                         help="Jacobi iterations drawn per training step, e.g. 2,3")
-    latent.add_argument("--jacobi-eval-iters", type=int, default=field_default("jacobi_eval_iters"))
+    _add(latent, "--jacobi-eval-iters", type=int)
 
     parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int,
-                          default=field_default("tensor_model_parallel_size"))
-    parallel.add_argument("--pipeline-model-parallel-size", type=int,
-                          default=field_default("pipeline_model_parallel_size"))
+    _add(parallel, "--tensor-model-parallel-size", type=int)
+    _add(parallel, "--pipeline-model-parallel-size", type=int)
     parallel.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                           help="set by the deepspeed launcher; the rank is read from the environment")
-    parallel.add_argument("--use-distributed-optimizer", action="store_true",
-                          help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
-    parallel.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
-    parallel.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                          default=field_default("deepspeed_config"),
-                          help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
-                               "clipping and precision come from our flags")
-    parallel.add_argument("--zero-stage", type=int, default=field_default("zero_stage"), choices=ZERO_STAGES,
-                          help="override zero_optimization.stage of --deepspeed_config")
+    _add(parallel, "--use-distributed-optimizer", action="store_true",
+         help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
+    _add(parallel, "--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
+    _add(parallel, "--deepspeed_config", "--deepspeed-config",
+         help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
+              "clipping and precision come from our flags")
+    _add(parallel, "--zero-stage", type=int, choices=ZERO_STAGES,
+         help="override zero_optimization.stage of --deepspeed_config")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--micro-batch-size", type=int, default=field_default("micro_batch_size"))
-    training.add_argument("--global-batch-size", type=int, default=field_default("global_batch_size"),
-                          help="default: micro batch x data-parallel size (no accumulation)")
+    _add(training, "--micro-batch-size", type=int)
+    _add(training, "--global-batch-size", type=int,
+         help="default: micro batch x data-parallel size (no accumulation)")
     training.add_argument("--train-iters", type=int, required=True)
-    training.add_argument("--lr", type=float, default=field_default("lr"))
-    training.add_argument("--min-lr", type=float, default=field_default("min_lr"))
-    training.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES,
-                          default=field_default("lr_decay_style"))
-    training.add_argument("--lr-warmup-iters", type=int, default=field_default("lr_warmup_iters"))
-    training.add_argument("--weight-decay", type=float, default=field_default("weight_decay"))
-    training.add_argument("--clip-grad", type=float, default=field_default("clip_grad"),
-                          help="0 disables clipping")
-    training.add_argument("--adam-beta1", type=float, default=field_default("adam_beta1"))
-    training.add_argument("--adam-beta2", type=float, default=field_default("adam_beta2"))
-    training.add_argument("--adam-eps", type=float, default=field_default("adam_eps"))
-    training.add_argument("--seed", type=int, default=field_default("seed"))
-    training.add_argument("--loss-scale", type=float, default=field_default("loss_scale"),
-                          help="static fp16 loss scale; default: dynamic")
-    training.add_argument("--initial-loss-scale", type=float, default=field_default("initial_loss_scale"),
-                          help="first dynamic fp16 loss scale")
+    _add(training, "--lr", type=float)
+    _add(training, "--min-lr", type=float)
+    _add(training, "--lr-decay-style", choices=LR_DECAY_STYLES)
+    _add(training, "--lr-warmup-iters", type=int)
+    _add(training, "--weight-decay", type=float)
+    _add(training, "--clip-grad", type=float, help="0 disables clipping")
+    _add(training, "--adam-beta1", type=float)
+    _add(training, "--adam-beta2", type=float)
+    _add(training, "--adam-eps", type=float)
+    _add(training, "--seed", type=int)
+    _add(training, "--loss-scale", type=float, help="static fp16 loss scale; default: dynamic")
+    _add(training, "--initial-loss-scale", type=float, help="first dynamic fp16 loss scale")
 
     checkpoint = parser.add_argument_group("checkpointing")
-    checkpoint.add_argument("--save", default=field_default("save"), help="checkpoint directory to write")
-    checkpoint.add_argument("--load", default=field_default("load"),
-                            help="checkpoint directory to resume from")
-    checkpoint.add_argument("--save-interval", type=int, default=field_default("save_interval"))
-    checkpoint.add_argument("--keep-last", type=int, default=field_default("keep_last"),
-                            help="keep only the N newest iterations in --save (never the one the marker names)")
-    checkpoint.add_argument("--skip-train", action="store_true",
-                            help="load the weights of --load (any parallel layout), evaluate, print the "
-                                 "validation line, exit")
+    _add(checkpoint, "--save", help="checkpoint directory to write")
+    _add(checkpoint, "--load", help="checkpoint directory to resume from")
+    _add(checkpoint, "--save-interval", type=int)
+    _add(checkpoint, "--keep-last", type=int,
+         help="keep only the N newest iterations in --save (never the one the marker names)")
+    _add(checkpoint, "--skip-train", action="store_true",
+         help="load the weights of --load (any parallel layout), evaluate, print the validation line, exit")
 
     faults = parser.add_argument_group("exits and faults")
-    faults.add_argument("--exit-signal-handler", action="store_true",
-                        help="on SIGTERM or SIGUSR1 every rank finishes the step, saves and exits 0")
-    faults.add_argument("--exit-duration-in-mins", type=float, default=field_default("exit_duration_in_mins"),
-                        help="finish the step, save and exit 0 after training this many minutes")
-    faults.add_argument("--exit-interval", type=int, default=field_default("exit_interval"),
-                        help="finish the step, save and exit 0 at the first iteration divisible by N")
-    faults.add_argument("--max-skipped-steps-in-a-row", type=int,
-                        default=field_default("max_skipped_steps_in_a_row"),
-                        help="steps with a NaN/inf loss or grad norm apply no update; after N in a row "
-                             "the run saves and stops with an error (0: never stop)")
-    faults.add_argument("--distributed-timeout-minutes", type=float,
-                        default=field_default("distributed_timeout_minutes"),
-                        help="a collective waiting this long for a dead or frozen rank fails the run")
+    _add(faults, "--exit-signal-handler", action="store_true",
+         help="on SIGTERM or SIGUSR1 every rank finishes the step, saves and exits 0")
+    _add(faults, "--exit-duration-in-mins", type=float,
+         help="finish the step, save and exit 0 after training this many minutes")
+    _add(faults, "--exit-interval", type=int,
+         help="finish the step, save and exit 0 at the first iteration divisible by N")
+    _add(faults, "--max-skipped-steps-in-a-row", type=int,
+         help="steps with a NaN/inf loss or grad norm apply no update; after N in a row "
+              "the run saves and stops with an error (0: never stop)")
+    _add(faults, "--distributed-timeout-minutes", type=float,
+         help="a collective waiting this long for a dead or frozen rank fails the run")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-path", nargs="+", default=field_default("data_path"),
-                      help="indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b' or 'a b'")
-    data.add_argument("--split", default=field_default("split"),
-                      help="train,valid,test proportions of --data-path")
-    data.add_argument("--data-cache-path", default=field_default("data_cache_path"),
-                      help="where GPTDataset caches its indices")
-    data.add_argument("--mock-data", action="store_true", help="synthetic token data for smoke runs")
-    data.add_argument("--num-workers", type=int, default=field_default("num_workers"),
-                      help="data loader worker processes")
-    data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=field_default("tokenizer_type"))
-    data.add_argument("--tokenizer-model", default=field_default("tokenizer_model"))
-    data.add_argument("--vocab-file", default=field_default("vocab_file"))
-    data.add_argument("--merge-file", default=field_default("merge_file"))
-    data.add_argument("--vocab-size", type=int, default=field_default("vocab_size"),
-                      help="NullTokenizer vocabulary size")
+    _add(data, "--data-path", nargs="+",
+         help="indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b' or 'a b'")
+    _add(data, "--split", help="train,valid,test proportions of --data-path")
+    _add(data, "--data-cache-path", help="where GPTDataset caches its indices")
+    _add(data, "--mock-data", action="store_true", help="synthetic token data for smoke runs")
+    _add(data, "--num-workers", type=int, help="data loader worker processes")
+    _add(data, "--tokenizer-type", choices=TOKENIZER_TYPES)
+    _add(data, "--tokenizer-model")
+    _add(data, "--vocab-file")
+    _add(data, "--merge-file")
+    _add(data, "--vocab-size", type=int, help="NullTokenizer vocabulary size")
 
     logging = parser.add_argument_group("evaluation and logging")
-    logging.add_argument("--eval-interval", type=int, default=field_default("eval_interval"))
-    logging.add_argument("--eval-iters", type=int, default=field_default("eval_iters"))
-    logging.add_argument("--log-interval", type=int, default=field_default("log_interval"))
-    logging.add_argument("--metrics-file", default=field_default("metrics_file"),
-                         help="append one JSON object per log line here")
-    logging.add_argument("--tensorboard-dir", default=field_default("tensorboard_dir"))
-    logging.add_argument("--wandb-project", default=field_default("wandb_project"))
-    logging.add_argument("--wandb-exp-name", default=field_default("wandb_exp_name"))
-    logging.add_argument("--wandb-mode", choices=WANDB_MODES, default=field_default("wandb_mode"))
+    _add(logging, "--eval-interval", type=int)
+    _add(logging, "--eval-iters", type=int)
+    _add(logging, "--log-interval", type=int)
+    _add(logging, "--metrics-file", help="append one JSON object per log line here")
+    _add(logging, "--tensorboard-dir")
+    _add(logging, "--wandb-project")
+    _add(logging, "--wandb-exp-name")
+    _add(logging, "--wandb-mode", choices=WANDB_MODES)
     return parser
 
 

@@ -63,9 +63,11 @@ def check_versions(packages: tuple = ("megatron-core", "deepspeed", "torch")) ->
         wanted, version = WRITTEN_FOR[package], installed.split("+")[0]
         if version == wanted or (package == "torch" and _major_minor(version) == _major_minor(wanted)):
             continue
-        message = (f"{package} {installed} is installed; megatron_lcot was written for {wanted} "
-                   f"(megatron_lcot/compat.py holds what depends on it); install it with "
-                   f"pip install '{package}=={wanted}{'.*' if package == 'torch' else ''}'")
+        message = (
+            f"{package} {installed} is installed; megatron_lcot was written for {wanted} "
+            f"(megatron_lcot/compat.py holds what depends on it); install it with "
+            f"pip install '{package}=={wanted}{'.*' if package == 'torch' else ''}'"
+        )
         if package in REFUSED_ON_OTHER_MINOR and _major_minor(version) != _major_minor(wanted):
             raise IncompatibleVersionError(message + ".")
         warnings.warn(message + "; continuing.", stacklevel=2)
@@ -153,7 +155,9 @@ def step_unless_nonfinite(megatron_optimizer) -> float:
     for optimizer in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
         parameters = optimizer.get_parameters()
         if optimizer.config.clip_grad > 0.0 and parameters:
-            clip_grad_by_total_norm_fp32(parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm)
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm
+            )
     megatron_optimizer.step_with_ready_grads()
     return grad_norm
 

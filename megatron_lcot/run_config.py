@@ -82,22 +82,39 @@ class ModelSection:
     def params_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.bf16 else torch.float16 if self.fp16 else torch.float32
 
-    def lcot_config(self, tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
-                    batch_p2p_comm: bool = True) -> LcotConfig:
+    def lcot_config(
+        self,
+        tensor_model_parallel_size: int = 1,
+        pipeline_model_parallel_size: int = 1,
+        batch_p2p_comm: bool = True,
+    ) -> LcotConfig:
         """The megatron-core config of this network at a TP/PP layout (Llama recipe: RMSNorm,
         SwiGLU, no biases). `batch_p2p_comm` is False on gloo, where batched p2p is wrong."""
         from megatron_lcot.model.config import llama_config
 
-        recipe = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
-                  "init_method_std")
+        recipe = (
+            "num_layers",
+            "hidden_size",
+            "num_attention_heads",
+            "ffn_hidden_size",
+            "num_query_groups",
+            "init_method_std",
+        )
         config_fields = {f.name for f in dataclasses.fields(LcotConfig)} - set(recipe)
-        by_name = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                   if f.name in config_fields and getattr(self, f.name) is not None}
-        return llama_config(*(getattr(self, name) for name in recipe), **by_name,
-                            tensor_model_parallel_size=tensor_model_parallel_size,
-                            pipeline_model_parallel_size=pipeline_model_parallel_size,
-                            params_dtype=self.params_dtype, pipeline_dtype=self.params_dtype,
-                            batch_p2p_comm=batch_p2p_comm)
+        by_name = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name in config_fields and getattr(self, f.name) is not None
+        }
+        return llama_config(
+            *(getattr(self, name) for name in recipe),
+            **by_name,
+            tensor_model_parallel_size=tensor_model_parallel_size,
+            pipeline_model_parallel_size=pipeline_model_parallel_size,
+            params_dtype=self.params_dtype,
+            pipeline_dtype=self.params_dtype,
+            batch_p2p_comm=batch_p2p_comm,
+        )
 
 
 @dataclass(frozen=True)
@@ -182,9 +199,16 @@ class FaultsSection:
     distributed_timeout_minutes: float = 10.0
 
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "training": TrainingSection,
-            "optimizer": OptimizerSection, "parallel": ParallelSection, "checkpoint": CheckpointSection,
-            "logging": LoggingSection, "faults": FaultsSection}
+SECTIONS = {
+    "model": ModelSection,
+    "data": DataSection,
+    "training": TrainingSection,
+    "optimizer": OptimizerSection,
+    "parallel": ParallelSection,
+    "checkpoint": CheckpointSection,
+    "logging": LoggingSection,
+    "faults": FaultsSection,
+}
 
 
 def field_default(name: str):
@@ -231,26 +255,45 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         """Plain values, one dict per section, and the format version."""
-        return {"version": RUN_CONFIG_VERSION,
-                **{name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
-                   for name in SECTIONS}}
+        return {
+            "version": RUN_CONFIG_VERSION,
+            **{
+                name: {k: _plain(v) for k, v in dataclasses.asdict(getattr(self, name)).items()}
+                for name in SECTIONS
+            },
+        }
 
     @classmethod
     def from_dict(cls, stored: dict) -> RunConfig:
         """The inverse of `to_dict` (ValueError on a version this code does not know)."""
         if stored.get("version") != RUN_CONFIG_VERSION:
-            raise ValueError(f"run configuration version {stored.get('version')!r}; this code reads version "
-                             f"{RUN_CONFIG_VERSION}")
-        return cls(**{name: section(**{k: _tupled(v) for k, v in stored[name].items()})
-                      for name, section in SECTIONS.items()})
+            raise ValueError(
+                f"run configuration version {stored.get('version')!r}; this code reads version "
+                f"{RUN_CONFIG_VERSION}"
+            )
+        return cls(
+            **{
+                name: section(**{k: _tupled(v) for k, v in stored[name].items()})
+                for name, section in SECTIONS.items()
+            }
+        )
 
     def as_flags(self) -> argparse.Namespace:
         """Every section's fields in one namespace, named as the flags (field names are unique
         across sections): for the seams that still read flags (checkpointing)."""
-        return argparse.Namespace(**{f.name: getattr(getattr(self, name), f.name)
-                                     for name, section in SECTIONS.items() for f in dataclasses.fields(section)})
+        return argparse.Namespace(
+            **{
+                f.name: getattr(getattr(self, name), f.name)
+                for name, section in SECTIONS.items()
+                for f in dataclasses.fields(section)
+            }
+        )
 
     def for_one_process(self) -> RunConfig:
         """The same run at TP = PP = 1 (what tools build to evaluate, export or generate)."""
-        return dataclasses.replace(self, parallel=dataclasses.replace(
-            self.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1))
+        return dataclasses.replace(
+            self,
+            parallel=dataclasses.replace(
+                self.parallel, tensor_model_parallel_size=1, pipeline_model_parallel_size=1
+            ),
+        )

@@ -32,17 +32,27 @@ def subprocess_env(**extra: str) -> dict:
     return env
 
 
-def run_pretrain(flags: list, cwd=None, launcher: tuple = (sys.executable,), env: dict | None = None,
-                 timeout: float | None = None, log_path: str | None = None,
-                 capture: bool = True) -> subprocess.CompletedProcess:
+def run_pretrain(
+    flags: list,
+    cwd=None,
+    launcher: tuple = (sys.executable,),
+    env: dict | None = None,
+    timeout: float | None = None,
+    log_path: str | None = None,
+    capture: bool = True,
+) -> subprocess.CompletedProcess:
     """Run pretrain_lcot.py with `flags` (stringified) under `launcher`; the CompletedProcess.
     Output: captured as text (`capture`), written to `log_path`, or left on this terminal."""
     command = [*launcher, PRETRAIN_SCRIPT, *map(str, flags)]
     env = subprocess_env() if env is None else env
     if log_path is not None:
         with open(log_path, "w", encoding="utf-8") as log:
-            return subprocess.run(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    return subprocess.run(command, cwd=cwd, env=env, capture_output=capture, text=capture or None, timeout=timeout)
+            return subprocess.run(
+                command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            )
+    return subprocess.run(
+        command, cwd=cwd, env=env, capture_output=capture, text=capture or None, timeout=timeout
+    )
 
 
 def read_metrics(path) -> list:
@@ -64,13 +74,21 @@ def train_flops(records: list) -> float:
 def train_and_report(name: str, run_args: str, common: list, out_dir: str, log_file: bool = False) -> dict:
     """Run pretrain_lcot.py for one model of an example's comparison (`common` + `run_args`,
     saving under `<out_dir>/<name>/`); return its final validation record, wall time and
-    training FLOPs; exit with a message when it fails. With `log_file` the run's output goes to `<out_dir>/<name>/train.log` (runs in parallel)."""
+    training FLOPs; exit with a message when it fails. With `log_file` the run's output goes to
+    `<out_dir>/<name>/train.log` (runs in parallel)."""
     run_dir = os.path.join(out_dir, name)
     metrics_file = os.path.join(run_dir, "metrics.jsonl")
     os.makedirs(run_dir, exist_ok=True)
     if os.path.exists(metrics_file):
         os.remove(metrics_file)
-    flags = [*common, *run_args.split(), "--save", os.path.join(run_dir, "checkpoints"), "--metrics-file", metrics_file]
+    flags = [
+        *common,
+        *run_args.split(),
+        "--save",
+        os.path.join(run_dir, "checkpoints"),
+        "--metrics-file",
+        metrics_file,
+    ]
     print(f"\n=== training {name}: {' '.join(run_args.split())}", flush=True)
     start = time.time()
     log_path = os.path.join(run_dir, "train.log") if log_file else None

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from megatron_lcot import runs
-from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: shared with the tests)
+from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: for the tests)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

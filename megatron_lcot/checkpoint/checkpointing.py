@@ -367,8 +367,9 @@ def load_checkpoint(root: str, components, args, train_state):
     the training loop owns); returns it.
 
     `train_state` is returned unchanged when `root` holds no checkpoint yet, so
-    `--save D --load D` starts fresh the first time and resumes afterwards. Raises CheckpointError, before touching
-    anything, when a flag that fixes the model, the schedule or the layout differs.
+    `--save D --load D` starts fresh the first time and resumes afterwards. Raises
+    CheckpointError, before touching anything, when a flag that fixes the model, the schedule
+    or the layout differs.
     """
     if latest_iteration(root) is None:
         return train_state

@@ -27,8 +27,10 @@ def read_documents(path: str, json_key: str | None, flag: str = "--input") -> li
             try:
                 documents.append(json.loads(line)[key])
             except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{flag} {path!r} line {number}: not a JSON object with a {key!r} field; "
-                                 "pass --json-key with the field that holds the text.") from None
+                raise ValueError(
+                    f"{flag} {path!r} line {number}: not a JSON object with a {key!r} field; "
+                    "pass --json-key with the field that holds the text."
+                ) from None
     return documents
 
 

@@ -146,12 +146,15 @@ def run_fields(config: dict, options: argparse.Namespace, tokenizer_path: str) -
         return given if given is not None else config.get(name, field_default(name))
 
     seq_length = options.seq_length or min(config.get("max_position_embeddings", 2048), 2048)
+    latent = ("latent_steps", "latent_layout", "halting", "halting_threshold")
     return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
-            "ffn_hidden_size": config["intermediate_size"], "num_attention_heads": config["num_attention_heads"],
+            "ffn_hidden_size": config["intermediate_size"],
+            "num_attention_heads": config["num_attention_heads"],
             "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
-            "seq_length": seq_length, "max_position_embeddings": config.get("max_position_embeddings", seq_length),
+            "seq_length": seq_length,
+            "max_position_embeddings": config.get("max_position_embeddings", seq_length),
             "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_path,
-            **{name: chosen(name) for name in ("latent_steps", "latent_layout", "halting", "halting_threshold")}}
+            **{name: chosen(name) for name in latent}}
 
 
 def pretrain_flags(fields: dict) -> str:
@@ -196,12 +199,13 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
                                   f"vocab_size is {config['vocab_size']}; they must agree.")
         fields = run_fields(config, options, staging_tokenizer)
-        run_config = run_config_from_fields(tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save)
+        run_config = run_config_from_fields(tokenizer.vocab_size, **fields, mock_data=True, train_iters=1,
+                                            save=save)
         parallel.initialize(seed=run_config.model.seed)
         model = build_model(run_config.model)
         m = run_config.model
-        shapes = Shapes(m.num_layers, m.num_attention_heads, m.num_query_groups, m.hidden_size // m.num_attention_heads,
-                        tokenizer.vocab_size, m.padded_vocab_size)
+        shapes = Shapes(m.num_layers, m.num_attention_heads, m.num_query_groups,
+                        m.hidden_size // m.num_attention_heads, tokenizer.vocab_size, m.padded_vocab_size)
         state = model.state_dict()
         converted = hf_to_megatron(weights, shapes)
         if "halting_router.weight" in converted and "halting_router.weight" not in state:
@@ -211,7 +215,8 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict:
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        save_weights_only(save, 0, model, run_config.as_flags(), sharded=True)  # a starting point for pretrain_lcot.py --load
+        # a starting point for pretrain_lcot.py --load
+        save_weights_only(save, 0, model, run_config.as_flags(), sharded=True)
     except BaseException:
         if latest_iteration(save) is None:
             shutil.rmtree(save, ignore_errors=True)

@@ -37,14 +37,17 @@ class TrainedModel:
     @property
     def vocab_size(self) -> int:
         """The real vocabulary (padded rows excluded)."""
-        return self.tokenizer.vocab_size if self.tokenizer is not None else self.config.model.padded_vocab_size
+        if self.tokenizer is None:
+            return self.config.model.padded_vocab_size
+        return self.tokenizer.vocab_size
 
 
 def _tokenizer_of(data, tokenizer_model: str | None) -> LcotTokenizer:
     """data: the RunConfig's data section."""
     model_path = tokenizer_model or data.tokenizer_model
     try:
-        return build_tokenizer(data.tokenizer_type, model_path, data.vocab_file, data.merge_file, data.vocab_size)
+        return build_tokenizer(data.tokenizer_type, model_path, data.vocab_file, data.merge_file,
+                               data.vocab_size)
     except TokenizerError as error:
         raise TokenizerError(f"the checkpoint's tokenizer cannot be loaded ({error}); pass --tokenizer-model "
                              "with the file it was trained with") from None

@@ -41,6 +41,7 @@ from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
 from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -183,7 +184,10 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
     if state.iteration < args.train_iters:
         components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
-    components.logger = MetricsLogger(args, enabled=_is_logging_rank())
+    run_config = RunConfig.from_values(args)
+    components.logger = MetricsLogger(run_config.logging, run_config.training.train_iters,
+                                      enabled=_is_logging_rank(), wandb_dir=run_config.checkpoint.save,
+                                      wandb_config=run_config.to_dict())
     return state, components
 
 

@@ -31,7 +31,9 @@ def model_provider(args, pre_process: bool = True, post_process: bool = True):
 
 def train_valid_test_datasets_provider(args, tokenizer, num_samples: list):
     """GPTDataset splits of --data-path (or mock data) with at least `num_samples` samples each."""
-    return build_gpt_datasets(args, tokenizer, num_samples)
+    run_config = RunConfig.from_values(args)
+    return build_gpt_datasets(run_config.data, run_config.model.seq_length, run_config.model.seed, tokenizer,
+                              num_samples)
 
 
 def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):

@@ -158,7 +158,8 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     from megatron_lcot.model.flops import training_flops_per_token
     from megatron_lcot.run_config import RunConfig
 
-    config = RunConfig.from_values(parse_args([*map(str, flags), "--save", str(tmp_path)])).model.lcot_config()
+    args = parse_args([*map(str, flags), "--save", str(tmp_path)])
+    config = RunConfig.from_values(args).model.lcot_config()
     vocab = 384  # mock data: 256 ids + eod, padded to a multiple of 128
     per_token = [training_flops_per_token(config, 64, vocab, shares) for shares in ([1, 1, 1], [1, 1, 0])]
     assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)

@@ -22,16 +22,36 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "megatron_lcot"
 # module prefix -> prefixes it must not import
 FORBIDDEN = {
     "megatron_lcot.compat": ("megatron_lcot.",),
-    "megatron_lcot.data": ("megatron_lcot.model", "megatron_lcot.training", "megatron_lcot.checkpoint",
-                           "megatron_lcot.inference", "megatron_lcot.hf", "megatron_lcot.run_config",
-                           "megatron_lcot.arguments"),
-    "megatron_lcot.model": ("megatron_lcot.training", "megatron_lcot.checkpoint", "megatron_lcot.inference",
-                            "megatron_lcot.hf", "megatron_lcot.arguments"),
-    "megatron_lcot.parallel": ("megatron_lcot.training", "megatron_lcot.checkpoint", "megatron_lcot.inference",
-                               "megatron_lcot.hf"),
+    "megatron_lcot.data": (
+        "megatron_lcot.model",
+        "megatron_lcot.training",
+        "megatron_lcot.checkpoint",
+        "megatron_lcot.inference",
+        "megatron_lcot.hf",
+        "megatron_lcot.run_config",
+        "megatron_lcot.arguments",
+    ),
+    "megatron_lcot.model": (
+        "megatron_lcot.training",
+        "megatron_lcot.checkpoint",
+        "megatron_lcot.inference",
+        "megatron_lcot.hf",
+        "megatron_lcot.arguments",
+    ),
+    "megatron_lcot.parallel": (
+        "megatron_lcot.training",
+        "megatron_lcot.checkpoint",
+        "megatron_lcot.inference",
+        "megatron_lcot.hf",
+    ),
     "megatron_lcot.checkpoint": ("megatron_lcot.training", "megatron_lcot.inference", "megatron_lcot.hf"),
-    "megatron_lcot.run_config": ("megatron_lcot.training", "megatron_lcot.checkpoint", "megatron_lcot.inference",
-                                 "megatron_lcot.hf", "megatron_lcot.arguments"),
+    "megatron_lcot.run_config": (
+        "megatron_lcot.training",
+        "megatron_lcot.checkpoint",
+        "megatron_lcot.inference",
+        "megatron_lcot.hf",
+        "megatron_lcot.arguments",
+    ),
     "megatron_lcot.inference": ("megatron_lcot.training",),
     "megatron_lcot.hf": ("megatron_lcot.training",),
 }
@@ -46,9 +66,13 @@ def _imports(path: pathlib.Path) -> set:
     """Every megatron_lcot module `path` imports (`from megatron_lcot import parallel` counts as
     megatron_lcot.parallel)."""
     tree = ast.parse(path.read_text(), filename=str(path))
-    type_only = {id(inner) for node in ast.walk(tree)
-                 if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
-                 for statement in node.body for inner in ast.walk(statement)}
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING")
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }
     found = set()
     for node in ast.walk(tree):
         if id(node) in type_only:  # annotations only: never executed
@@ -63,8 +87,10 @@ def _imports(path: pathlib.Path) -> set:
 
 def _graph() -> dict:
     modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
-    return {name: {imported for imported in _imports(path) if imported in modules and imported != name}
-            for name, path in modules.items()}
+    return {
+        name: {imported for imported in _imports(path) if imported in modules and imported != name}
+        for name, path in modules.items()
+    }
 
 
 def _is_under(module: str, prefix: str) -> bool:
@@ -79,9 +105,13 @@ def _layer_rules(module: str) -> tuple:
 
 
 def upward_imports(graph: dict) -> list:
-    return sorted(f"{module} imports {imported}" for module, imports in graph.items()
-                  for imported in imports for forbidden in _layer_rules(module)
-                  if _is_under(imported, forbidden) or (forbidden == "megatron_lcot." and imported != module))
+    return sorted(
+        f"{module} imports {imported}"
+        for module, imports in graph.items()
+        for imported in imports
+        for forbidden in _layer_rules(module)
+        if _is_under(imported, forbidden) or (forbidden == "megatron_lcot." and imported != module)
+    )
 
 
 def import_cycles(graph: dict) -> list:
@@ -127,7 +157,12 @@ def test_the_checks_see_an_upward_import_and_a_cycle():
     """Proves the two checks can fail: an inference module importing training, and a cycle."""
     graph = _graph()
     graph["megatron_lcot.inference.loading"] = graph["megatron_lcot.inference.loading"] | {
-        "megatron_lcot.training.providers"}
-    assert upward_imports(graph) == ["megatron_lcot.inference.loading imports megatron_lcot.training.providers"]
-    graph["megatron_lcot.model.config"] = graph["megatron_lcot.model.config"] | {"megatron_lcot.model.halting"}
+        "megatron_lcot.training.providers"
+    }
+    assert upward_imports(graph) == [
+        "megatron_lcot.inference.loading imports megatron_lcot.training.providers"
+    ]
+    graph["megatron_lcot.model.config"] = graph["megatron_lcot.model.config"] | {
+        "megatron_lcot.model.halting"
+    }
     assert ["megatron_lcot.model.config", "megatron_lcot.model.halting"] in import_cycles(graph)

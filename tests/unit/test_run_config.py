@@ -22,8 +22,21 @@ FLAGS_ONLY_CHECKPOINT = os.path.join(os.path.dirname(__file__), "..", "fixtures"
 # The old code's logits for tokens arange(16) % 60: [0, 0, :4] and the float64 sum over all.
 OLD_LOGITS_FIRST = [0.9647045135498047, 0.5401095747947693, -1.2766629457473755, 0.003755513345822692]
 OLD_LOGITS_SUM = -28.163628675305517
-FLAGS = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
-         "--train-iters", "3", "--mock-data", "--vocab-size", "100"]
+FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "32",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "16",
+    "--train-iters",
+    "3",
+    "--mock-data",
+    "--vocab-size",
+    "100",
+]
 
 
 def test_every_flag_is_one_field_with_the_fields_default():
@@ -31,7 +44,9 @@ def test_every_flag_is_one_field_with_the_fields_default():
     owners = {}
     for name, section in SECTIONS.items():
         for section_field in dataclasses.fields(section):
-            assert section_field.name not in owners, f"{section_field.name} in {owners.get(section_field.name)} and {name}"
+            assert section_field.name not in owners, (
+                f"{section_field.name} in {owners.get(section_field.name)} and {name}"
+            )
             owners[section_field.name] = name
     for action in parser._actions:
         if action.dest in ("help", "local_rank"):
@@ -44,7 +59,9 @@ def test_every_flag_is_one_field_with_the_fields_default():
 
 
 def test_from_values_reads_every_section_by_name_and_sections_are_frozen():
-    args = parse_args(FLAGS + ["--latent-steps", "2", "--halting", "adaptive", "--lr", "1e-3", "--log-interval", "7"])
+    args = parse_args(
+        FLAGS + ["--latent-steps", "2", "--halting", "adaptive", "--lr", "1e-3", "--log-interval", "7"]
+    )
     config = RunConfig.from_values(args)
     assert (config.model.latent_steps, config.model.halting, config.optimizer.lr) == (2, "adaptive", 1e-3)
     assert (config.logging.log_interval, config.training.train_iters, config.data.mock_data) == (7, 3, True)

@@ -54,7 +54,8 @@ def tiny_training_state():
 
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
-        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2, seq_length=16,
+        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
+        seq_length=16,
         padded_vocab_size=128, latent_steps=0, latent_layout="stepwise", halting="none", init_method_std=None,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
@@ -130,8 +131,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert not os.path.exists(tmp_path / "iter_0000002")
 
     fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
-    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args,
-                                            TrainState())
+    restored = _components(model, optimizer, fresh_scheduler)
+    loaded = checkpointing.load_checkpoint(str(tmp_path), restored, args, TrainState())
     assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
