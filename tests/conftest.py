@@ -18,6 +18,7 @@ from megatron_lcot import runs
 from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: for the tests)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRETRAIN = runs.PRETRAIN_SCRIPT
 
 # A model small enough that a training step takes milliseconds on a CPU core.
 TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
