@@ -24,7 +24,7 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
-from megatron_lcot.training.checkpointing import CheckpointError, CheckpointSaveError  # noqa: E402
+from megatron_lcot.checkpoint.checkpointing import CheckpointError, CheckpointSaveError  # noqa: E402
 from megatron_lcot.training.faults import (TooManySkippedSteps, describe_collective_failure,  # noqa: E402
                                            record_first_failure)
 from megatron_lcot.training.loop import pretrain  # noqa: E402

@@ -107,7 +107,7 @@ def main(argv: list | None = None) -> dict:
     from megatron_lcot.data.default_corpus import sotu_speeches
     from megatron_lcot.hf.export import export
     from megatron_lcot.inference.loading import load_trained_model
-    from megatron_lcot.training.checkpointing import save_weights_only
+    from megatron_lcot.checkpoint.checkpointing import save_weights_only
 
     torch.set_num_threads(1)  # the CPU time of this thread is the measure
     trained = load_trained_model(args.load)
@@ -116,7 +116,7 @@ def main(argv: list | None = None) -> dict:
     if args.decisive_router:
         make_router_decisive(trained.model)
         source = os.path.join(work, "decisive")
-        save_weights_only(source, trained.iteration, trained.model, trained.args, sharded=True)
+        save_weights_only(source, trained.iteration, trained.model, trained.config.as_flags(), sharded=True)
     export(source, os.path.join(work, "hf"))
     model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), trust_remote_code=True,
                                                  dtype=torch.float32).eval()
@@ -145,8 +145,8 @@ def main(argv: list | None = None) -> dict:
         name: records[(name, high)]["per_token_cpu_s"] / records[(name, low)]["per_token_cpu_s"]
         for name in ("hf_cached", "hf_uncached", "ours")
         if (name, high) in records and (name, low) in records},
-        "mode": {"latent_steps": trained.args.latent_steps, "layout": trained.args.latent_layout,
-                 "halting": trained.args.halting}, "new_tokens": args.new_tokens,
+        "mode": {"latent_steps": trained.config.model.latent_steps, "layout": trained.config.model.latent_layout,
+                 "halting": trained.config.model.halting}, "new_tokens": args.new_tokens,
         "decisive_router": args.decisive_router}
     print(json.dumps(summary))
     return summary

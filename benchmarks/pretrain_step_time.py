@@ -7,13 +7,13 @@ sequence length, read from the flags), so launch and set-up time never count.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
-import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from megatron_lcot.runs import read_metrics, run_pretrain  # noqa: E402
 
 
 def median_step_seconds(launcher: list, flags: list, workdir: str, name: str, skip: int) -> float:
@@ -24,11 +24,10 @@ def median_step_seconds(launcher: list, flags: list, workdir: str, name: str, sk
     if os.path.exists(metrics):
         os.remove(metrics)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, "DS_ACCELERATOR": "cpu"}
-    result = subprocess.run([*launcher, os.path.join(REPO_ROOT, "pretrain_lcot.py"), *flags, "--log-interval", "1",
-                             "--metrics-file", metrics], cwd=workdir, env=env, capture_output=True, text=True)
+    result = run_pretrain([*flags, "--log-interval", "1", "--metrics-file", metrics], cwd=workdir,
+                          launcher=tuple(launcher), env=env)
     if result.returncode != 0:
         sys.exit(f"error: {name} failed:\n{result.stderr[-2000:]}")
-    with open(metrics, encoding="utf-8") as f:
-        train = [record for record in map(json.loads, f) if record["split"] == "train"]
+    train = [record for record in read_metrics(metrics) if record["split"] == "train"]
     tokens = int(flags[flags.index("--global-batch-size") + 1]) * int(flags[flags.index("--seq-length") + 1])
     return statistics.median(tokens / record["tokens_per_sec"] for record in train[skip:])

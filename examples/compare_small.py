@@ -1,4 +1,4 @@
-"""The comparison of issue 12, reproducible: every mode at equal parameters and training tokens,
+"""The comparison of docs/results.md, reproducible: every mode at equal parameters and training tokens,
 plus two vanilla yardsticks, over several seeds; writes a table and plots.
 
     bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
@@ -36,11 +36,9 @@ import threading
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from compare_vanilla_adaptive import train  # noqa: E402
 
 from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
+from megatron_lcot.runs import read_metrics, train_and_report  # noqa: E402
 
 RECIPE = "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2"  # docs/method.md
 SCALES = {
@@ -92,10 +90,9 @@ def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_d
              *MODES[name].format(warmup=scale["iters"] // 3).split()]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
-    record = train(f"{name}_s{seed}", "", flags, out_dir, log_file)
+    record = train_and_report(f"{name}_s{seed}", "", flags, out_dir, log_file)
     checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
-    with open(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl")) as f:
-        metrics = [json.loads(line) for line in f]
+    metrics = read_metrics(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl"))
     train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
     curve = [(train_records[r["iteration"]]["train_flops"], r["lm_loss"]) for r in metrics
              if r["split"] == "valid" and r["iteration"] in train_records]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 12's comparison: vanilla, PonderLM-2 K=1, stepwise K=2, adaptive K=3 (stable recipe),
+# The comparison of docs/results.md: vanilla, PonderLM-2 K=1, stepwise K=2, adaptive K=3 (stable recipe),
 # vanilla at the adaptive run's training FLOPs and a 2x-layer vanilla, over several seeds;
 # held-out perplexity, downstream accuracy, FLOPs, halting plots (docs/results.md).
 #   bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]

@@ -14,9 +14,7 @@ Every flag after `--` is passed to both training runs (e.g. `-- --train-iters 50
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
@@ -24,6 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
+from megatron_lcot.runs import train_and_report  # noqa: E402
 
 MODEL = (
     "--num-layers 4 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
@@ -49,34 +48,6 @@ CAVEAT = (
 )
 
 
-def train(name: str, run_args: str, common: list, out_dir: str, log_file: bool = False) -> dict:
-    """Run pretrain_lcot.py for one model; return its final validation record and wall time.
-    With `log_file` the run's output goes to `<out_dir>/<name>/train.log` (runs in parallel)."""
-    run_dir = os.path.join(out_dir, name)
-    metrics_file = os.path.join(run_dir, "metrics.jsonl")
-    os.makedirs(run_dir, exist_ok=True)
-    if os.path.exists(metrics_file):
-        os.remove(metrics_file)
-    cmd = [sys.executable, os.path.join(REPO, "pretrain_lcot.py"), *common, *run_args.split(),
-           "--save", os.path.join(run_dir, "checkpoints"), "--metrics-file", metrics_file]
-    print(f"\n=== training {name}: {' '.join(run_args.split())}", flush=True)
-    start = time.time()
-    if log_file:
-        with open(os.path.join(run_dir, "train.log"), "w") as log:
-            returncode = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
-    else:
-        returncode = subprocess.run(cmd).returncode
-    if returncode != 0:
-        where = os.path.join(run_dir, "train.log") if log_file else "above"
-        sys.exit(f"training {name} failed (its error is printed {where})")
-    wall = time.time() - start
-    with open(metrics_file) as f:
-        records = [json.loads(line) for line in f]
-    final = [r for r in records if r["split"] == "valid" and r.get("final")][-1]
-    train_flops = max((r["train_flops"] for r in records if r["split"] == "train"), default=0.0)
-    return {**final, "wall_s": wall, "train_flops": train_flops}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--train-iters", type=int, default=250)
@@ -93,7 +64,8 @@ def main() -> None:
               "--train-iters", str(args.train_iters), "--lr-warmup-iters", str(max(1, args.train_iters // 15)), "--eval-interval", str(args.eval_interval),
               "--data-path", corpus.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
               "--tokenizer-model", corpus.tokenizer_model, *extra]
-    results = {name: train(name, run_args.format(warmup=args.train_iters // 3), common, args.out_dir)
+    results = {name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common,
+                                      args.out_dir)
                for name, run_args in RUNS.items()}
 
     print("\n=== held-out results (same shape, same seed, same tokens)")

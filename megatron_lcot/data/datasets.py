@@ -20,14 +20,15 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 
-def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
-    """The GPTDatasetConfig that `--data-path/--split/--seq-length/--seed` describe."""
+def gpt_dataset_config(data, seq_length: int, seed: int, tokenizer) -> GPTDatasetConfig:
+    """The GPTDatasetConfig that `--data-path/--split/--seq-length/--seed` describe (data: the
+    RunConfig's data section)."""
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=args.data_blend,
-        split=args.split,
-        path_to_cache=args.data_cache_path,
+        random_seed=seed,
+        sequence_length=seq_length,
+        blend=data.data_blend,
+        split=data.split,
+        path_to_cache=data.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -36,12 +37,13 @@ def gpt_dataset_config(args, tokenizer) -> GPTDatasetConfig:
     )
 
 
-def build_gpt_datasets(args, tokenizer, num_samples: list) -> tuple:
-    """(train, valid, test) datasets holding at least `num_samples[i]` samples each (None if
-    the split is empty). Built on rank 0 first (it writes the index caches), then elsewhere."""
-    dataset_class = MockGPTDataset if args.mock_data else GPTDataset
+def build_gpt_datasets(data, seq_length: int, seed: int, tokenizer, num_samples: list) -> tuple:
+    """(train, valid, test) datasets of `data` (the RunConfig's data section) holding at least
+    `num_samples[i]` samples of `seq_length` tokens each (None if the split is empty). Built on
+    rank 0 first (it writes the index caches), then elsewhere."""
+    dataset_class = MockGPTDataset if data.mock_data else GPTDataset
     builder = BlendedMegatronDatasetBuilder(
-        dataset_class, num_samples, lambda: True, gpt_dataset_config(args, tokenizer)
+        dataset_class, num_samples, lambda: True, gpt_dataset_config(data, seq_length, seed, tokenizer)
     )
     return tuple(builder.build())
 

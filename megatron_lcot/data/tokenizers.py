@@ -13,7 +13,7 @@ An instance can be passed straight to megatron-core 0.16.1's ``GPTDatasetConfig(
 ``GPTDataset`` / ``MockGPTDataset`` read ``vocab_size``, ``eod``, ``unique_identifiers`` (hashed into
 cache names) and optionally ``pad`` / ``eos``, by attribute, never by ``isinstance``. The classes
 implement ``MegatronTokenizerBase``'s methods but do not import it: importing anything under
-``megatron.core`` loads torch and the whole package (7-25 s on 2 cores), a tax on every
+``megatron.core`` loads torch and the whole package (seconds: docs/benchmarks.md), a tax on every
 preprocessing worker and CLI start for a class that adds nothing but an ABC. (The legacy
 ``MegatronLegacyTokenizer`` would also log a deprecation warning per instance.)
 

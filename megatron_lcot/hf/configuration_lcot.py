@@ -2,7 +2,7 @@
 
 Self-contained: imports `transformers` only, so an exported directory loads with
 `AutoConfig.from_pretrained(DIR, trust_remote_code=True)` where neither megatron_lcot nor
-megatron-core is installed. The fields beyond LlamaConfig's are those of METHOD.md.
+megatron-core is installed. The fields beyond LlamaConfig's are those of docs/method.md.
 """
 
 from transformers import LlamaConfig

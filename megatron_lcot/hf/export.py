@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def shapes_of(trained: TrainedModel) -> Shapes:
-    args = trained.args
+    args = trained.config.model
     return Shapes(num_layers=args.num_layers, num_heads=args.num_attention_heads,
                   num_query_groups=args.num_query_groups, head_dim=args.hidden_size // args.num_attention_heads,
                   vocab_size=trained.vocab_size, padded_vocab_size=args.padded_vocab_size)
@@ -71,7 +71,7 @@ def hf_config(trained: TrainedModel):
 
     from megatron_lcot.hf.configuration_lcot import LcotLlamaConfig
 
-    args, config = trained.args, trained.model.config
+    args, config = trained.config.model, trained.model.config
     tokenizer = trained.tokenizer
     bos = getattr(tokenizer, "bos", None) if tokenizer is not None else None
     common = dict(
@@ -102,12 +102,12 @@ def hf_model(trained: TrainedModel):
     from megatron_lcot.hf.modeling_lcot import LcotForCausalLM
 
     config = hf_config(trained)
-    model_class = LlamaForCausalLM if trained.args.latent_steps == 0 else LcotForCausalLM
+    model_class = LlamaForCausalLM if trained.config.model.latent_steps == 0 else LcotForCausalLM
     with torch.device("meta"):
         model = model_class(config)
     state = megatron_to_hf(trained.model.state_dict(), shapes_of(trained))
     model.load_state_dict(state, strict=True, assign=True)
-    if trained.args.latent_steps == 0:
+    if trained.config.model.latent_steps == 0:
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuilt off the meta device
     return model.eval()
 
@@ -133,7 +133,7 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
     evaluation = read_eval_result(eval_result) if eval_result else None
     trained = load_trained_model(load, iteration, tokenizer_model)
     model = hf_model(trained)
-    validation = last_validation(metrics_file or getattr(trained.args, "metrics_file", None), trained.iteration)
+    validation = last_validation(metrics_file or trained.config.logging.metrics_file, trained.iteration)
     card = model_card(trained, os.path.basename(os.path.abspath(output)), model.num_parameters(),
                       training_record(load, trained.iteration), validation, evaluation)
     parent = os.path.dirname(os.path.abspath(output))
@@ -151,7 +151,7 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
             hf_tokenizer(trained.tokenizer).save_pretrained(staging)
         except NoHFTokenizer as error:
             tokenizer_note = str(error)
-        if trained.args.latent_steps > 0:
+        if trained.config.model.latent_steps > 0:
             for name in REMOTE_CODE:
                 shutil.copyfile(os.path.join(HF_DIR, name), os.path.join(staging, name))
         if os.path.isdir(output):  # an empty or model-free directory (checked above)

@@ -32,10 +32,10 @@ import math
 import os
 import shutil
 
-import torch
-
 from megatron_lcot.hf.errors import ConversionError
 from megatron_lcot.hf.state_dict import ROTARY_BASE, Shapes, hf_to_megatron, unexpected_hf_tensors
+from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS
+from megatron_lcot.run_config import field_default
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "LcotForCausalLM")
 NORM_EPSILON = 1e-5  # llama_config's RMSNorm epsilon (no flag changes it)
@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     parser.add_argument("--save", required=True, help="new checkpoint directory to write")
     parser.add_argument("--latent-steps", type=int, default=None, help="default: the model's (0 for a Llama)")
-    parser.add_argument("--latent-layout", choices=("stepwise", "interleaved"), default=None)
-    parser.add_argument("--halting", choices=("none", "adaptive"), default=None)
+    parser.add_argument("--latent-layout", choices=LATENT_LAYOUTS, default=None)
+    parser.add_argument("--halting", choices=HALTING_RULES, default=None)
     parser.add_argument("--halting-threshold", type=float, default=None)
     parser.add_argument("--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)")
     parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
@@ -147,23 +147,29 @@ def check_weight_shapes(weights: dict, config: dict, hf_dir: str) -> None:
                               "(biases or extra layers?).")
 
 
-def pretrain_flags(config: dict, options: argparse.Namespace, tokenizer_path: str) -> list:
-    """The model flags of pretrain_lcot.py for this model (what the continuing run passes too)."""
-    latent_steps = options.latent_steps if options.latent_steps is not None else config.get("latent_steps", 0)
-    layout = options.latent_layout or config.get("latent_layout", "stepwise")
-    halting = options.halting or config.get("halting", "none")
-    threshold = options.halting_threshold if options.halting_threshold is not None else config.get("halting_threshold", 0.05)
+def run_fields(config: dict, options: argparse.Namespace, tokenizer_path: str) -> dict:
+    """The RunConfig fields of this model (one default per field: an option the user left unset
+    takes config.json's value, else the field's own default)."""
+
+    def chosen(name: str):
+        given = getattr(options, name)
+        return given if given is not None else config.get(name, field_default(name))
+
     seq_length = options.seq_length or min(config.get("max_position_embeddings", 2048), 2048)
-    flags = ["--num-layers", config["num_hidden_layers"], "--hidden-size", config["hidden_size"],
-             "--ffn-hidden-size", config["intermediate_size"], "--num-attention-heads", config["num_attention_heads"],
-             "--num-query-groups", config.get("num_key_value_heads") or config["num_attention_heads"],
-             "--seq-length", seq_length, "--max-position-embeddings", config.get("max_position_embeddings", seq_length),
-             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_path,
-             "--latent-steps", latent_steps, "--latent-layout", layout, "--halting", halting,
-             "--halting-threshold", threshold]
-    layout_flags = ["--tensor-model-parallel-size", options.target_tensor_parallel_size,
-                    "--pipeline-model-parallel-size", options.target_pipeline_model_parallel_size]
-    return [str(flag) for flag in flags + (layout_flags if layout_flags[1::2] != [1, 1] else [])]
+    latent = ("latent_steps", "latent_layout", "halting", "halting_threshold")
+    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
+            "ffn_hidden_size": config["intermediate_size"],
+            "num_attention_heads": config["num_attention_heads"],
+            "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
+            "seq_length": seq_length,
+            "max_position_embeddings": config.get("max_position_embeddings", seq_length),
+            "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_path,
+            **{name: chosen(name) for name in latent}}
+
+
+def pretrain_flags(fields: dict) -> str:
+    """The model flags of pretrain_lcot.py for these fields (what the continuing run passes too)."""
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, value in fields.items())
 
 
 def _copy_tokenizer(hf_dir: str, save: str) -> None:
@@ -192,18 +198,18 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
     "pretrain_flags", "embedding_scale", "embedding_fold", ...} on global rank 0 (None elsewhere).
 
     The HF weights fill a one-process model on every rank. At TP = PP = 1 it is saved as is;
-    otherwise it is saved to a staging checkpoint inside `save`, which `training/reshard.py`
+    otherwise it is saved to a staging checkpoint inside `save`, which `checkpoint/reshard.py`
     loads into the target layout through dist_checkpointing (the `reshard` path) and writes.
     Collective over the TP x PP processes."""
     import torch.distributed as dist
     from megatron.core import parallel_state
 
     from megatron_lcot import parallel
-    from megatron_lcot.arguments import parse_args, set_padded_vocab_size
+    from megatron_lcot.arguments import run_config_from_fields
+    from megatron_lcot.checkpoint.checkpointing import latest_iteration, save_weights_only
+    from megatron_lcot.checkpoint.reshard import reshard, target_args
     from megatron_lcot.data.tokenizers import build_tokenizer
-    from megatron_lcot.training.checkpointing import latest_iteration, plain_args, save_weights_only
-    from megatron_lcot.training.providers import model_provider
-    from megatron_lcot.training.reshard import reshard, target_args
+    from megatron_lcot.model.building import build_model
 
     tp, pp = _check_layout(options)
     if os.path.isdir(save) and (latest_iteration(save) is not None or os.listdir(save)):
@@ -226,17 +232,18 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
         if tokenizer.vocab_size != config["vocab_size"]:
             raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
                                   f"vocab_size is {config['vocab_size']}; they must agree.")
-        flags = pretrain_flags(config, options, tokenizer_path)
-        args = parse_args(flags + ["--mock-data", "--train-iters", "1", "--save", save])
-        set_padded_vocab_size(args, tokenizer.vocab_size)  # the target TP's padding
+        fields = run_fields(config, options, tokenizer_path)
         if tp * pp > 1:
-            target_args(plain_args(args), tp, pp)  # refuses a layout the model cannot take, before any work
-        one_process = argparse.Namespace(**vars(args))
-        one_process.tensor_model_parallel_size = one_process.pipeline_model_parallel_size = 1
-        model = model_provider(one_process)
-        h = args.hidden_size
-        shapes = Shapes(args.num_layers, args.num_attention_heads, args.num_query_groups, h // args.num_attention_heads,
-                        tokenizer.vocab_size, args.padded_vocab_size)
+            fields.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+        # the target TP's vocabulary padding
+        run_config = run_config_from_fields(tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save)
+        if tp * pp > 1:  # refuses a layout the model cannot take, before any work
+            target_args(vars(run_config.as_flags()), tp, pp)
+        one_process = run_config.for_one_process()
+        model = build_model(one_process.model)
+        m = run_config.model
+        shapes = Shapes(m.num_layers, m.num_attention_heads, m.num_query_groups,
+                        m.hidden_size // m.num_attention_heads, tokenizer.vocab_size, m.padded_vocab_size)
         state = model.state_dict()
         converted = hf_to_megatron(weights, shapes)
         if "halting_router.weight" in converted and "halting_router.weight" not in state:
@@ -246,11 +253,11 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
             converted["embedding.word_embeddings.weight"] *= fold
         state.update(converted)
         model.load_state_dict(state)
-        if tp * pp == 1:
-            save_weights_only(save, 0, model, args, sharded=True)  # a starting point for pretrain_lcot.py --load
+        if tp * pp == 1:  # a starting point for pretrain_lcot.py --load
+            save_weights_only(save, 0, model, run_config.as_flags(), sharded=True)
         else:
             staging = os.path.join(save, STAGING_DIRNAME)
-            save_weights_only(staging, 0, model, one_process, sharded=True)
+            save_weights_only(staging, 0, model, one_process.as_flags(), sharded=True)
             parallel_state.destroy_model_parallel()
             reshard(staging, save, tp, pp, sharded=True)
             if dist.get_rank() == 0:
@@ -263,8 +270,8 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
     if dist.get_rank() != 0:
         return None
     return {"save": save, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-            "padded_vocab_size": args.padded_vocab_size, "embedding_scale": model.config.embedding_scale,
-            "embedding_fold": fold, "pretrain_flags": " ".join(flags)}
+            "padded_vocab_size": m.padded_vocab_size, "embedding_scale": model.config.embedding_scale,
+            "embedding_fold": fold, "pretrain_flags": pretrain_flags(fields)}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -23,7 +23,7 @@ import os
 import torch
 
 from megatron_lcot.hf.errors import ConversionError
-from megatron_lcot.training.checkpointing import CHECKPOINT_FILENAME, iteration_dir
+from megatron_lcot.checkpoint.checkpointing import CHECKPOINT_FILENAME, iteration_dir
 
 
 def training_record(root: str, iteration: int) -> dict | None:
@@ -113,7 +113,7 @@ print(generator("The Congress", max_new_tokens=32, do_sample=False)[0]["generate
 def model_card(trained, directory_name: str, parameters: int, record: dict | None, validation: dict | None,
                eval_result: dict | None) -> str:
     """README.md text for an export of `trained` (inference.loading.TrainedModel)."""
-    args = trained.args
+    args = trained.config.as_flags()
     latent = args.latent_steps > 0
     if record is None:
         tokens = flops = "not recorded (a weights-only checkpoint)"

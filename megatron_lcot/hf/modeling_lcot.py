@@ -5,7 +5,7 @@ Self-contained: imports torch and `transformers` only, so an exported directory 
 nor megatron-core is installed. Weight names are Llama's (`model.layers.N.self_attn.q_proj`, ...)
 plus `model.router.{weight,bias}` for adaptive halting, so the adapter is the same for every mode.
 
-The forward is an independent re-statement of METHOD.md (it shares no code with the training
+The forward is an independent re-statement of docs/method.md (it shares no code with the training
 model, which is what the export tests compare against):
 
 * every slot of token t sits at RoPE position t; token slots are the embeddings times

@@ -80,7 +80,7 @@ class LcotLM(LM):
         self.trained = load_trained_model(root, None if iteration is None else int(iteration), tokenizer_model)
         self.scorer = CheckpointScorer(self.trained)
         self.tokenize, self.eod = self.trained.tokenizer.tokenize, self.trained.tokenizer.eod
-        self.seq_length = int(seq_length or self.trained.args.seq_length)
+        self.seq_length = int(seq_length or self.trained.config.model.seq_length)
         self.stride = int(stride or self.seq_length - 1)
         if not 0 < self.stride < self.seq_length:
             raise ModelArgsError(f"--model_args stride={self.stride}: must be in [1, seq_length - 1 = "

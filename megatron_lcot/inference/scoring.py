@@ -33,18 +33,25 @@ class CheckpointScorer:
 
     def __init__(self, trained) -> None:
         self.trained = trained
-        self.max_latent_steps = trained.args.latent_steps
-        self._steps = None
-        schedule = trained.model.latent_schedule
-        if schedule is not None:
-            schedule.register_forward_hook(lambda module, inputs, thoughts: setattr(self, "_steps", thoughts.latent_steps()))
+        self.max_latent_steps = trained.config.model.latent_steps
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> tuple:
+        """(log-probabilities [s, vocab], latent steps [s]) of one window `ids` [1, s]. The
+        steps are read from the latent schedule's output through a forward hook held for this
+        call only (the model runs exactly as at inference; no hook outlives the call)."""
         ids = ids.to(parallel.device())
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        logits = self.trained.model(ids, positions)[0, :, : self.trained.vocab_size]
-        steps = self._steps[:, 0] if self._steps is not None else torch.zeros(ids.shape[1])
+        captured = {}
+        schedule = self.trained.model.latent_schedule
+        hook = None if schedule is None else schedule.register_forward_hook(
+            lambda module, inputs, thoughts: captured.update(steps=thoughts.latent_steps()))
+        try:
+            logits = self.trained.model(ids, positions)[0, :, : self.trained.vocab_size]
+        finally:
+            if hook is not None:
+                hook.remove()
+        steps = captured["steps"][:, 0] if "steps" in captured else torch.zeros(ids.shape[1])
         return torch.log_softmax(logits.float(), -1).cpu(), steps.float().cpu()
 
 

@@ -22,7 +22,7 @@ RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 
 @dataclass
 class LcotConfig(TransformerConfig):
-    """TransformerConfig with the latent-thought recurrence and halting fields (METHOD.md)."""
+    """TransformerConfig with the latent-thought recurrence and halting fields (docs/method.md)."""
 
     latent_steps: int = 0
     """K: latent thoughts per token. 0 = vanilla GPT, identical to megatron-core's GPTModel."""
@@ -65,7 +65,7 @@ class LcotConfig(TransformerConfig):
     attention call under torch.utils.checkpoint (use_reentrant=False): the per-pass concatenation
     of the KV store (O(K^2 T) saved) is rebuilt in backward instead of kept; 'full' = each latent pass under torch.utils.checkpoint, so only the pass inputs and the
     KV store stay in memory, and in vanilla mode megatron-core's full recompute of every layer. megatron-core's own full/core-attention recompute would be
-    silently wrong in latent modes (PLATFORM.md), hence a field of ours."""
+    silently wrong in latent modes, hence a field of ours."""
 
     seed: int = 1234
     """--seed. With `use_cpu_initialization`, initial weights are drawn from streams seeded by it

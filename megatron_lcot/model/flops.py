@@ -1,4 +1,4 @@
-"""FLOPs per token of every mode, training and inference (METHOD.md section 5).
+"""FLOPs per token of every mode, training and inference (docs/method.md).
 
 What is counted, as in Megatron-LM's formula: matrix multiplications only (2 FLOPs per
 multiply-add). Per slot and layer, the linear layers (QKV, output projection, MLP) and the

@@ -7,13 +7,13 @@ adds the training recipe's warm-up (`threshold()`, `loss_weight()`). Swapping th
 rule. What follows from the gates is written once here, for every schedule and consumer
 (model/engine.py): `HaltingState` (reach, executed steps, the decision and its tensor-parallel
 agreement, the live tokens of the next pass), `LatentThoughts` (the exit-mass mixture) and
-`LivePacking` (the live tokens packed across the micro-batch) (METHOD.md section 3).
+`LivePacking` (the live tokens packed across the micro-batch) (docs/method.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist

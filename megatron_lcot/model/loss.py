@@ -1,4 +1,4 @@
-"""Per-token losses and halting statistics of the latent-thought model (METHOD.md section 3).
+"""Per-token losses and halting statistics of the latent-thought model (docs/method.md).
 
 Everything here is per token ([b, s], batch first like GPTModel's loss); masking by the
 dataset's loss_mask and averaging happen in the training loop's loss function.

@@ -1,4 +1,4 @@
-"""Attention masks and position ids of the two latent layouts (METHOD.md section 2).
+"""Attention masks and position ids of the two latent layouts (docs/method.md).
 
 Slot (t, k) is token t at latent step k (k = 0: the token itself). Masks here are boolean with
 True = may attend (SDPA's convention; megatron's is the opposite and is converted in attention.py).

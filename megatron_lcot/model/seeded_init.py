@@ -41,14 +41,16 @@ class SeededTransformerLayer(TransformerLayer):
     """megatron-core's TransformerLayer whose CPU-initialised weights come from its own stream.
 
     Same arguments and forward as TransformerLayer; `layer_number` is local to the pipeline
-    stage, as megatron-core passes it, and the global number adds the stage's offset.
+    stage, as megatron-core passes it, and the global number adds the stage's offset. Every
+    other argument goes to TransformerLayer as given (those of a newer megatron-core too);
+    `pg_collection` and `vp_stage` (keywords, as megatron-core's builders pass them) are read.
     """
 
-    def __init__(self, config, submodules, layer_number: int = 1, hidden_dropout=None, pg_collection=None,
-                 vp_stage=None):
+    def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
         if config.use_cpu_initialization:
+            pg_collection = kwargs.get("pg_collection")
             pp_rank = (pg_collection.pp.rank() if pg_collection is not None
                        else parallel_state.get_pipeline_model_parallel_rank())
-            offset = get_transformer_layer_offset(config, vp_stage, pp_rank)
+            offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
             torch.manual_seed(layer_init_seed(config.seed, layer_number + offset))
-        super().__init__(config, submodules, layer_number, hidden_dropout, pg_collection, vp_stage)
+        super().__init__(config, submodules, layer_number, *args, **kwargs)

@@ -14,7 +14,7 @@ Every step runs megatron-core's `get_forward_backward_func()` (also at PP=1) ove
 `--global-batch-size / (--micro-batch-size x data-parallel size)` micro-batches, so the
 schedule accumulates gradients of the per-token mean loss of each micro-batch divided by
 the number of micro-batches. The update itself is behind the optimizer seam
-(`training/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
+(`parallel/optimizer.py`); a step whose loss or grad norm is not finite applies none, and
 signals, time and iteration limits stop the run after a step (`training/faults.py`). Evaluation runs the same schedule forward-only over the first
 `--eval-iters` global batches of the validation split, every `--eval-interval` iterations
 and once at the end.
@@ -30,15 +30,22 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
+from megatron_lcot.checkpoint.checkpointing import (
+    check_resumable,
+    check_weights_loadable,
+    holds_initial_weights,
+    load_checkpoint,
+    load_model_weights,
+    save_checkpoint,
+)
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
 from megatron_lcot.model.pipeline_passes import pipeline_schedule
-from megatron_lcot.training.checkpointing import (check_resumable, check_weights_loadable, holds_initial_weights,
-                                                  load_checkpoint, load_model_weights, save_checkpoint)
+from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
-from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.training.state import TrainComponents, TrainState
 
 
@@ -174,13 +181,16 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     if args.skip_train:
         state = TrainState(iteration=load_model_weights(args.load, model_parts))
     else:
-        state = load_checkpoint(args.load, components, args) if args.load else TrainState()
+        state = load_checkpoint(args.load, components, args, TrainState()) if args.load else TrainState()
 
     samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
     train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
     if state.iteration < args.train_iters:
         components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
-    components.logger = MetricsLogger(args, enabled=_is_logging_rank())
+    run_config = RunConfig.from_values(args)
+    components.logger = MetricsLogger(run_config.logging, run_config.training.train_iters,
+                                      enabled=_is_logging_rank(), wandb_dir=run_config.checkpoint.save,
+                                      wandb_config=run_config.to_dict())
     return state, components
 
 

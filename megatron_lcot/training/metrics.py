@@ -87,25 +87,28 @@ def perplexity(lm_loss: float) -> float:
 class MetricsLogger:
     """Fans each record out to stdout, `--metrics-file` (JSON lines), TensorBoard and wandb."""
 
-    def __init__(self, args, enabled: bool) -> None:
+    def __init__(self, logging, train_iters: int, enabled: bool, wandb_dir: str | None = None,
+                 wandb_config: dict | None = None) -> None:
+        """logging: the RunConfig's logging section; wandb_config: the run's settings, stored
+        with the wandb run (in `wandb_dir`, default the TensorBoard directory)."""
         self.enabled = enabled
-        self.train_iters = args.train_iters
+        self.train_iters = train_iters
         self.metrics_file = self.tensorboard = self.wandb_run = None
         if not enabled:
             return
-        if args.metrics_file:
-            os.makedirs(os.path.dirname(os.path.abspath(args.metrics_file)), exist_ok=True)
-            self.metrics_file = open(args.metrics_file, "a", encoding="utf-8")
-        if args.tensorboard_dir:
+        if logging.metrics_file:
+            os.makedirs(os.path.dirname(os.path.abspath(logging.metrics_file)), exist_ok=True)
+            self.metrics_file = open(logging.metrics_file, "a", encoding="utf-8")
+        if logging.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=args.tensorboard_dir)
-        if args.wandb_project:
+            self.tensorboard = SummaryWriter(log_dir=logging.tensorboard_dir)
+        if logging.wandb_project:
             import wandb
 
-            self.wandb_run = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, mode=args.wandb_mode,
-                                        dir=args.tensorboard_dir or args.save or None,
-                                        config={k: v for k, v in vars(args).items() if not k.startswith("_")})
+            self.wandb_run = wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name,
+                                        mode=logging.wandb_mode,
+                                        dir=logging.tensorboard_dir or wandb_dir or None, config=wandb_config)
 
     def _emit(self, line: str, record: dict) -> None:
         print(line, flush=True)

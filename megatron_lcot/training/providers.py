@@ -1,10 +1,9 @@
-"""What an entry point hands the training loop, shared by every tool that builds the model.
+"""What an entry point hands the training loop.
 
 As Megatron-LM's `pretrain_gpt.py` supplies `model_provider`, `forward_step` and the datasets
-provider, these live here so that `pretrain_lcot.py`, checkpoint conversion, generation and
-evaluation build the same model from the same flags:
+provider, `pretrain_lcot.py` hands these to the loop (the model itself is built by
+`model/building.py`, which tools use directly):
 
-    lcot_config_from_args(args) -> LcotConfig             (every config field named by a flag)
     model_provider(args, pre_process, post_process) -> LcotGPTModel   (one pipeline stage)
     forward_step(args, data_iterator, model) -> (output, loss_func)
     train_valid_test_datasets_provider(args, tokenizer, num_samples) -> (train, valid, test)
@@ -12,52 +11,29 @@ evaluation build the same model from the same flags:
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import torch
 
 from megatron_lcot import parallel
 from megatron_lcot.data.datasets import build_gpt_datasets
-from megatron_lcot.model import build_lcot_model, llama_config
-from megatron_lcot.model.config import LcotConfig
+from megatron_lcot.model.building import build_model
+from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.metrics import token_statistics
-
-# Flags that name a config field but whose value the Llama recipe derives (llama_config's
-# positional arguments and defaults), so they are passed explicitly instead of by name.
-_LLAMA_ARGUMENTS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_query_groups",
-                    "init_method_std")
-
-
-def lcot_config_from_args(args) -> LcotConfig:
-    """The LcotConfig the flags describe, as Megatron-LM's `core_transformer_config_from_args`:
-    every flag whose name is a config field (`--latent-steps` -> `latent_steps`,
-    `--tensor-model-parallel-size`, `--bf16`, ...) is copied by name, so a new latent field
-    needs a flag and nothing else. Flags left at None keep the config's default."""
-    names = {f.name for f in dataclasses.fields(LcotConfig)} - set(_LLAMA_ARGUMENTS)
-    by_name = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if getattr(args, "fp16", False) else torch.float32
-    return llama_config(
-        *(getattr(args, name) for name in _LLAMA_ARGUMENTS),
-        **by_name,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        batch_p2p_comm=parallel.backend() != "gloo",  # batched p2p is wrong on gloo (PLATFORM.md)
-    )
 
 
 def model_provider(args, pre_process: bool = True, post_process: bool = True):
-    """One pipeline stage of the model that the flags describe (bf16 weights with --bf16; the
-    optimizer keeps fp32 main copies)."""
-    return build_lcot_model(lcot_config_from_args(args), vocab_size=args.padded_vocab_size,
-                            max_sequence_length=args.max_position_embeddings,
-                            pre_process=pre_process, post_process=post_process,
-                            use_te=args.transformer_impl == "transformer_engine")
+    """One pipeline stage of the model that the flags describe, at their TP/PP layout."""
+    run_config = RunConfig.from_values(args)
+    return build_model(run_config.model, run_config.parallel.tensor_model_parallel_size,
+                       run_config.parallel.pipeline_model_parallel_size, pre_process, post_process)
 
 
 def train_valid_test_datasets_provider(args, tokenizer, num_samples: list):
     """GPTDataset splits of --data-path (or mock data) with at least `num_samples` samples each."""
-    return build_gpt_datasets(args, tokenizer, num_samples)
+    run_config = RunConfig.from_values(args)
+    return build_gpt_datasets(run_config.data, run_config.model.seq_length, run_config.model.seed, tokenizer,
+                              num_samples)
 
 
 def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):

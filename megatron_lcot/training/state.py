@@ -42,7 +42,7 @@ class TrainComponents:
 
     model_parts: the bare model, one module per pipeline chunk (what checkpoints and tools see;
         a list so virtual-pipeline chunks are just more parts).
-    optimizer: the optimizer seam (`training/optimizer.py`): zero_grad / step -> grad norm /
+    optimizer: the optimizer seam (`parallel/optimizer.py`): zero_grad / step -> grad norm /
         state_dict / load_state_dict, `param_groups` for the scheduler, and `schedule_parts`,
         the modules megatron-core's schedule runs (the parts themselves, or their data-parallel
         wrappers).

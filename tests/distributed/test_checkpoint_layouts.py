@@ -28,7 +28,7 @@ import torch
 
 from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, read_checkpoint_weights, read_metrics, run_pretrain, tool_env
 from tests.distributed.test_data_parallel_equivalence import DS_CONFIGS, deepspeed_launcher
-from tests.distributed.test_pipeline_equivalence import ADAPTIVE_2, MODES
+from tests.distributed.test_pipeline_equivalence import MODES
 
 pytestmark = pytest.mark.slow
 

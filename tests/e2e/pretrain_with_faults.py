@@ -19,7 +19,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import pretrain_lcot  # noqa: E402
-from megatron_lcot.training import checkpointing  # noqa: E402
+from megatron_lcot.checkpoint import checkpointing  # noqa: E402
 
 
 def _nth_call(function, n: int, fault):

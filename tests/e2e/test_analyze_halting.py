@@ -70,7 +70,7 @@ def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset)
 
     trained, reference = load_trained_model(str(adaptive)), load_trained_model(str(vanilla))
     stream = [*trained.tokenizer.tokenize(text.read_text(encoding="utf-8")), trained.tokenizer.eod][:301]
-    seq = trained.args.seq_length
+    seq = trained.config.model.seq_length
     nll, ref_nll, steps, first = [], [], [], []
     with torch.no_grad():
         for begin in range(0, 300, seq):

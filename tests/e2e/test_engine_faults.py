@@ -112,7 +112,7 @@ def test_resuming_under_another_engine_is_refused_and_the_named_command_converts
     """A megatron DDP checkpoint resumed with --use-distributed-optimizer or --deepspeed: exit 2
     before any work, naming the flag and the reshard command; that command's output starts a
     distributed-optimizer run from the checkpoint's weights."""
-    from megatron_lcot.training import reshard
+    from megatron_lcot.checkpoint import reshard
 
     flags = [*MOCK, "--train-iters", 2]
     _main([*flags, "--save", tmp_path / "ddp"])
@@ -144,7 +144,7 @@ def test_resuming_under_another_engine_is_refused_and_the_named_command_converts
 def test_zero_stage_change_is_refused_with_the_flag_named():
     import argparse
 
-    from megatron_lcot.training.checkpointing import CheckpointError, _check_same_engine
+    from megatron_lcot.checkpoint.checkpointing import CheckpointError, _check_same_engine
 
     args = argparse.Namespace(deepspeed=True, deepspeed_config=os.path.join(DS_CONFIGS, "zero2.json"), zero_stage=3,
                               use_distributed_optimizer=False)

@@ -166,7 +166,7 @@ def _greedy_items(trained, cloze: list) -> list:
     scorer, tokenizer, greedy = CheckpointScorer(trained), trained.tokenizer, []
     for item in cloze:
         head = tokenizer.tokenize(item["context"])
-        logprobs, _ = scorer(torch.tensor([head[-trained.args.seq_length :]]))
+        logprobs, _ = scorer(torch.tensor([head[-trained.config.model.seq_length :]]))
         text = tokenizer.detokenize(head + [int(logprobs[-1].argmax())])
         if text.startswith(item["context"]) and len(text) > len(item["context"]):
             greedy.append({"context": item["context"], "target": text[len(item["context"]) :]})
@@ -182,7 +182,7 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
     adapter = adapters[mode]
     trained = load_trained_model(trained_checkpoints[mode])  # a second, independent copy
     scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
-    seq = trained.args.seq_length
+    seq = trained.config.model.seq_length
     if mode == "adaptive":  # 6 steps leave every gate near 0.9 (no token halts at tau 0.4): make tokens halt
         _halt_half_the_tokens(trained.model, [adapter.trained.model], tokenize(items["cloze"][0]["context"])[-seq:],
                               monkeypatch)

@@ -16,7 +16,13 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL_FLAGS, nested_tensors, read_checkpoint_weights, read_metrics, run_pretrain
+from tests.conftest import (
+    TINY_MODEL_FLAGS,
+    nested_tensors,
+    read_checkpoint_weights,
+    read_metrics,
+    run_pretrain,
+)
 
 
 def _flags(*extra) -> list:
@@ -150,9 +156,10 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     # FLOPs in the log: every step in the warm-up, step 2 skipped after it; a running total.
     from megatron_lcot.arguments import parse_args
     from megatron_lcot.model.flops import training_flops_per_token
-    from megatron_lcot.training.providers import lcot_config_from_args
+    from megatron_lcot.run_config import RunConfig
 
-    config = lcot_config_from_args(parse_args([*map(str, flags), "--save", str(tmp_path)]))
+    args = parse_args([*map(str, flags), "--save", str(tmp_path)])
+    config = RunConfig.from_values(args).model.lcot_config()
     vocab = 384  # mock data: 256 ids + eod, padded to a multiple of 128
     per_token = [training_flops_per_token(config, 64, vocab, shares) for shares in ([1, 1, 1], [1, 1, 0])]
     assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)

@@ -1,4 +1,4 @@
-"""Naive, independent references for the latent-thought LM (METHOD.md sections 1-3).
+"""Naive, independent references for the latent-thought LM (docs/method.md).
 
 Everything here is written with plain torch ops from the *weights* of a megatron-core
 GPTModel (local spec, RMSNorm, SwiGLU, RoPE, untied, GQA). Nothing in this file imports or
@@ -312,7 +312,7 @@ def interleaved_jacobi_logits(
     jacobi_iters: int,
     embedding_scale: float,
 ) -> torch.Tensor:
-    """PonderLM-2's Jacobi schedule, written plainly (METHOD.md section 2).
+    """PonderLM-2's Jacobi schedule, written plainly (docs/method.md).
 
     S[t, 0] = token embedding * scale. Warm-up (the project's documented decision, so that no
     slot is read before it holds a state): for k = 1..K, one pass of M over the interleaved
@@ -371,7 +371,7 @@ def adaptive_forward(
     loss_weight: float = 0.0,
     correctness_exponent: float = 1.0,
 ) -> AdaptiveResult:
-    """Adaptive latent CoT, decoded naively token by token (METHOD.md section 3, our rules).
+    """Adaptive latent CoT, decoded naively token by token (docs/method.md, our rules).
 
     For each token in order, run steps k = 0, 1, ... while live. After step k (k < K), the gate
     g(t,k) = sigmoid(y(t,k) . W[k] + b[k]); reach r(t,k+1) = r(t,k) g(t,k); step k+1 is live iff

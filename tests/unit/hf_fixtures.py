@@ -88,12 +88,12 @@ def halting_checkpoint(trained_checkpoints, tmp_path_factory) -> str:
     weights-only checkpoint at the same iteration (a directory `pretrain_lcot.py --save` could
     have written: export, generation and evaluation tools load it)."""
     from megatron_lcot.inference.loading import load_trained_model
-    from megatron_lcot.training.checkpointing import save_weights_only
+    from megatron_lcot.checkpoint.checkpointing import save_weights_only
 
     trained = load_trained_model(trained_checkpoints["adaptive"])
     make_router_decisive(trained.model)
     root = str(tmp_path_factory.mktemp("halting_checkpoint") / "adaptive_halting")
-    save_weights_only(root, trained.iteration, trained.model, trained.args, sharded=True)
+    save_weights_only(root, trained.iteration, trained.model, trained.config.as_flags(), sharded=True)
     return root
 
 
@@ -111,7 +111,7 @@ def halting_shares(trained, ids: list, window: int = 64) -> list:
 
     from megatron_lcot.inference.scoring import CheckpointScorer, LatentStepTally
 
-    scorer, tally = CheckpointScorer(trained), LatentStepTally(trained.args.latent_steps)
+    scorer, tally = CheckpointScorer(trained), LatentStepTally(trained.config.model.latent_steps)
     for start in range(0, len(ids), window):
         tally.add(scorer(torch.tensor([ids[start : start + window]]))[1])
     return tally.summary()["halted_share"]

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from megatron_lcot.arguments import ArgumentError, parse_args
-from megatron_lcot.training.deepspeed_config import effective_config
+from megatron_lcot.parallel.deepspeed_config import effective_config
 from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS
 
 BASE = [*TINY_MODEL_FLAGS, "--train-iters", "2", "--mock-data", "--vocab-size", "100"]

@@ -16,13 +16,9 @@ import sys
 import pytest
 import torch
 
-from tests.reference import naive_lm as ref
 from tests.reference.helpers import max_abs, single_thread_fixture
 from tests.unit.test_equivalence_model import (
-    ADAPTIVE,
-    B,
     GRAD_PARAMS,
-    T,
     _assert_grads_close,
     adaptive_model,
     build,
@@ -154,15 +150,15 @@ FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4
 
 def test_attention_and_recompute_flags_reach_the_config(capsys, monkeypatch):
     """Proves --attention-backend and --recompute-granularity arrive in LcotConfig by field name
-    (lcot_config_from_args), that `selective` leaves megatron-core's own recompute off (ours
+    (RunConfig.from_values), that `selective` leaves megatron-core's own recompute off (ours
     wraps the core attention), and that a wrong backend is refused by argparse naming the flag."""
     from megatron_lcot.arguments import ArgumentError, parse_args
-    from megatron_lcot.training.providers import lcot_config_from_args
+    from megatron_lcot.run_config import RunConfig
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     args = parse_args(FLAGS + ["--attention-backend", "dense", "--recompute-granularity", "selective",
                                "--latent-steps", "2", "--vocab-size", "128"])
-    config = lcot_config_from_args(args)
+    config = RunConfig.from_values(args).model.lcot_config()
     assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
     assert config.recompute_granularity is None
     with pytest.raises(ArgumentError, match="--recompute-granularity full is not supported yet with latent"):
@@ -209,7 +205,7 @@ def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # no
 
 def test_train_throughput_benchmark_smoke():
     """The benchmark runs end to end at a tiny size (no timing asserted) and its last line is the
-    JSON summary with a ratio for every target of issue 11."""
+    JSON summary with a ratio for every target of docs/benchmarks.md."""
     result = subprocess.run(
         [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "train_throughput.py"), "--size", "tiny",
          "--num-layers", "1", "--seq-length", "32", "--micro-batch-size", "2", "--repeats", "1", "--threads", "1"],

@@ -78,7 +78,7 @@ def test_router_is_fp32_under_bf16_weights():
 
 
 def test_router_parameters_get_their_own_group():
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     model = adaptive_model(warmup=0)
     names = [name for name, p in model.named_parameters() if is_router_param(name, p)]

@@ -70,7 +70,8 @@ def exported(trained_checkpoints, tmp_path_factory, sotu_indexed_dataset):
             logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])
         greedy = generate_ids(trained, [trained.tokenizer.tokenize(PROMPT)], NEW_TOKENS, SamplingParams(greedy=True))
         ours[mode] = {"logits": logits, "text_ids": trained.tokenizer.tokenize(text), "vocab": trained.vocab_size,
-                      "padded_vocab": trained.args.padded_vocab_size, "prompt_ids": trained.tokenizer.tokenize(PROMPT),
+                      "padded_vocab": trained.config.model.padded_vocab_size,
+                      "prompt_ids": trained.tokenizer.tokenize(PROMPT),
                       "generated": greedy.tokens[0], "latent_steps": greedy.latent_steps[0]}
         job[mode] = {"dir": directory, "ids": ids, "text": text, "prompt": PROMPT, "new_tokens": NEW_TOKENS}
     work = root / "hf_side"

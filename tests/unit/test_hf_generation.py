@@ -32,8 +32,8 @@ def _loaded(checkpoints, mode):
 
 def _full_logits(trained, ids):
     kwargs = {}
-    if trained.args.latent_layout == "interleaved" and trained.args.latent_steps > 0:
-        kwargs["jacobi_iters"] = len(ids) * (trained.args.latent_steps + 1)  # the exact fixed point
+    if trained.config.model.latent_layout == "interleaved" and trained.config.model.latent_steps > 0:
+        kwargs["jacobi_iters"] = len(ids) * (trained.config.model.latent_steps + 1)  # the exact fixed point
     with torch.no_grad():
         return trained.model(torch.tensor([ids]), torch.arange(len(ids))[None], **kwargs)[0, -1, : trained.vocab_size]
 
@@ -58,7 +58,7 @@ def test_cached_decoding_equals_full_recomputation(checkpoints, mode):
     if mode == "adaptive":  # halting happened, at several different steps, some before the first thought
         assert min(steps) == 0 and len(set(steps)) >= 2 and max(steps) <= 3
     else:
-        assert set(steps) == {float(trained.args.latent_steps)}
+        assert set(steps) == {float(trained.config.model.latent_steps)}
 
 
 @pytest.mark.parametrize("mode", ["adaptive", "interleaved"])

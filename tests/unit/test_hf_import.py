@@ -199,7 +199,7 @@ def test_import_to_a_parallel_layout_equals_the_one_process_import(llama_dir, tm
     import sys
 
     from megatron_lcot.hf.import_llama import import_llama
-    from megatron_lcot.training.checkpointing import saved_args
+    from megatron_lcot.checkpoint.checkpointing import saved_args
     from tests.conftest import REPO_ROOT, read_checkpoint_weights, tool_env
 
     path, _ = llama_dir

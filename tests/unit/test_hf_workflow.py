@@ -209,7 +209,7 @@ def test_model_card_takes_tokens_flops_and_perplexity_from_the_run(trained_check
     export(checkpoint, str(tmp_path / "from_metrics"), metrics_file=str(metrics))
     card = (tmp_path / "from_metrics" / "README.md").read_text()
     trained = load_trained_model(checkpoint)
-    flops = training_flops_per_token(trained.model.config, 64, trained.args.padded_vocab_size) * 6 * 4 * 64
+    flops = training_flops_per_token(trained.model.config, 64, trained.config.model.padded_vocab_size) * 6 * 4 * 64
     assert "| training tokens | 1,536 (24 sequences of 64) |" in card
     assert f"| training FLOPs | {flops:.4g} |" in card
     assert "| held-out perplexity | 365 (validation split at iteration 6, lm loss 5.9000) |" in card

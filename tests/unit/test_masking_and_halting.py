@@ -2,7 +2,7 @@
 
 The model never builds the dense T(K+1) x T(K+1) mask; it runs K+1 passes with
 `stepwise_pass_mask`. These tests prove the passes together are exactly the dense stepwise mask
-(METHOD.md section 2), and that exit mass and KV exposure follow METHOD.md section 3 as written
+(docs/method.md), and that exit mass and KV exposure follow docs/method.md as written
 out token by token.
 """
 

@@ -14,6 +14,7 @@ import torch
 from megatron_lcot.data.datasets import PretrainingSampler
 from megatron_lcot.model import LcotOutput
 from megatron_lcot.training.metrics import summarize, token_statistics
+from megatron_lcot.training.state import TrainState
 
 
 def test_token_statistics_count_only_loss_tokens():
@@ -49,11 +50,12 @@ def tiny_training_state():
     """(args, model, optimizer, scheduler) for a 1-layer vanilla model on a world of one."""
     from megatron_lcot import parallel
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
         num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
+        seq_length=16,
         padded_vocab_size=128, latent_steps=0, latent_layout="stepwise", halting="none", init_method_std=None,
         tensor_model_parallel_size=1,
         pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
@@ -72,8 +74,6 @@ def _components(model, optimizer, scheduler):
 
 
 def _at(iteration: int, consumed_samples: int):
-    from megatron_lcot.training.state import TrainState
-
     return TrainState(iteration=iteration, consumed_train_samples=consumed_samples)
 
 
@@ -105,8 +105,8 @@ def test_optimizer_clips_to_global_norm_and_skips_decay_on_vectors(tiny_training
 
 
 def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_path, monkeypatch):
-    from megatron_lcot.training import checkpointing
-    from megatron_lcot.training.optimizer import build_lr_scheduler
+    from megatron_lcot.checkpoint import checkpointing
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
@@ -131,7 +131,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert not os.path.exists(tmp_path / "iter_0000002")
 
     fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
-    loaded = checkpointing.load_checkpoint(str(tmp_path), _components(model, optimizer, fresh_scheduler), args)
+    restored = _components(model, optimizer, fresh_scheduler)
+    loaded = checkpointing.load_checkpoint(str(tmp_path), restored, args, TrainState())
     assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
@@ -152,20 +153,20 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_training_state, tmp_path, flag, value,
                                                                        message):
     """The message names the flag (megatron-core's scheduler would only assert on --lr)."""
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
     checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
     other = argparse.Namespace(**{**vars(args), flag: value})
     with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
-        checkpointing.load_checkpoint(str(tmp_path), components, other)
-    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args)
+        checkpointing.load_checkpoint(str(tmp_path), components, other, TrainState())
+    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args, TrainState())
     assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
 
 
 def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_state, tmp_path):
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
@@ -183,7 +184,7 @@ def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_
 def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_training_state, tmp_path):
     """save_weights_only in both formats round-trips through load_model_weights, and training
     refuses to resume from a weights-only checkpoint with a message that says what it is."""
-    from megatron_lcot.training import checkpointing
+    from megatron_lcot.checkpoint import checkpointing
 
     args, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
@@ -199,7 +200,7 @@ def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_train
         assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
         assert checkpointing.saved_args(root)["hidden_size"] == 32
         with pytest.raises(checkpointing.CheckpointError, match="holds weights only .* --skip-train"):
-            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args)
+            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args, TrainState())
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
@@ -207,7 +208,7 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
     accumulate there, the bf16 weight is the main weight rounded, and the main copies survive
     a state_dict round trip into a fresh optimizer."""
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     args = argparse.Namespace(**{**vars(tiny_training_state[0]), "bf16": True, "lr": 1e-5, "clip_grad": 0.0})
 
@@ -240,7 +241,7 @@ def test_distributed_optimizer_state_round_trips(tiny_training_state):
     """--use-distributed-optimizer: the seam's state_dict gathers the sharded fp32 weights and Adam
     moments; loading it into a fresh model and optimizer restores them (the next step agrees)."""
     from megatron_lcot.model import build_lcot_model, llama_config
-    from megatron_lcot.training.optimizer import build_lr_scheduler, build_optimizer
+    from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     args = argparse.Namespace(**{**vars(tiny_training_state[0]), "use_distributed_optimizer": True})
 

@@ -1,11 +1,11 @@
 """Split text for tokenization: huge documents into pieces, documents into sentences.
 
-Long documents. Tokenizer libraries hold per-token structures for the whole input (measured
-here on a 100 MB document: sentencepiece peaks at ~40x the text size, Hugging Face byte-level
-BPE at ~130x and slows down super-linearly). Documents longer than ``--long-document-chars`` are
-therefore encoded in pieces of about that many characters, cut just before a whitespace run
-that follows a non-whitespace character. Such a cut is a pre-tokenization boundary of GPT-2's
-byte-level BPE regex and of sentencepiece models that normalize whitespace (the default, and
+Long documents. Tokenizer libraries hold per-token structures for the whole input (peak
+memory a large multiple of the text size, and Hugging Face byte-level BPE slows down
+super-linearly: docs/benchmarks.md, "Costs behind design choices"). Documents longer than
+``--long-document-chars`` are therefore encoded in pieces of about that many characters, cut
+just before a whitespace run that follows a non-whitespace character. Such a cut is a
+pre-tokenization boundary of GPT-2's byte-level BPE regex and of sentencepiece models that normalize whitespace (the default, and
 what ``tools/train_tokenizer.py`` trains), so the ids equal those of encoding the document whole
 (tests check both). Tokenizers that keep raw whitespace (e.g. Llama-style sentencepiece with
 ``add_dummy_prefix``) may differ in one token at each cut, i.e. once per piece.

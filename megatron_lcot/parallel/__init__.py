@@ -5,22 +5,25 @@ CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. Nothing else in the pro
 
 megatron-core 0.16.1 hard-codes CUDA in a few places (current device, RNG state, the default
 causal mask, `device="cuda"` tensors created inline by the pipeline schedules). On a machine
-without CUDA, `initialize()` installs a small shim that sends those to the CPU; on CUDA machines
-nothing is patched. See docs/architecture.md ("CPU support").
+without CUDA, `initialize()` installs the shim of `megatron_lcot/compat.py` that sends those to
+the CPU; on CUDA machines nothing is patched. See docs/architecture.md ("CPU support").
+
+The package's other modules are the data-parallel engines behind one optimizer seam:
+optimizer.py (megatron-core DDP and optimizer, LR schedule), deepspeed_config.py and
+deepspeed_engine.py (DeepSpeed ZeRO).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
-import logging
 import os
 import socket
 
 import torch
 import torch.distributed as dist
 
-_CPU_SHIM_INSTALLED = False
+from megatron_lcot import compat
 
 
 def device() -> torch.device:
@@ -67,59 +70,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _install_cpu_shim() -> None:
-    """Route megatron-core's hard-coded CUDA calls to the CPU (CPU-only machines)."""
-    global _CPU_SHIM_INSTALLED
-    if _CPU_SHIM_INSTALLED or torch.cuda.is_available():
-        return
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.tensor_parallel import random as tp_random
-
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
-    torch.cuda.synchronize = lambda *a, **k: None
-    tp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
-        torch.get_rng_state().clone() if clone else torch.get_rng_state()
-    )
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-
-    def _cpu_causal_mask(sq: int) -> torch.Tensor:
-        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
-
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask
-    # On CPU the "device" RNG that megatron forks for tensor-parallel regions *is* the CPU RNG,
-    # so its warning that the CPU RNG changed inside a fork (weight init) is expected noise.
-    logging.getLogger(tp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed" not in record.getMessage()
-    )
-    _CPU_SHIM_INSTALLED = True
-
-
-class _CudaToCpuMode(torch.overrides.TorchFunctionMode):
-    """Makes megatron-core's CUDA assumptions hold on the CPU while active:
-    `device="cuda"` keyword arguments become the CPU (the schedules create
-    `torch.zeros(..., device="cuda")` inline), and `Tensor.type()` reports `torch.cuda.*`
-    (megatron's optimizers check `param.type()` against "torch.cuda.FloatTensor" and friends
-    when they are built, when they clip and when they step)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        dev = kwargs.get("device")
-        if dev is not None and torch.device(dev).type == "cuda":
-            kwargs["device"] = "cpu"
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
-            return func(*args).replace("torch.", "torch.cuda.", 1)
-        return func(*args, **kwargs)
-
-
 def schedule_device_context():
     """Context for running megatron-core's schedules and building, stepping and (de)serialising
     its optimizers: a no-op on CUDA."""
     if torch.cuda.is_available():
         return contextlib.nullcontext()
-    return _CudaToCpuMode()
+    return compat.CudaToCpuMode()
 
 
 def initialize(
@@ -139,7 +95,8 @@ def initialize(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    _install_cpu_shim()
+    compat.check_versions()
+    compat.install_cpu_shim()
     if not dist.is_initialized():
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -163,11 +120,12 @@ def initialize(
 
 def init_deepspeed_comm() -> None:
     """Let DeepSpeed use the process group `initialize()` created. On the CPU its shared-memory
-    all-reduce op (inference only) would be JIT-compiled first (~100 s): mark it unavailable."""
+    all-reduce op (inference only) would be JIT-compiled first (docs/benchmarks.md, "Costs behind
+    design choices"): mark it unavailable."""
     import deepspeed
 
     if not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        compat.disable_deepspeed_shm_comm()
     deepspeed.init_distributed(dist_backend=backend(), dist_init_required=False)
 
 

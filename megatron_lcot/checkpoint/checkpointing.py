@@ -1,8 +1,9 @@
 """Training checkpoints: layout-free weights, per-rank training state, atomic directories.
 
     <save>/iter_0000100/
-        run.pt                                  the flags and the iteration (global rank 0): what
-                                                tools read before building anything
+        run.pt                                  the RunConfig (versioned), the flags and the
+                                                iteration (global rank 0): what tools read
+                                                before building anything
         model/                                  the weights, megatron-core `dist_checkpointing`
                                                 (torch_dist): loads into a model of any TP/PP
         mp_rank_00[_PPP]/model_optim_rng.pt     one model-parallel rank's optimizer, LR schedule,
@@ -40,7 +41,6 @@ DeepSpeed's partitioned files, and `load_model_weights` consolidates them in one
 from __future__ import annotations
 
 import os
-import queue
 import random
 import re
 import shutil
@@ -49,9 +49,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-from megatron_lcot.training.state import TrainState
+from megatron_lcot import compat
+from megatron_lcot.run_config import RunConfig
 
 TRACKER_FILENAME = "latest_checkpointed_iteration.txt"
 CHECKPOINT_FILENAME = "model_optim_rng.pt"
@@ -145,16 +145,6 @@ def plain_args(args) -> dict:
             if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
 
 
-def _use_in_process_results_queue() -> None:
-    """dist_checkpointing's torch_dist writer collects its (forked) writers' results through a
-    queue that by default lives in a *spawned* multiprocessing Manager: a fresh interpreter
-    that re-imports `__main__` (13 s per process here, and a crash for scripts without a
-    `__main__` guard). Saving is synchronous: the results are put and read by this process,
-    so a thread queue serves (a multiprocessing one could still be empty when read)."""
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def _as_parts(model) -> list:
     return list(model) if isinstance(model, (list, tuple)) else [model]
 
@@ -169,7 +159,7 @@ def save_model_weights(model, directory: str) -> None:
     """Write the weights of `model` (a module or the list of model parts) as a dist_checkpointing
     directory (collective; `directory` must exist and be empty). Every rank writes its own
     shards; a replicated tensor is written once, by its main replica."""
-    _use_in_process_results_queue()
+    compat.use_in_process_results_queue()
     dist_checkpointing.save(_sharded_weights(_as_parts(model)), directory)
 
 
@@ -236,7 +226,7 @@ def _engine_of(args) -> str:
     """The optimizer seam a run trains with, as saved in `run.pt`: its per-rank state only
     resumes under the same one."""
     if getattr(args, "deepspeed", False):
-        from megatron_lcot.training.deepspeed_config import zero_stage_of
+        from megatron_lcot.parallel.deepspeed_config import zero_stage_of
 
         return f"deepspeed zero-{zero_stage_of(args.deepspeed_config, args.zero_stage)}"
     return "megatron distributed-optimizer" if args.use_distributed_optimizer else "megatron ddp"
@@ -264,7 +254,7 @@ def _check_same_engine(saved: str | None, args, root: str) -> None:
         "then --load NEW_DIR.")
 
 
-def save_checkpoint(root: str, train_state: TrainState, components, args) -> str:
+def save_checkpoint(root: str, train_state, components, args) -> str:
     """Write `train_state.iteration` atomically and point the marker at it (collective call).
 
     components: the TrainComponents whose model parts, optimizer and scheduler are saved. The
@@ -297,7 +287,8 @@ def save_checkpoint(root: str, train_state: TrainState, components, args) -> str
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
 
     _written_by_every_rank(root, staging_dir, iteration, write)
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False, "engine": _engine_of(args)}
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False, "engine": _engine_of(args),
+                 "run_config": RunConfig.from_values(args).to_dict()}
     return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
 
 
@@ -320,7 +311,8 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
 
     _written_by_every_rank(root, staging_dir, iteration, write)
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True}
+    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True,
+                 "run_config": RunConfig.from_values(args).to_dict()}
     return _publish(root, staging_dir, iteration, run_state, None)
 
 
@@ -379,6 +371,16 @@ def saved_args(root: str, iteration: int | None = None) -> dict:
     and whatever its layout: tools rebuild the model from these
     (`argparse.Namespace(**saved_args(root))`)."""
     return _run_state(root, _resolve_iteration(root, iteration))["args"]
+
+
+def load_run_config(root: str, iteration: int | None = None) -> RunConfig:
+    """The RunConfig a checkpoint was written with, read without building anything. Checkpoints
+    written before the RunConfig existed stored only the flags (`args`): the same by-name
+    reading of those flags gives the RunConfig they describe."""
+    run_state = _run_state(root, _resolve_iteration(root, iteration))
+    if "run_config" in run_state:
+        return RunConfig.from_dict(run_state["run_config"])
+    return RunConfig.from_values(run_state["args"])
 
 
 def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
@@ -466,15 +468,16 @@ def check_resumable(root: str, args) -> None:
         _check_same_engine(run_state.get("engine"), args, root)
 
 
-def load_checkpoint(root: str, components, args) -> TrainState:
+def load_checkpoint(root: str, components, args, train_state):
     """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
-    scheduler and the RNGs; returns the run's TrainState.
+    scheduler and the RNGs, and the saved TrainState into `train_state` (a fresh one, which
+    the training loop owns); returns it.
 
-    A fresh TrainState when `root` holds no checkpoint yet, so `--save D --load D` starts
-    fresh the first time and resumes afterwards. Raises CheckpointError, before touching
-    anything, when a flag that fixes the model, the schedule or the layout differs.
+    `train_state` is returned unchanged when `root` holds no checkpoint yet, so
+    `--save D --load D` starts fresh the first time and resumes afterwards. Raises
+    CheckpointError, before touching anything, when a flag that fixes the model, the schedule
+    or the layout differs.
     """
-    train_state = TrainState()
     if latest_iteration(root) is None:
         return train_state
     iteration = _resolve_iteration(root, None)

@@ -29,7 +29,7 @@ from megatron.core import parallel_state
 
 from megatron_lcot import parallel
 from megatron_lcot.model.halting import is_router_param
-from megatron_lcot.training.deepspeed_config import effective_config
+from megatron_lcot.parallel.deepspeed_config import effective_config
 
 
 class _MegatronMpu:

@@ -3,7 +3,7 @@
 The training loop only calls `zero_grad()`, `step() -> grad_norm` (no update when it is NaN/inf),
 hands `param_groups` to the LR scheduler and `schedule_parts` (the modules the pipeline
 schedule runs) to megatron-core's schedule; it never asks which seam it has. Checkpoints
-(`training/checkpointing.py`) ask three questions of a seam: `saves_own_files` (its state is
+(`checkpoint/checkpointing.py`) ask three questions of a seam: `saves_own_files` (its state is
 sharded over ranks and written by every rank with `save(dir)` / read with `load(dir)`;
 otherwise it is replicated over data-parallel ranks and travels in `state_dict()`),
 `partitions_weights` (the model's weights exist only as partitions: ZeRO-3) and
@@ -15,7 +15,7 @@ otherwise it is replicated over data-parallel ranks and travels in `state_dict()
   `--bf16`/`--fp16`, dynamic loss scaling under `--fp16`, global-norm clipping across
   tensor/pipeline shards; `--use-distributed-optimizer` shards the optimizer state over the
   data-parallel group as ZeRO-1 does).
-* `DeepSpeedOptimizer` (`--deepspeed`, `training/deepspeed_engine.py`): a ZeRO 1/2/3 engine.
+* `DeepSpeedOptimizer` (`--deepspeed`, `parallel/deepspeed_engine.py`): a ZeRO 1/2/3 engine.
 
 The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which only needs
 `param_groups` (with `wd_mult` 0 for vectors: norm weights, biases), so Megatron-LM's
@@ -24,18 +24,16 @@ The LR/weight-decay schedule is megatron-core's `OptimizerParamScheduler`, which
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 
-from megatron_lcot import parallel
+from megatron_lcot import compat, parallel
 from megatron_lcot.model.halting import is_router_param
 
 OPTIMIZER_DIRNAME = "optimizer"
@@ -109,21 +107,9 @@ class MegatronCoreOptimizer:
         """Apply one update from the reduced gradients; returns the pre-clip grad norm. No
         update when it is NaN/inf, nor when `--fp16` found an overflow (then nan).
 
-        megatron-core's own `step()` (prepare, norm + clip, update) with one check added: its
-        fp32/bf16 optimizers would apply a NaN gradient."""
+        megatron-core's own `step()` with one check added (`compat.step_unless_nonfinite`)."""
         with parallel.schedule_device_context():
-            if self.optimizer.prepare_grads():  # --fp16 overflow: the loss scaler backed off
-                return float("nan")
-            grad_norm = float(self.optimizer.get_grad_norm())
-            if not math.isfinite(grad_norm):
-                return grad_norm
-            for optimizer in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
-                parameters = optimizer.get_parameters()
-                if optimizer.config.clip_grad > 0.0 and parameters:
-                    clip_grad_by_total_norm_fp32(parameters, max_norm=optimizer.config.clip_grad,
-                                                 total_norm=grad_norm)
-            self.optimizer.step_with_ready_grads()
-        return grad_norm
+            return compat.step_unless_nonfinite(self.optimizer)
 
     def state_dict(self) -> dict:
         """Optimizer state (fp32 main weights and Adam moments, loss scaler) without
@@ -190,7 +176,7 @@ def build_optimizer(model_parts: list, args):
     """The optimizer seam the flags ask for: DeepSpeed ZeRO under `--deepspeed`, else
     megatron-core DDP + its optimizer."""
     if getattr(args, "deepspeed", False):
-        from megatron_lcot.training.deepspeed_engine import DeepSpeedOptimizer
+        from megatron_lcot.parallel.deepspeed_engine import DeepSpeedOptimizer
 
         return DeepSpeedOptimizer(model_parts, args)
     return MegatronCoreOptimizer(model_parts, args)

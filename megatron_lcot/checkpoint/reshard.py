@@ -20,9 +20,14 @@ import os
 from megatron.core import parallel_state
 
 from megatron_lcot import parallel
-from megatron_lcot.training.checkpointing import (CheckpointError, load_model_weights, save_weights_only,
-                                                  saved_args)
-from megatron_lcot.training.providers import model_provider
+from megatron_lcot.checkpoint.checkpointing import (
+    CheckpointError,
+    load_model_weights,
+    save_weights_only,
+    saved_args,
+)
+from megatron_lcot.model.building import build_model
+from megatron_lcot.run_config import RunConfig
 
 
 def target_args(saved: dict, tensor_parallel: int, pipeline_parallel: int) -> argparse.Namespace:
@@ -55,8 +60,9 @@ def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_paralle
                               f"{tensor_parallel * pipeline_parallel} processes, this run has {world_size}; "
                               f"launch with torchrun --nproc-per-node {tensor_parallel * pipeline_parallel}.")
     parallel.initialize(tensor_parallel, pipeline_parallel, args.seed)
-    model = model_provider(args, pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage())
+    model = build_model(RunConfig.from_values(args).model, tensor_parallel, pipeline_parallel,
+                        pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
     iteration = load_model_weights(load_dir, model, iteration)
     return save_weights_only(save_dir, 0 if as_initial_weights else iteration, model, args, sharded=sharded)
 

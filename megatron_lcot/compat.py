@@ -1,0 +1,169 @@
+"""Every use of another library's private API or undocumented behaviour, in one place.
+
+Written for megatron-core 0.16.1, DeepSpeed 0.19.8, torch 2.13 and lm-eval 0.4.13
+(`WRITTEN_FOR`). `check_versions()` (called by `parallel.initialize()`, i.e. by every entry
+point) raises `IncompatibleVersionError` when megatron-core's major.minor differs (another
+patch release warns): the CPU shim
+and the optimizer step below replace megatron-core internals, and a release that changed them
+could train silently wrong. Other versions of DeepSpeed, torch and lm-eval only warn: what this
+module touches of them fails loudly when it changes (a missing attribute or module), and a
+refusal would block users on patch releases for nothing.
+
+What is here, and why:
+* the CPU shim (`install_cpu_shim`, `CudaToCpuMode`): megatron-core hard-codes CUDA in its RNG
+  tracker, current device, default causal mask and the schedules' inline `device="cuda"`
+  tensors; its optimizers check `Tensor.type()` strings. `install_cpu_shim` patches the
+  `torch.cuda` functions process-wide, once, and only on machines without CUDA: megatron-core
+  calls them from model construction, the RNG tracker, checkpointing and the schedules, so a
+  scope narrower than the process would have to wrap every such call. `CudaToCpuMode` is
+  scoped: a `TorchFunctionMode` entered around the schedule and the optimizer
+  (`parallel.schedule_device_context()`).
+* `disable_deepspeed_shm_comm`: DeepSpeed's `ops.__compatible_ops__` registry, so that the
+  CPU does not JIT-compile a shared-memory all-reduce we never use.
+* `use_in_process_results_queue`: dist_checkpointing's module-level `_results_queue`.
+* `step_unless_nonfinite`: megatron-core's optimizer step written out with a NaN/inf check.
+* `lm_eval_cli`: lm-eval's `_cli.HarnessCLI` (0.4.13 has no plugin mechanism).
+The pipeline passes read TransformerBlock internals too (`model/pipeline_passes.py`).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import math
+import queue
+import warnings
+
+import torch
+
+WRITTEN_FOR = {"megatron-core": "0.16.1", "deepspeed": "0.19.8", "torch": "2.13", "lm_eval": "0.4.13"}
+# Another major.minor of these is refused; any other difference is only warned about.
+REFUSED_ON_OTHER_MINOR = ("megatron-core",)
+
+_cpu_shim_installed = False
+
+
+class IncompatibleVersionError(RuntimeError):
+    """An installed library whose internals this code was not written against."""
+
+
+def _major_minor(version: str) -> tuple:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
+def check_versions(packages: tuple = ("megatron-core", "deepspeed", "torch")) -> None:
+    """Refuse another megatron-core major.minor, warn on other versions of the rest (packages
+    that are not installed are skipped: DeepSpeed and lm-eval are optional)."""
+    for package in packages:
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        wanted, version = WRITTEN_FOR[package], installed.split("+")[0]
+        if version == wanted or (package == "torch" and _major_minor(version) == _major_minor(wanted)):
+            continue
+        message = (
+            f"{package} {installed} is installed; megatron_lcot was written for {wanted} "
+            f"(megatron_lcot/compat.py holds what depends on it); install it with "
+            f"pip install '{package}=={wanted}{'.*' if package == 'torch' else ''}'"
+        )
+        if package in REFUSED_ON_OTHER_MINOR and _major_minor(version) != _major_minor(wanted):
+            raise IncompatibleVersionError(message + ".")
+        warnings.warn(message + "; continuing.", stacklevel=2)
+
+
+def install_cpu_shim() -> None:
+    """Route megatron-core's hard-coded CUDA calls to the CPU (CPU-only machines; once)."""
+    global _cpu_shim_installed
+    if _cpu_shim_installed or torch.cuda.is_available():
+        return
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
+    torch.cuda.synchronize = lambda *a, **k: None
+    tp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state()
+    )
+    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+    def _cpu_causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    fused_softmax.get_default_causal_mask = _cpu_causal_mask
+    # On CPU the "device" RNG that megatron forks for tensor-parallel regions *is* the CPU RNG,
+    # so its warning that the CPU RNG changed inside a fork (weight init) is expected noise.
+    logging.getLogger(tp_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+    _cpu_shim_installed = True
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Makes megatron-core's CUDA assumptions hold on the CPU while active:
+    `device="cuda"` keyword arguments become the CPU (the schedules create
+    `torch.zeros(..., device="cuda")` inline), and `Tensor.type()` reports `torch.cuda.*`
+    (megatron's optimizers check `param.type()` against "torch.cuda.FloatTensor" and friends
+    when they are built, when they clip and when they step)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        dev = kwargs.get("device")
+        if dev is not None and torch.device(dev).type == "cuda":
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        return func(*args, **kwargs)
+
+
+def disable_deepspeed_shm_comm() -> None:
+    """DeepSpeed's shared-memory all-reduce (inference only) would be JIT-compiled on the CPU
+    first (docs/benchmarks.md, "Costs behind design choices"): mark it unavailable in
+    DeepSpeed's op registry."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def use_in_process_results_queue() -> None:
+    """dist_checkpointing's torch_dist writer collects its (forked) writers' results through a
+    queue that by default lives in a *spawned* multiprocessing Manager: a fresh interpreter
+    that re-imports `__main__` (slow, and a crash for scripts without a `__main__` guard).
+    Saving is synchronous: the results are put and read by this process, so a thread queue
+    serves (a multiprocessing one could still be empty when read)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+def step_unless_nonfinite(megatron_optimizer) -> float:
+    """megatron-core's `MegatronOptimizer.step()` (prepare, norm + clip, update) with one check
+    added: its fp32/bf16 optimizers would apply a NaN gradient. Returns the pre-clip grad norm;
+    no update when it is NaN/inf, nor when fp16 found an overflow (then nan)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if megatron_optimizer.prepare_grads():  # fp16 overflow: the loss scaler backed off
+        return float("nan")
+    grad_norm = float(megatron_optimizer.get_grad_norm())
+    if not math.isfinite(grad_norm):
+        return grad_norm
+    for optimizer in getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer]):
+        parameters = optimizer.get_parameters()
+        if optimizer.config.clip_grad > 0.0 and parameters:
+            clip_grad_by_total_norm_fp32(
+                parameters, max_norm=optimizer.config.clip_grad, total_norm=grad_norm
+            )
+    megatron_optimizer.step_with_ready_grads()
+    return grad_norm
+
+
+def lm_eval_cli():
+    """lm-eval's command-line parser/runner class (private in 0.4.13: `lm_eval._cli`)."""
+    check_versions(("lm_eval",))
+    from lm_eval._cli import HarnessCLI
+
+    return HarnessCLI
