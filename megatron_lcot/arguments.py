@@ -48,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fp16", action="store_true",
                        help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
     model.add_argument("--attention-backend", dest="core_attention_backend", choices=("auto", "sdpa", "flex", "dense"),
-                       default="auto", help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
-                                            "CUDA for training; dense: the materialised-mask reference)")
+                       default="auto", help="core attention kernel (auto = sdpa: per pass and device a fused call, "
+                                            "on CUDA flash / LSE-merged causal blocks / memory-efficient, never "
+                                            "the math kernel; flex: compiled FlexAttention block masks, CUDA for "
+                                            "training; dense: the materialised-mask reference)")
     model.add_argument("--recompute-granularity", dest="latent_recompute", choices=("selective", "full"), default=None,
                        help="activation recompute: selective = each core attention (the per-pass KV "
                             "concatenation is rebuilt in backward); full = each latent pass (every layer in vanilla mode)")

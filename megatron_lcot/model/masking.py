@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from megatron_lcot.model.attention_pass import AttentionPass
+
 
 def interleaved_positions(num_tokens: int, latent_steps: int, device=None) -> torch.Tensor:
     """RoPE position of each slot in interleaved order: every slot of token t sits at t. [T(K+1)]"""
@@ -139,6 +141,13 @@ class StepwisePass:
     def is_causal(self) -> bool:
         """Step 0 over all tokens is ordinary causal attention."""
         return self.step == 0 and self.live is None
+
+    def attention_pass(self) -> AttentionPass:
+        """What attention.py picks the kernel from: causal step 0; with every token live, step+1
+        causal blocks of T keys; packed live queries: an arbitrary mask."""
+        if self.live is not None:
+            return AttentionPass("masked")
+        return AttentionPass("causal") if self.step == 0 else AttentionPass("step_blocks", self.step + 1)
 
     def allowed_keys(self, device) -> torch.Tensor:
         """[T, (step+1) T], or [b, 1, width, (step+1) T] for packed queries; built once per
