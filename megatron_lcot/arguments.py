@@ -77,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="set by the deepspeed launcher; the rank is read from the environment")
     parallel.add_argument("--use-distributed-optimizer", action="store_true",
                           help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
+    parallel.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false",
+                          help="megatron-core DDP: reduce gradients after backward instead of bucket by bucket "
+                               "during it (overlapped by default)")
+    parallel.add_argument("--no-overlap-param-gather", dest="overlap_param_gather", action="store_false",
+                          help="--use-distributed-optimizer: all-gather the updated weights right after the step "
+                               "instead of bucket by bucket in the next forward (overlapped by default)")
     parallel.add_argument("--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
     parallel.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                           help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
@@ -132,7 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--split", default="969,30,1", help="train,valid,test proportions of --data-path")
     data.add_argument("--data-cache-path", default=None, help="where GPTDataset caches its indices")
     data.add_argument("--mock-data", action="store_true", help="synthetic token data for smoke runs")
-    data.add_argument("--num-workers", type=int, default=0, help="data loader worker processes")
+    data.add_argument("--num-workers", type=int, default=2,
+                      help="data loader worker processes (0: load in the training process); batches are "
+                           "pinned in host memory when training on CUDA")
     data.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None)
     data.add_argument("--tokenizer-model", default=None)
     data.add_argument("--vocab-file", default=None)

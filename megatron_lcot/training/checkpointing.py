@@ -210,6 +210,7 @@ def save_checkpoint(root: str, train_state: TrainState, components, args) -> str
     """
     iteration, optimizer = train_state.iteration, components.optimizer
     staging_dir = _prepare_staging(root, iteration)
+    getattr(optimizer, "sync_params", lambda: None)()  # weights still being gathered (overlap)
     save_model_weights(components.model_parts, os.path.join(staging_dir, MODEL_DIRNAME))
     own_files = getattr(optimizer, "save", None)
     if own_files is not None:  # DeepSpeed: every rank writes its ZeRO partition (under deepspeed/)
