@@ -235,9 +235,22 @@ def format_estimate(estimate: dict) -> str:
     return "\n".join(f"{name:<{width}}  {value:>12}" for name, value in rows)
 
 
-def main(argv=None) -> None:
+def estimate_for_flags(flags: list, gpus: int, device: str = "cuda") -> tuple:
+    """(TrainingShape, memory_estimate) of pretrain_lcot.py `flags` on `gpus` GPUs; data flags
+    are optional (memory does not depend on the data), --vocab-size defaults to the example's."""
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
 
+    if "--data-path" not in flags and "--mock-data" not in flags:
+        flags = [*flags, "--mock-data"]
+    if "--vocab-size" not in flags:
+        flags = [*flags, "--vocab-size", str(DEFAULT_VOCAB_SIZE)]
+    args = parse_args(flags)
+    set_padded_vocab_size(args, args.vocab_size)
+    shape = shape_from_args(args, gpus, args.padded_vocab_size, device)
+    return shape, memory_estimate(shape)
+
+
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--example", action="store_true", help="the defaults of examples/pretrain_common.sh")
@@ -247,14 +260,7 @@ def main(argv=None) -> None:
     ours, flags = parser.parse_known_args(argv)
     if ours.example:
         flags = example_flags(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) + flags
-    if "--data-path" not in flags and "--mock-data" not in flags:
-        flags = flags + ["--mock-data"]  # memory does not depend on the data
-    if "--vocab-size" not in flags:
-        flags = flags + ["--vocab-size", str(DEFAULT_VOCAB_SIZE)]
-    args = parse_args(flags)
-    set_padded_vocab_size(args, args.vocab_size)
-    shape = shape_from_args(args, ours.gpus, args.padded_vocab_size, ours.device)
-    estimate = memory_estimate(shape)
+    shape, estimate = estimate_for_flags(flags, ours.gpus, ours.device)
     if ours.json:
         print(json.dumps({"shape": asdict(shape), **estimate}))
     else:
