@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add(model, "--fp16", action="store_true",
          help="fp16 weights and activations with dynamic loss scaling; fp32 main weights")
     _add(model, "--attention-backend", dest="core_attention_backend", choices=ATTENTION_BACKENDS,
-         help="core attention kernel (auto = sdpa; flex: FlexAttention block masks, "
-              "CUDA for training; dense: the materialised-mask reference)")
+         help="core attention kernel (auto = sdpa: per pass and device a fused call, on CUDA "
+              "flash / LSE-merged causal blocks / memory-efficient, never the math kernel; flex: "
+              "compiled FlexAttention block masks, CUDA for training; dense: the materialised-mask "
+              "reference)")
     _add(model, "--recompute-granularity", dest="latent_recompute", choices=RECOMPUTE_GRANULARITIES[1:],
          help="activation recompute: selective = each core attention (the per-pass KV concatenation is "
               "rebuilt in backward); full = each latent pass (every layer in vanilla mode)")
@@ -96,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
                           help="set by the deepspeed launcher; the rank is read from the environment")
     _add(parallel, "--use-distributed-optimizer", action="store_true",
          help="shard the optimizer state over data-parallel ranks (megatron-core, as ZeRO-1)")
+    _add(parallel, "--no-overlap-grad-reduce", dest="overlap_grad_reduce", action="store_false",
+         help="megatron-core DDP: reduce gradients after backward instead of bucket by bucket "
+              "during it (overlapped by default)")
+    _add(parallel, "--no-overlap-param-gather", dest="overlap_param_gather", action="store_false",
+         help="--use-distributed-optimizer: all-gather the updated weights right after the step "
+              "instead of bucket by bucket in the next forward (overlapped by default)")
     _add(parallel, "--deepspeed", action="store_true", help="train with a DeepSpeed ZeRO engine")
     _add(parallel, "--deepspeed_config", "--deepspeed-config",
          help="DeepSpeed JSON config (e.g. examples/ds_configs/zero2.json); batch sizes, "
@@ -149,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(data, "--split", help="train,valid,test proportions of --data-path")
     _add(data, "--data-cache-path", help="where GPTDataset caches its indices")
     _add(data, "--mock-data", action="store_true", help="synthetic token data for smoke runs")
-    _add(data, "--num-workers", type=int, help="data loader worker processes")
+    _add(data, "--num-workers", type=int,
+         help="data loader worker processes (0: load in the training process); batches are "
+              "pinned in host memory when training on CUDA")
     _add(data, "--tokenizer-type", choices=TOKENIZER_TYPES)
     _add(data, "--tokenizer-model")
     _add(data, "--vocab-file")

@@ -125,7 +125,7 @@ class DataSection:
     split: str = "969,30,1"
     data_cache_path: str | None = None
     mock_data: bool = False
-    num_workers: int = 0
+    num_workers: int = 2
     tokenizer_type: str | None = None
     tokenizer_model: str | None = None
     vocab_file: str | None = None
@@ -167,6 +167,8 @@ class ParallelSection:
     world_size: int = 1
     data_parallel_size: int = 1
     use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
     deepspeed: bool = False
     deepspeed_config: str | None = None
     zero_stage: int | None = None

@@ -75,12 +75,13 @@ class PretrainingSampler:
 
 def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int,
                         data_parallel_rank: int, data_parallel_size: int,
-                        num_workers: int = 0) -> Optional[Iterator[dict]]:
+                        num_workers: int = 0, pin_memory: bool = False) -> Optional[Iterator[dict]]:
     """An iterator of micro-batches (dicts of `[micro_batch, seq]` tensors), or None without data."""
     if dataset is None:
         return None
     sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
                                  data_parallel_rank, data_parallel_size)
+    # pinned batches make the host-to-GPU copy asynchronous; pinning needs CUDA
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0)
+                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
     return iter(loader)

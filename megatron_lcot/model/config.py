@@ -57,8 +57,9 @@ class LcotConfig(TransformerConfig):
     """Interleaved layout: Jacobi iterations at evaluation."""
 
     core_attention_backend: str = "auto"
-    """LcotCoreAttention's kernel: 'sdpa', 'flex' (FlexAttention block masks), 'dense' (the
-    materialised-mask reference) or 'auto' (= sdpa). See attention.py."""
+    """LcotCoreAttention's kernel: 'sdpa' (a fused call per pass type and device, never CUDA's
+    math kernel), 'flex' (FlexAttention block masks), 'dense' (the materialised-mask reference)
+    or 'auto' (= sdpa). See attention.py."""
 
     latent_recompute: str = None
     """Activation recompute (flag --recompute-granularity): None; 'selective' = every core

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.utils.checkpoint
 
+from megatron_lcot.model.attention_pass import AttentionPass
 from megatron_lcot.model.halting import HaltingState, LivePacking
 from megatron_lcot.model.masking import stepwise_pass_mask
 
@@ -144,6 +145,16 @@ class LatentPass:
     def is_causal(self) -> bool:
         """A plain pass over one stream is ordinary causal attention (no mask materialised)."""
         return self._plain() and self.streams_seen == 1
+
+    def attention_pass(self) -> AttentionPass:
+        """What attention.py picks the kernel from: a plain pass over one stream is causal, over
+        several streams it is that many causal blocks of the same tokens (stepwise pass k with
+        every token live); packed live queries, cached or padded entries: an arbitrary mask."""
+        if not self._plain():
+            return AttentionPass("masked")
+        if self.streams_seen == 1:
+            return AttentionPass("causal")
+        return AttentionPass("step_blocks", self.streams_seen)
 
     def _query_index(self, device) -> torch.Tensor:
         """[b or 1, nq] each query's index in its stream."""

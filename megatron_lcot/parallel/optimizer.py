@@ -72,8 +72,13 @@ class MegatronCoreOptimizer:
 
     def __init__(self, model_parts: list, args) -> None:
         config = model_parts[0].config
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   use_distributed_optimizer=args.use_distributed_optimizer)
+        # overlap: each gradient bucket is reduced as soon as backward fills it, and with the
+        # distributed optimizer each weight bucket is all-gathered in the forward pre-hook of its
+        # first module (megatron-core's DDP); the collectives then hide behind compute.
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=args.use_distributed_optimizer and args.overlap_param_gather)
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         optimizer_config = OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -93,6 +98,15 @@ class MegatronCoreOptimizer:
 
     partitions_weights = False
     load_restores_weights = False
+
+    def sync_params(self) -> None:
+        """Finish the weights' all-gather now. With overlapped parameter gathering a step leaves
+        the model's weights to be gathered in the next forward; a checkpoint needs them now."""
+        with parallel.schedule_device_context():
+            for part in self.schedule_parts:
+                if part.use_forward_hook:
+                    part.disable_forward_pre_hook(param_sync=True)
+                    part.enable_forward_pre_hook()
 
     @property
     def param_groups(self) -> list:

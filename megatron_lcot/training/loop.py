@@ -75,7 +75,7 @@ def _run_schedule(components: TrainComponents, data_iterator, args, forward_only
 def _data_iterator(dataset, consumed_samples: int, args):
     return build_data_iterator(dataset, consumed_samples, args.micro_batch_size,
                                parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-                               args.num_workers)
+                               args.num_workers, pin_memory=parallel.device().type == "cuda")
 
 
 def evaluate(components: TrainComponents, args) -> dict | None:

@@ -50,6 +50,6 @@ def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
 
 def forward_step(args, data_iterator, model):
     """Run one micro-batch: (LcotOutput or stage output, loss_func)."""
-    batch = {key: value.to(parallel.device()) for key, value in next(data_iterator).items()}
+    batch = {key: value.to(parallel.device(), non_blocking=True) for key, value in next(data_iterator).items()}
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     return output, partial(loss_func, args.latent_steps, batch["loss_mask"])
