@@ -7,7 +7,7 @@
 2. `throughput`: benchmarks/train_throughput.py --device cuda --size 1b --bf16, with MFU.
 3. `memory`: the example config (examples/pretrain_common.sh's model and micro-batch, one GPU,
    megatron-core DDP) trains 3 steps; torch.cuda.max_memory_allocated against
-   megatron_lcot.model.memory's estimate of the same flags.
+   megatron_lcot.training.memory_estimate of the same flags.
 The last line printed is one JSON object with every result and `ok`.
 
 `--cpu-dry-run` runs the same steps at tiny sizes on the CPU (gloo), following CUDA's attention
@@ -97,7 +97,7 @@ def memory(dry: bool, workdir: str) -> dict:
     """The example's model and micro-batch trained 3 steps on one GPU against the memory
     model's estimate of the same flags. The dry run (no allocator peak on CPU) builds the
     same flags and reports the estimate only."""
-    from megatron_lcot.model.memory import estimate_for_flags, example_flags
+    from megatron_lcot.training.memory_estimate import estimate_for_flags, example_flags
 
     flags = example_flags(ROOT)
     keep = _without(flags, ("--save", "--load", "--metrics-file", "--deepspeed_config", "--train-iters",

@@ -105,7 +105,7 @@ def test_example_defaults_fit_an_80gb_gpu():
     """Proves examples/pretrain_common.sh's defaults fit 80 GB by the model, on one GPU and on
     the single-node script's 8 (ZeRO-2), through the command-line tool."""
     for gpus in (1, 8):
-        out = subprocess.run([sys.executable, "-m", "megatron_lcot.model.memory", "--example", "--gpus", str(gpus),
+        out = subprocess.run([sys.executable, "-m", "megatron_lcot.training.memory_estimate", "--example", "--gpus", str(gpus),
                               "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
         estimate = json.loads(out.stdout.strip().splitlines()[-1])
         assert estimate["shape"]["zero_stage"] == 2 and estimate["shape"]["data_parallel"] == gpus
