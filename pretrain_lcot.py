@@ -23,10 +23,13 @@ warnings.filterwarnings("ignore", message="full scope is deprecated")
 
 from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
-from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
 from megatron_lcot.checkpoint.checkpointing import CheckpointError, CheckpointSaveError  # noqa: E402
-from megatron_lcot.training.faults import (TooManySkippedSteps, describe_collective_failure,  # noqa: E402
-                                           record_first_failure)
+from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
+from megatron_lcot.training.faults import (
+    TooManySkippedSteps,
+    describe_collective_failure,  # noqa: E402
+    record_first_failure,
+)
 from megatron_lcot.training.loop import pretrain  # noqa: E402
 from megatron_lcot.training.providers import forward_step, model_provider, train_valid_test_datasets_provider  # noqa: E402
 
@@ -43,11 +46,16 @@ def _fail(message: str, exit_code: int, every_rank: bool = False) -> None:
 def main(argv: list | None = None) -> dict | None:
     try:
         args = parse_args(argv)
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                                    args.vocab_size)
+        tokenizer = build_tokenizer(
+            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+        )
         set_padded_vocab_size(args, tokenizer.vocab_size)
-        return pretrain(args, partial(train_valid_test_datasets_provider, args, tokenizer),
-                        partial(model_provider, args), partial(forward_step, args))
+        return pretrain(
+            args,
+            partial(train_valid_test_datasets_provider, args, tokenizer),
+            partial(model_provider, args),
+            partial(forward_step, args),
+        )
     except (ArgumentError, TokenizerError, CheckpointError) as error:
         _fail(str(error), USAGE_ERROR_EXIT_CODE)
     except (TooManySkippedSteps, CheckpointSaveError) as error:

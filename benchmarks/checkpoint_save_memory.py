@@ -29,8 +29,16 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 LAYOUTS = {
-    "zero3": ["--deepspeed", "--deepspeed_config", os.path.join(REPO_ROOT, "examples", "ds_configs", "zero3.json")],
-    "zero2": ["--deepspeed", "--deepspeed_config", os.path.join(REPO_ROOT, "examples", "ds_configs", "zero2.json")],
+    "zero3": [
+        "--deepspeed",
+        "--deepspeed_config",
+        os.path.join(REPO_ROOT, "examples", "ds_configs", "zero3.json"),
+    ],
+    "zero2": [
+        "--deepspeed",
+        "--deepspeed_config",
+        os.path.join(REPO_ROOT, "examples", "ds_configs", "zero2.json"),
+    ],
     "distributed_optimizer": ["--use-distributed-optimizer"],
     "ddp": [],
 }
@@ -64,10 +72,16 @@ def _rank_worker(argv: list) -> None:
         finally:
             done.set()
             sampler.join()
-            parameters = sum(getattr(p, "ds_numel", p.numel()) for part in components.model_parts
-                             for p in part.parameters())
-            print(f"SAVE_MEMORY rank {os.environ.get('RANK')} parameters {parameters} before_mib "
-                  f"{before / 2**20:.1f} peak_growth_mib {(max(peak[0], before) - before) / 2**20:.1f}", flush=True)
+            parameters = sum(
+                getattr(p, "ds_numel", p.numel())
+                for part in components.model_parts
+                for p in part.parameters()
+            )
+            print(
+                f"SAVE_MEMORY rank {os.environ.get('RANK')} parameters {parameters} before_mib "
+                f"{before / 2**20:.1f} peak_growth_mib {(max(peak[0], before) - before) / 2**20:.1f}",
+                flush=True,
+            )
 
     loop.save_checkpoint = measured_save
     pretrain_lcot.main(argv)
@@ -84,27 +98,75 @@ def main() -> None:
 
     h = options.hidden_size
     with tempfile.TemporaryDirectory() as tmp:
-        flags = ["--num-layers", options.num_layers, "--hidden-size", h, "--num-attention-heads", h // 64,
-                 "--ffn-hidden-size", 4 * h, "--seq-length", 128, "--mock-data", "--vocab-size", options.vocab_size,
-                 "--micro-batch-size", 1, "--global-batch-size", 2, "--train-iters", 1, "--lr", 1e-4, "--bf16",
-                 "--eval-iters", 1, "--save", os.path.join(tmp, "ckpt"), *LAYOUTS[options.layout]]
+        flags = [
+            "--num-layers",
+            options.num_layers,
+            "--hidden-size",
+            h,
+            "--num-attention-heads",
+            h // 64,
+            "--ffn-hidden-size",
+            4 * h,
+            "--seq-length",
+            128,
+            "--mock-data",
+            "--vocab-size",
+            options.vocab_size,
+            "--micro-batch-size",
+            1,
+            "--global-batch-size",
+            2,
+            "--train-iters",
+            1,
+            "--lr",
+            1e-4,
+            "--bf16",
+            "--eval-iters",
+            1,
+            "--save",
+            os.path.join(tmp, "ckpt"),
+            *LAYOUTS[options.layout],
+        ]
         if options.layout.startswith("zero"):
-            launcher = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", "2",
-                        "--master_port", str(free_port())]
+            launcher = [
+                os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+                "--num_gpus",
+                "2",
+                "--master_port",
+                str(free_port()),
+            ]
         else:
-            launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, "MALLOC_MMAP_THRESHOLD_": "65536"}
-        result = subprocess.run([*launcher, os.path.abspath(__file__), "--rank-worker", *map(str, flags)], env=env,
-                                capture_output=True, text=True)
+            launcher = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc-per-node",
+                "2",
+            ]
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": REPO_ROOT,
+            "MALLOC_MMAP_THRESHOLD_": "65536",
+        }
+        result = subprocess.run(
+            [*launcher, os.path.abspath(__file__), "--rank-worker", *map(str, flags)],
+            env=env,
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             sys.exit(result.stderr[-3000:])
         lines = sorted(line for line in result.stdout.splitlines() if line.startswith("SAVE_MEMORY"))
         for line in lines:
             _, _, rank, _, parameters, _, before, _, growth = line.split()
             model_mib = int(parameters) * 2 / 2**20  # bf16 weights
-            print(f"{options.layout}: rank {rank} | model {int(parameters) / 1e6:.1f}M parameters = "
-                  f"{model_mib:.0f} MiB in bf16 | RSS before the save {float(before):.0f} MiB | peak growth "
-                  f"during the save {float(growth):.1f} MiB = {float(growth) / model_mib:.2f}x the bf16 model")
+            print(
+                f"{options.layout}: rank {rank} | model {int(parameters) / 1e6:.1f}M parameters = "
+                f"{model_mib:.0f} MiB in bf16 | RSS before the save {float(before):.0f} MiB | peak growth "
+                f"during the save {float(growth):.1f} MiB = {float(growth) / model_mib:.2f}x the bf16 model"
+            )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,13 @@ def _deepspeed() -> list:
 
 
 def _zero(stage: int) -> list:
-    return ["--deepspeed", "--deepspeed_config", os.path.join(DS_CONFIGS, "zero1.json"), "--zero-stage", str(stage)]
+    return [
+        "--deepspeed",
+        "--deepspeed_config",
+        os.path.join(DS_CONFIGS, "zero1.json"),
+        "--zero-stage",
+        str(stage),
+    ]
 
 
 # name -> (launcher factory, extra flags); the first is the baseline
@@ -51,13 +57,26 @@ LAYOUTS = {
 
 
 def _step_seconds(launcher: list, extra: list, model: list, iters: int, skip: int, workdir: str) -> float:
-    flags = [*model, "--mock-data", "--vocab-size", "1024", "--train-iters", str(iters),
-             "--eval-interval", str(iters + 1), "--eval-iters", "1", *extra]
+    flags = [
+        *model,
+        "--mock-data",
+        "--vocab-size",
+        "1024",
+        "--train-iters",
+        str(iters),
+        "--eval-interval",
+        str(iters + 1),
+        "--eval-iters",
+        "1",
+        *extra,
+    ]
     return median_step_seconds(launcher, flags, workdir, "metrics", skip)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--seq", type=int, default=256)
@@ -68,9 +87,20 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    model = ["--num-layers", str(args.layers), "--hidden-size", str(args.hidden), "--num-attention-heads", "4",
-             "--seq-length", str(args.seq), "--micro-batch-size", str(args.micro_batch),
-             "--global-batch-size", str(args.micro_batch * 2 * args.microbatches)]
+    model = [
+        "--num-layers",
+        str(args.layers),
+        "--hidden-size",
+        str(args.hidden),
+        "--num-attention-heads",
+        "4",
+        "--seq-length",
+        str(args.seq),
+        "--micro-batch-size",
+        str(args.micro_batch),
+        "--global-batch-size",
+        str(args.micro_batch * 2 * args.microbatches),
+    ]
     if args.latent_steps:
         model += ["--latent-steps", str(args.latent_steps), "--halting", "adaptive"]
     best = {name: float("inf") for name in LAYOUTS}

@@ -20,9 +20,16 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEFAULT_PROMPTS = ["The Congress of the United States", "In the year that has passed", "Our foreign relations",
-                   "The condition of the Treasury", "I recommend to the consideration of Congress",
-                   "War", "The people of this country", "It is with great satisfaction"]
+DEFAULT_PROMPTS = [
+    "The Congress of the United States",
+    "In the year that has passed",
+    "Our foreign relations",
+    "The condition of the Treasury",
+    "I recommend to the consideration of Congress",
+    "War",
+    "The people of this country",
+    "It is with great satisfaction",
+]
 
 
 def make_router_decisive(model) -> None:
@@ -51,7 +58,9 @@ def main(argv: list | None = None) -> dict:
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.sampling import SamplingParams
 
-    prompts = DEFAULT_PROMPTS if args.prompts is None else [l.strip() for l in open(args.prompts) if l.strip()]
+    prompts = (
+        DEFAULT_PROMPTS if args.prompts is None else [l.strip() for l in open(args.prompts) if l.strip()]
+    )
     trained = load_trained_model(args.load)
     config = trained.model.config
     if not config.adaptive:
@@ -63,21 +72,36 @@ def main(argv: list | None = None) -> dict:
     for _ in range(args.repeats):
         for name, threshold in thresholds.items():
             trained.model.config = dataclasses.replace(config, halting_threshold=threshold)
-            results = [generate(trained, prompts[i : i + args.batch_size], args.max_new_tokens,
-                                SamplingParams(greedy=True)) for i in range(0, len(prompts), args.batch_size)]
+            results = [
+                generate(
+                    trained,
+                    prompts[i : i + args.batch_size],
+                    args.max_new_tokens,
+                    SamplingParams(greedy=True),
+                )
+                for i in range(0, len(prompts), args.batch_size)
+            ]
             tokens = sum(r.generated_tokens for r in results)
             seconds = sum(r.decode_s for r in results)
             steps = sum(r.mean_latent_steps * r.generated_tokens for r in results) / tokens
-            record = {"halting": name, "threshold": threshold, "tokens": tokens, "decode_tokens_per_s": tokens / seconds,
-                      "mean_latent_steps": steps}
+            record = {
+                "halting": name,
+                "threshold": threshold,
+                "tokens": tokens,
+                "decode_tokens_per_s": tokens / seconds,
+                "mean_latent_steps": steps,
+            }
             if name not in best or record["decode_tokens_per_s"] > best[name]["decode_tokens_per_s"]:
                 best[name] = record
     trained.model.config = config
     for record in best.values():
         print(json.dumps(record))
-    summary = {"speedup_on_vs_off": best["on"]["decode_tokens_per_s"] / best["off"]["decode_tokens_per_s"],
-               "decisive_router": args.decisive_router, "batch_size": args.batch_size,
-               "max_latent_steps": config.latent_steps}
+    summary = {
+        "speedup_on_vs_off": best["on"]["decode_tokens_per_s"] / best["off"]["decode_tokens_per_s"],
+        "decisive_router": args.decisive_router,
+        "batch_size": args.batch_size,
+        "max_latent_steps": config.latent_steps,
+    }
     print(json.dumps(summary))
     return summary
 

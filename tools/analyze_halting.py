@@ -35,14 +35,25 @@ import torch  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="analyze_halting.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
-    parser.add_argument("--load", required=True, help="adaptive checkpoint directory (pretrain_lcot.py --save)")
+    parser = argparse.ArgumentParser(
+        prog="analyze_halting.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
+    parser.add_argument(
+        "--load", required=True, help="adaptive checkpoint directory (pretrain_lcot.py --save)"
+    )
     parser.add_argument("--input", required=True, help="text or JSON-lines file to analyse")
-    parser.add_argument("--output", required=True, help="directory for tokens.jsonl, summary.json, plots, HTML")
-    parser.add_argument("--reference", default=None, help="checkpoint whose per-token NLL ranks difficulty too")
-    parser.add_argument("--json-key", default=None, help="field holding the text in JSON lines (default: text)")
-    parser.add_argument("--seq-length", type=int, default=None, help="window length (default: the checkpoint's)")
+    parser.add_argument(
+        "--output", required=True, help="directory for tokens.jsonl, summary.json, plots, HTML"
+    )
+    parser.add_argument(
+        "--reference", default=None, help="checkpoint whose per-token NLL ranks difficulty too"
+    )
+    parser.add_argument(
+        "--json-key", default=None, help="field holding the text in JSON lines (default: text)"
+    )
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="window length (default: the checkpoint's)"
+    )
     parser.add_argument("--max-tokens", type=int, default=20000, help="analyse at most this many tokens")
     parser.add_argument("--sample-tokens", type=int, default=400, help="tokens shown in sample.html")
     return parser
@@ -58,7 +69,8 @@ def token_nll(model, window: torch.Tensor, vocab_size: int) -> tuple:
     hook = None
     if model.latent_schedule is not None:
         hook = model.latent_schedule.register_forward_hook(
-            lambda module, inputs, thoughts: captured.update(thoughts=thoughts))
+            lambda module, inputs, thoughts: captured.update(thoughts=thoughts)
+        )
     try:
         positions = torch.arange(window.shape[1], device=window.device)[None]
         logits = model(window, positions)[0].float()  # [s, vocab]
@@ -83,7 +95,7 @@ def _token_text(tokenizer, previous: int | None, token: int) -> str:
     """The token's text with its leading space (sentencepiece drops it from a lone piece)."""
     if previous is None:
         return tokenizer.detokenize([token])
-    return tokenizer.detokenize([previous, token])[len(tokenizer.detokenize([previous])):]
+    return tokenizer.detokenize([previous, token])[len(tokenizer.detokenize([previous])) :]
 
 
 def spearman(x: torch.Tensor, y: torch.Tensor) -> float | None:
@@ -123,8 +135,12 @@ def _plots(output: str, steps: torch.Tensor, max_steps: int, deciles: dict) -> N
     fig, ax = plt.subplots(figsize=(5, 3.5))
     counts = torch.bincount(steps.long(), minlength=max_steps + 1)
     ax.bar(range(max_steps + 1), (counts / counts.sum()).tolist(), color="#4477aa")
-    ax.set(xlabel="latent steps executed", ylabel="share of tokens", title="Latent steps per token",
-           xticks=range(max_steps + 1))
+    ax.set(
+        xlabel="latent steps executed",
+        ylabel="share of tokens",
+        title="Latent steps per token",
+        xticks=range(max_steps + 1),
+    )
     fig.tight_layout()
     fig.savefig(os.path.join(output, "steps_histogram.png"), dpi=120)
     plt.close(fig)
@@ -132,8 +148,13 @@ def _plots(output: str, steps: torch.Tensor, max_steps: int, deciles: dict) -> N
     fig, ax = plt.subplots(figsize=(5.5, 3.5))
     for label, values in deciles.items():
         ax.plot(range(1, 11), values, marker="o", label=label)
-    ax.set(xlabel="NLL decile (1 = easiest)", ylabel="mean latent steps", title="Steps by token difficulty",
-           xticks=range(1, 11), ylim=(0, max_steps))
+    ax.set(
+        xlabel="NLL decile (1 = easiest)",
+        ylabel="mean latent steps",
+        title="Steps by token difficulty",
+        xticks=range(1, 11),
+        ylim=(0, max_steps),
+    )
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(output, "steps_by_nll_decile.png"), dpi=120)
@@ -145,14 +166,21 @@ def _sample_html(records: list, max_steps: int) -> str:
     for record in records:
         shade = 0.85 * record["latent_steps"] / max(max_steps, 1)
         tip = f"steps {record['latent_steps']} | nll {record['nll']:.2f} | step-0 nll {record['first_step_nll']:.2f}"
-        spans.append(f'<span title="{tip}" style="background: rgba(200, 60, 30, {shade:.2f})">'
-                     f"{html.escape(record['text'])}</span>")
-    legend = " ".join(f'<span style="background: rgba(200, 60, 30, {0.85 * k / max(max_steps, 1):.2f})">'
-                      f"&nbsp;{k} steps&nbsp;</span>" for k in range(max_steps + 1))
-    return ("<!doctype html><meta charset='utf-8'><title>latent steps per token</title>"
-            "<body style='font-family: serif; max-width: 50em; line-height: 1.7'>"
-            f"<p>Each token is shaded by the latent steps the model took before predicting it: {legend}</p>"
-            f"<p style='white-space: pre-wrap'>{''.join(spans)}</p></body>")
+        spans.append(
+            f'<span title="{tip}" style="background: rgba(200, 60, 30, {shade:.2f})">'
+            f"{html.escape(record['text'])}</span>"
+        )
+    legend = " ".join(
+        f'<span style="background: rgba(200, 60, 30, {0.85 * k / max(max_steps, 1):.2f})">'
+        f"&nbsp;{k} steps&nbsp;</span>"
+        for k in range(max_steps + 1)
+    )
+    return (
+        "<!doctype html><meta charset='utf-8'><title>latent steps per token</title>"
+        "<body style='font-family: serif; max-width: 50em; line-height: 1.7'>"
+        f"<p>Each token is shaded by the latent steps the model took before predicting it: {legend}</p>"
+        f"<p style='white-space: pre-wrap'>{''.join(spans)}</p></body>"
+    )
 
 
 def analyze(args) -> dict:
@@ -161,9 +189,11 @@ def analyze(args) -> dict:
 
     trained = load_trained_model(args.load)
     if not trained.model.config.adaptive:
-        raise ValueError(f"--load {args.load!r}: trained with --halting {trained.config.model.halting} and "
-                         f"--latent-steps {trained.config.model.latent_steps}; pass an adaptive checkpoint "
-                         "(--halting adaptive), whose per-token steps vary.")
+        raise ValueError(
+            f"--load {args.load!r}: trained with --halting {trained.config.model.halting} and "
+            f"--latent-steps {trained.config.model.latent_steps}; pass an adaptive checkpoint "
+            "(--halting adaptive), whose per-token steps vary."
+        )
     reference = load_trained_model(args.reference) if args.reference else None
     tokenizer = trained.tokenizer
     seq_length = args.seq_length or trained.config.model.seq_length
@@ -194,9 +224,14 @@ def analyze(args) -> dict:
         targets = data["target"].tolist()
         for i in range(len(steps)):
             text = _token_text(tokenizer, targets[i - 1] if i else None, targets[i])
-            record = {"index": i, "token": targets[i], "text": text,
-                      "latent_steps": int(steps[i]), "nll": round(float(data["nll"][i]), 5),
-                      "first_step_nll": round(float(data["first_step_nll"][i]), 5)}
+            record = {
+                "index": i,
+                "token": targets[i],
+                "text": text,
+                "latent_steps": int(steps[i]),
+                "nll": round(float(data["nll"][i]), 5),
+                "first_step_nll": round(float(data["first_step_nll"][i]), 5),
+            }
             if "reference_nll" in data:
                 record["reference_nll"] = round(float(data["reference_nll"][i]), 5)
             records.append(record)
@@ -209,9 +244,14 @@ def analyze(args) -> dict:
     deciles = {label: steps_by_decile(steps, nll) for label, nll in difficulty.items()}
     counts = torch.bincount(steps.long(), minlength=max_steps + 1).double()
     summary = {
-        "checkpoint": args.load, "reference": args.reference, "input": args.input, "tokens": len(steps),
-        "seq_length": seq_length, "mean_latent_steps": float(steps.float().mean()),
-        "halted_share": (counts / counts.sum()).tolist(), "mean_nll": float(data["nll"].mean()),
+        "checkpoint": args.load,
+        "reference": args.reference,
+        "input": args.input,
+        "tokens": len(steps),
+        "seq_length": seq_length,
+        "mean_latent_steps": float(steps.float().mean()),
+        "halted_share": (counts / counts.sum()).tolist(),
+        "mean_nll": float(data["nll"].mean()),
         "spearman_steps_vs_first_step_nll": spearman(steps, data["first_step_nll"]),
         "spearman_steps_vs_nll": spearman(steps, data["nll"]),
         "mean_steps_by_nll_decile": deciles,

@@ -44,15 +44,25 @@ _LAST_WORD = re.compile(r"^(.*\S)\s+([A-Za-z]{3,})[.!?]$", re.S)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="build_eval_tasks.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="build_eval_tasks.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--bigbench", default=None,
-                        help="bigbench-1.0.0.tar.gz (source distribution) or its unpacked directory")
-    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help="BIG-bench task names, comma separated")
-    parser.add_argument("--max-items", type=int, default=500, help="at most this many items per BIG-bench task")
+    parser.add_argument(
+        "--bigbench",
+        default=None,
+        help="bigbench-1.0.0.tar.gz (source distribution) or its unpacked directory",
+    )
+    parser.add_argument(
+        "--tasks", default=",".join(DEFAULT_TASKS), help="BIG-bench task names, comma separated"
+    )
+    parser.add_argument(
+        "--max-items", type=int, default=500, help="at most this many items per BIG-bench task"
+    )
     parser.add_argument("--cloze-items", type=int, default=500, help="0 skips the held-out cloze file")
-    parser.add_argument("--split", default="98,2,0", help="the training runs' --split (held-out = its 2nd share)")
+    parser.add_argument(
+        "--split", default="98,2,0", help="the training runs' --split (held-out = its 2nd share)"
+    )
     return parser
 
 
@@ -78,8 +88,10 @@ def _task_jsons(source: str, wanted: set) -> dict:
                 if member.isfile() and member.name.endswith(".json"):
                     keep(member.name, lambda m=member: archive.extractfile(m).read().decode("utf-8"))
     else:
-        raise ValueError(f"--bigbench {source!r}: neither a directory nor a .tar.gz; pass the bigbench "
-                         "source distribution (pip download bigbench==1.0.0 --no-deps --no-binary :all:).")
+        raise ValueError(
+            f"--bigbench {source!r}: neither a directory nor a .tar.gz; pass the bigbench "
+            "source distribution (pip download bigbench==1.0.0 --no-deps --no-binary :all:)."
+        )
     return found
 
 
@@ -98,8 +110,13 @@ def multiple_choice_items(task: dict) -> list:
         if sum(1 for v in scores.values() if v == best) != 1:
             continue  # ambiguous gold
         context = f"{prefix}{input_prefix}{example['input']}{output_prefix}".lstrip("\n")
-        items.append({"context": context, "choices": [" " + c.strip() for c in choices],
-                      "answer": choices.index(max(choices, key=scores.get))})
+        items.append(
+            {
+                "context": context,
+                "choices": [" " + c.strip() for c in choices],
+                "answer": choices.index(max(choices, key=scores.get)),
+            }
+        )
     return items
 
 
@@ -160,8 +177,10 @@ def main(argv: list | None = None) -> dict:
             tasks = _task_jsons(args.bigbench, set(wanted))
             missing = [t for t in wanted if t not in tasks]
             if missing:
-                raise ValueError(f"--tasks: {', '.join(missing)} not found in {args.bigbench!r}; check the names "
-                                 "against bigbench/benchmark_tasks/.")
+                raise ValueError(
+                    f"--tasks: {', '.join(missing)} not found in {args.bigbench!r}; check the names "
+                    "against bigbench/benchmark_tasks/."
+                )
             for name in wanted:
                 items = interleaved([multiple_choice_items(task) for task in tasks[name]])[: args.max_items]
                 written[f"bigbench_{name}.jsonl"] = _write(args.output_dir, f"bigbench_{name}.jsonl", items)

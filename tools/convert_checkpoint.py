@@ -31,8 +31,9 @@ SUBCOMMANDS = {
 
 
 def main(argv: list | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="convert_checkpoint.py", description=__doc__.splitlines()[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="convert_checkpoint.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     modules = {}
     for name, (module_name, help_text) in SUBCOMMANDS.items():

@@ -29,20 +29,31 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="evaluate.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--load", help="checkpoint directory (pretrain_lcot.py --save)")
     model.add_argument("--hf", help="Hugging Face directory written by convert_checkpoint.py to-hf")
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--input", help="text or JSON-lines file to compute perplexity on")
     data.add_argument("--task", help="JSON-lines task file (multiple choice or cloze)")
-    parser.add_argument("--json-key", default=None, help="field holding the text in JSON lines (default: text)")
-    parser.add_argument("--seq-length", type=int, default=None,
-                        help="window length (default: the checkpoint's --seq-length; required with --hf)")
+    parser.add_argument(
+        "--json-key", default=None, help="field holding the text in JSON lines (default: text)"
+    )
+    parser.add_argument(
+        "--seq-length",
+        type=int,
+        default=None,
+        help="window length (default: the checkpoint's --seq-length; required with --hf)",
+    )
     parser.add_argument("--stride", type=int, default=None, help="window step (default: --seq-length)")
     parser.add_argument("--iteration", type=int, default=None)
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="the tokenizer file, when the path stored in the checkpoint no longer exists")
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="the tokenizer file, when the path stored in the checkpoint no longer exists",
+    )
     return parser
 
 
@@ -58,13 +69,25 @@ def read_task(path: str) -> list:
                 record = json.loads(line)
             except json.JSONDecodeError:
                 record = None
-            valid = isinstance(record, dict) and isinstance(record.get("context"), str) and (
-                (isinstance(record.get("choices"), list) and len(record["choices"]) > 1
-                 and isinstance(record.get("answer"), int) and 0 <= record["answer"] < len(record["choices"]))
-                or isinstance(record.get("target"), str) and record["target"] != "")
+            valid = (
+                isinstance(record, dict)
+                and isinstance(record.get("context"), str)
+                and (
+                    (
+                        isinstance(record.get("choices"), list)
+                        and len(record["choices"]) > 1
+                        and isinstance(record.get("answer"), int)
+                        and 0 <= record["answer"] < len(record["choices"])
+                    )
+                    or isinstance(record.get("target"), str)
+                    and record["target"] != ""
+                )
+            )
             if not valid:
-                raise ValueError(f"--task {path!r} line {number}: expected {{\"context\", \"choices\", \"answer\"}} "
-                                 "(answer an index into choices) or {\"context\", \"target\"}; see docs/hf.md.")
+                raise ValueError(
+                    f'--task {path!r} line {number}: expected {{"context", "choices", "answer"}} '
+                    '(answer an index into choices) or {"context", "target"}; see docs/hf.md.'
+                )
             records.append(record)
     if not records:
         raise ValueError(f"--task {path!r} holds no records.")
@@ -73,8 +96,10 @@ def read_task(path: str) -> list:
 
 def _progress(done: int, total: int, seconds: float) -> None:
     rate = done / max(seconds, 1e-9)
-    print(f"[evaluate] {done}/{total} tokens  {rate:.0f} tok/s  eta {max(0.0, (total - done) / max(rate, 1e-9)):.0f}s",
-          file=sys.stderr)
+    print(
+        f"[evaluate] {done}/{total} tokens  {rate:.0f} tok/s  eta {max(0.0, (total - done) / max(rate, 1e-9)):.0f}s",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list | None = None) -> dict:
@@ -93,14 +118,20 @@ def main(argv: list | None = None) -> dict:
         records = read_task(args.task) if args.task else None
         if args.load:
             trained = load_trained_model(args.load, args.iteration, args.tokenizer_model)
-            scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
+            scorer, tokenize, eod = (
+                CheckpointScorer(trained),
+                trained.tokenizer.tokenize,
+                trained.tokenizer.eod,
+            )
             seq_length = args.seq_length or trained.config.model.seq_length
         else:
             if args.seq_length is None:
                 raise ValueError("--hf needs --seq-length (use the checkpoint's to compare with --load).")
             if not os.path.isfile(os.path.join(args.hf, "config.json")):
-                raise ValueError(f"--hf {args.hf!r}: no config.json there; pass a directory written by "
-                                 "convert_checkpoint.py to-hf.")
+                raise ValueError(
+                    f"--hf {args.hf!r}: no config.json there; pass a directory written by "
+                    "convert_checkpoint.py to-hf."
+                )
             scorer = HFScorer(args.hf)
             tokenize, eod, seq_length = scorer.tokenize, scorer.eod, args.seq_length
         stride = args.stride or seq_length
@@ -125,9 +156,14 @@ def _flops(trained, seq_length: int, halted_share: list) -> dict:
     """Inference FLOPs per token at the measured halting (share of tokens running step k)."""
     from megatron_lcot.model.flops import inference_flops_per_token, step_shares_from_halted
 
-    return {"flops_per_token": inference_flops_per_token(trained.model.config, seq_length,
-                                                         trained.config.model.padded_vocab_size,
-                                                         step_shares_from_halted(halted_share))}
+    return {
+        "flops_per_token": inference_flops_per_token(
+            trained.model.config,
+            seq_length,
+            trained.config.model.padded_vocab_size,
+            step_shares_from_halted(halted_share),
+        )
+    }
 
 
 if __name__ == "__main__":

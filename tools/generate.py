@@ -29,26 +29,43 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="generate.py", description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        prog="generate.py", description=__doc__.splitlines()[0], allow_abbrev=False
+    )
     parser.add_argument("--load", required=True, help="checkpoint directory (pretrain_lcot.py --save)")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
     prompts = parser.add_mutually_exclusive_group(required=True)
     prompts.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     prompts.add_argument("--input-file", help="a text file with one prompt per line")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=1,
-                        help="prompts decoded together (left padding); 1 streams each completion as it comes")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="prompts decoded together (left padding); 1 streams each completion as it comes",
+    )
     parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (argmax)")
     parser.add_argument("--greedy", action="store_true", help="the same as --temperature 0")
     parser.add_argument("--top-k", type=int, default=0, help="0 = no top-k cut")
     parser.add_argument("--top-p", type=float, default=1.0, help="1.0 = no nucleus cut")
-    parser.add_argument("--repetition-penalty", type=float, default=1.0,
-                        help="1.0 = off; > 1 lowers the logits of ids already in the sequence (prompt included)")
-    parser.add_argument("--stop", action="append", default=[],
-                        help="a stop string (repeat for several): the completion ends before it")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="1.0 = off; > 1 lowers the logits of ids already in the sequence (prompt included)",
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="a stop string (repeat for several): the completion ends before it",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="the tokenizer file, when the path stored in the checkpoint no longer exists")
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="the tokenizer file, when the path stored in the checkpoint no longer exists",
+    )
     return parser
 
 
@@ -76,7 +93,9 @@ def read_prompts(args) -> list:
 def latent_steps_line(latent_steps: list, max_steps: int) -> str:
     """'latent steps per generated token: mean 1.62 | 0:0.10 1:0.25 ...' (share of tokens by steps run)."""
     steps = [s for row in latent_steps for s in row]
-    shares = " ".join(f"{k}:{sum(s == k for s in steps) / max(1, len(steps)):.2f}" for k in range(max_steps + 1))
+    shares = " ".join(
+        f"{k}:{sum(s == k for s in steps) / max(1, len(steps)):.2f}" for k in range(max_steps + 1)
+    )
     return f"latent steps per generated token: mean {sum(steps) / max(1, len(steps)):.2f} | {shares}"
 
 
@@ -91,8 +110,13 @@ def main(argv: list | None = None) -> dict:
 
     try:
         check_flags(args)
-        sampling = SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
-                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+        sampling = SamplingParams(
+            temperature=0.0 if args.greedy else args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            repetition_penalty=args.repetition_penalty,
+            seed=args.seed,
+        )
         prompts = read_prompts(args)
         trained = load_trained_model(args.load, args.iteration, args.tokenizer_model)
         results = []
@@ -100,8 +124,14 @@ def main(argv: list | None = None) -> dict:
             batch = prompts[first : first + args.batch_size]
             if args.batch_size == 1:
                 print(batch[0], end="", flush=True)
-            result = generate(trained, batch, args.max_new_tokens, sampling, stop=tuple(args.stop),
-                              on_text=stream if args.batch_size == 1 else None)
+            result = generate(
+                trained,
+                batch,
+                args.max_new_tokens,
+                sampling,
+                stop=tuple(args.stop),
+                on_text=stream if args.batch_size == 1 else None,
+            )
             for prompt, text in zip(batch, result.texts):
                 print("\n---" if args.batch_size == 1 else f"{prompt}{text}\n---", flush=True)
             results.append(result)

@@ -61,8 +61,19 @@ DEEPSPEED_DIRNAME = "deepspeed"
 
 # Flags that fix the parameters (their shapes, their dtype, or what they mean): weights saved
 # under other values are another model.
-MODEL_FLAGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-               "padded_vocab_size", "latent_steps", "latent_layout", "halting", "init_method_std", "bf16")
+MODEL_FLAGS = (
+    "num_layers",
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "padded_vocab_size",
+    "latent_steps",
+    "latent_layout",
+    "halting",
+    "init_method_std",
+    "bf16",
+)
 # Flags that fix the LR/weight-decay schedule: megatron-core's scheduler cannot follow a change
 # (its load_state_dict asserts on them).
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_warmup_iters", "lr_decay_style", "train_iters", "weight_decay")
@@ -141,8 +152,11 @@ def _restore_rng_state(state: dict) -> None:
 def plain_args(args) -> dict:
     """The flags as plain values (what weights_only loading accepts)."""
     plain = (bool, int, float, str, type(None))
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()
-            if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))}
+    return {
+        k: (list(v) if isinstance(v, tuple) else v)
+        for k, v in vars(args).items()
+        if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))
+    }
 
 
 def _as_parts(model) -> list:
@@ -152,7 +166,9 @@ def _as_parts(model) -> list:
 def _sharded_weights(model_parts: list) -> dict:
     """One entry per model part (pipeline chunk). dist_checkpointing stores each tensor under
     its global name (layer numbers offset by the stage), so any chunking loads it."""
-    return {f"model{index}": unwrap_model(part).sharded_state_dict() for index, part in enumerate(model_parts)}
+    return {
+        f"model{index}": unwrap_model(part).sharded_state_dict() for index, part in enumerate(model_parts)
+    }
 
 
 def save_model_weights(model, directory: str) -> None:
@@ -186,9 +202,11 @@ def _agree_every_part_written(root: str, staging_dir: str, iteration: int, failu
     if dist.get_rank() == 0:
         shutil.rmtree(staging_dir, ignore_errors=True)
     rank, text = failed[0]
-    raise CheckpointSaveError(f"saving iteration {iteration} to {root!r} failed on rank {rank} ({text})"
-                              f"{f' and {len(failed) - 1} more rank(s)' if len(failed) > 1 else ''}; "
-                              f"{TRACKER_FILENAME} still names iteration {latest_iteration(root)}.")
+    raise CheckpointSaveError(
+        f"saving iteration {iteration} to {root!r} failed on rank {rank} ({text})"
+        f"{f' and {len(failed) - 1} more rank(s)' if len(failed) > 1 else ''}; "
+        f"{TRACKER_FILENAME} still names iteration {latest_iteration(root)}."
+    )
 
 
 def _written_by_every_rank(root: str, staging_dir: str, iteration: int, write) -> None:
@@ -251,7 +269,8 @@ def _check_same_engine(saved: str | None, args, root: str) -> None:
         f"--load {root!r}: the checkpoint's optimizer state was saved by {saved} but this run trains with "
         f"{now} ({flag} differs); resume with the checkpoint's {flag}, or convert its weights and start a new "
         f"optimizer from them: tools/convert_checkpoint.py reshard --load {root} --save NEW_DIR --as-initial-weights, "
-        "then --load NEW_DIR.")
+        "then --load NEW_DIR."
+    )
 
 
 def save_checkpoint(root: str, train_state, components, args) -> str:
@@ -288,8 +307,13 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(state, f))
 
     _written_by_every_rank(root, staging_dir, iteration, write)
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": False, "engine": _engine_of(args),
-                 "run_config": RunConfig.from_values(args).to_dict()}
+    run_state = {
+        "iteration": iteration,
+        "args": plain_args(args),
+        "weights_only": False,
+        "engine": _engine_of(args),
+        "run_config": RunConfig.from_values(args).to_dict(),
+    }
     return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
 
 
@@ -312,16 +336,21 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
 
     _written_by_every_rank(root, staging_dir, iteration, write)
-    run_state = {"iteration": iteration, "args": plain_args(args), "weights_only": True,
-                 "run_config": RunConfig.from_values(args).to_dict()}
+    run_state = {
+        "iteration": iteration,
+        "args": plain_args(args),
+        "weights_only": True,
+        "run_config": RunConfig.from_values(args).to_dict(),
+    }
     return _publish(root, staging_dir, iteration, run_state, None)
 
 
 def prune_old_iterations(root: str, keep_last: int) -> list:
     """Delete all but the `keep_last` newest iteration directories, never the one the marker
     names; returns the deleted iterations."""
-    iterations = sorted(int(m.group(1)) for name in os.listdir(root)
-                        if (m := re.fullmatch(r"iter_(\d{7})", name)))
+    iterations = sorted(
+        int(m.group(1)) for name in os.listdir(root) if (m := re.fullmatch(r"iter_(\d{7})", name))
+    )
     keep = set(iterations[-keep_last:]) | {latest_iteration(root)}
     deleted = [it for it in iterations if it not in keep]
     for iteration in deleted:
@@ -345,26 +374,33 @@ def _resolve_iteration(root: str, iteration: int | None) -> int:
     if iteration is None:
         iteration = latest_iteration(root)
         if iteration is None:
-            raise CheckpointError(f"--load {root!r}: no {TRACKER_FILENAME} there; pass a directory written "
-                                  "by pretrain_lcot.py --save (or tools/convert_checkpoint.py).")
+            raise CheckpointError(
+                f"--load {root!r}: no {TRACKER_FILENAME} there; pass a directory written "
+                "by pretrain_lcot.py --save (or tools/convert_checkpoint.py)."
+            )
     if not os.path.isdir(iteration_dir(root, iteration)):
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no directory "
-                              f"{iteration_dir(root, iteration)}; restore it, pick another iteration, "
-                              "or point the marker at an existing iteration.")
+        raise CheckpointError(
+            f"--load {root!r}: iteration {iteration} has no directory "
+            f"{iteration_dir(root, iteration)}; restore it, pick another iteration, "
+            "or point the marker at an existing iteration."
+        )
     return iteration
 
 
 def _rank_file(root: str, iteration: int) -> str:
     path = os.path.join(iteration_dir(root, iteration), _rank_subdir(), CHECKPOINT_FILENAME)
     if not os.path.isfile(path):
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} has no {path}; restore that file, "
-                              "or load with the parallel layout the checkpoint was saved with.")
+        raise CheckpointError(
+            f"--load {root!r}: iteration {iteration} has no {path}; restore that file, "
+            "or load with the parallel layout the checkpoint was saved with."
+        )
     return path
 
 
 def _run_state(root: str, iteration: int) -> dict:
-    return torch.load(os.path.join(iteration_dir(root, iteration), RUN_FILENAME), map_location="cpu",
-                      weights_only=True)
+    return torch.load(
+        os.path.join(iteration_dir(root, iteration), RUN_FILENAME), map_location="cpu", weights_only=True
+    )
 
 
 def saved_args(root: str, iteration: int | None = None) -> dict:
@@ -390,11 +426,16 @@ def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
         before, now = saved.get(flag), getattr(args, flag, None)
         if before != now:
             name = "--" + flag.replace("_", "-")
-            hint = ("resume at the checkpoint's layout (its weights alone load at any layout: "
-                    "--skip-train, tools/convert_checkpoint.py reshard)" if flag in LAYOUT_FLAGS
-                    else "pass the checkpoint's value or use another --load")
-            raise CheckpointError(f"--load {root!r}: the checkpoint was trained with {name} {before} but this "
-                                  f"run has {name} {now}; {hint}.")
+            hint = (
+                "resume at the checkpoint's layout (its weights alone load at any layout: "
+                "--skip-train, tools/convert_checkpoint.py reshard)"
+                if flag in LAYOUT_FLAGS
+                else "pass the checkpoint's value or use another --load"
+            )
+            raise CheckpointError(
+                f"--load {root!r}: the checkpoint was trained with {name} {before} but this "
+                f"run has {name} {now}; {hint}."
+            )
 
 
 def check_weights_loadable(root: str, args) -> None:
@@ -425,8 +466,10 @@ def load_model_weights(root: str, model, iteration: int | None = None) -> int:
         state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
         parts[0].load_state_dict(state["model"])
     else:
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds plain weights of one model part; "
-                              "reshard it to the sharded format (tools/convert_checkpoint.py reshard) first.")
+        raise CheckpointError(
+            f"--load {root!r}: iteration {iteration} holds plain weights of one model part; "
+            "reshard it to the sharded format (tools/convert_checkpoint.py reshard) first."
+        )
     return iteration
 
 
@@ -435,18 +478,24 @@ def _load_consolidated_zero_weights(root: str, iteration: int, parts: list) -> N
     them here (DeepSpeed's `zero_to_fp32`, in this process's memory) into a model built at
     TP = PP = 1. The rounding to the model's dtype is the one the engine applied in training."""
     if len(parts) != 1 or parallel_state.get_tensor_model_parallel_world_size() != 1:
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds ZeRO-3-partitioned weights, which "
-                              "load into one process (TP = PP = 1); reshard them to the sharded format "
-                              "(tools/convert_checkpoint.py reshard, one process) to load them at another layout.")
+        raise CheckpointError(
+            f"--load {root!r}: iteration {iteration} holds ZeRO-3-partitioned weights, which "
+            "load into one process (TP = PP = 1); reshard them to the sharded format "
+            "(tools/convert_checkpoint.py reshard, one process) to load them at another layout."
+        )
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    consolidated = get_fp32_state_dict_from_zero_checkpoint(iteration_dir(root, iteration), tag=DEEPSPEED_DIRNAME)
+    consolidated = get_fp32_state_dict_from_zero_checkpoint(
+        iteration_dir(root, iteration), tag=DEEPSPEED_DIRNAME
+    )
     missing, unexpected = parts[0].load_state_dict(consolidated, strict=False)
     missing = [name for name in missing if not name.endswith("_extra_state")]
     if missing or unexpected:
-        raise CheckpointError(f"--load {root!r}: the ZeRO-3 weights of iteration {iteration} do not match this "
-                              f"model (missing {missing[:3]}, unexpected {unexpected[:3]}); build it with the "
-                              "checkpoint's model flags.")
+        raise CheckpointError(
+            f"--load {root!r}: the ZeRO-3 weights of iteration {iteration} do not match this "
+            f"model (missing {missing[:3]}, unexpected {unexpected[:3]}); build it with the "
+            "checkpoint's model flags."
+        )
 
 
 def holds_initial_weights(root: str) -> bool:
@@ -487,9 +536,11 @@ def load_checkpoint(root: str, components, args, train_state):
         check_compatible(run_state["args"], args, MODEL_FLAGS, root)
         return train_state
     if run_state["weights_only"]:
-        raise CheckpointError(f"--load {root!r}: iteration {iteration} holds weights only (written by "
-                              "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "
-                              "from a checkpoint written by pretrain_lcot.py --save.")
+        raise CheckpointError(
+            f"--load {root!r}: iteration {iteration} holds weights only (written by "
+            "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "
+            "from a checkpoint written by pretrain_lcot.py --save."
+        )
     check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
     _check_same_engine(run_state.get("engine"), args, root)
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)

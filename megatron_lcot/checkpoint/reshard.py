@@ -36,19 +36,32 @@ def target_args(saved: dict, tensor_parallel: int, pipeline_parallel: int) -> ar
     args = argparse.Namespace(**saved)
     args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tensor_parallel, pipeline_parallel
     if args.padded_vocab_size % tensor_parallel:
-        raise CheckpointError(f"--target-tensor-parallel-size {tensor_parallel} does not divide the checkpoint's "
-                              f"padded vocabulary {args.padded_vocab_size}; choose a divisor of it.")
+        raise CheckpointError(
+            f"--target-tensor-parallel-size {tensor_parallel} does not divide the checkpoint's "
+            f"padded vocabulary {args.padded_vocab_size}; choose a divisor of it."
+        )
     if args.num_attention_heads % tensor_parallel or args.num_query_groups % tensor_parallel:
-        raise CheckpointError(f"--target-tensor-parallel-size {tensor_parallel} must divide the checkpoint's "
-                              f"{args.num_attention_heads} heads and {args.num_query_groups} query groups.")
+        raise CheckpointError(
+            f"--target-tensor-parallel-size {tensor_parallel} must divide the checkpoint's "
+            f"{args.num_attention_heads} heads and {args.num_query_groups} query groups."
+        )
     if args.num_layers % pipeline_parallel or (pipeline_parallel > 1 and args.latent_steps > 0):
-        raise CheckpointError(f"--target-pipeline-model-parallel-size {pipeline_parallel}: the checkpoint's "
-                              f"{args.num_layers} layers must divide evenly, and latent modes need 1.")
+        raise CheckpointError(
+            f"--target-pipeline-model-parallel-size {pipeline_parallel}: the checkpoint's "
+            f"{args.num_layers} layers must divide evenly, and latent modes need 1."
+        )
     return args
 
 
-def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_parallel: int, sharded: bool,
-            iteration: int | None = None, as_initial_weights: bool = False) -> str:
+def reshard(
+    load_dir: str,
+    save_dir: str,
+    tensor_parallel: int,
+    pipeline_parallel: int,
+    sharded: bool,
+    iteration: int | None = None,
+    as_initial_weights: bool = False,
+) -> str:
     """Write `load_dir`'s weights (iteration: default the marker's) to `save_dir` at the
     target layout; returns the written iteration directory. Collective over TP x PP ranks.
     `as_initial_weights`: write them as iteration 0, the starting point a training run with
@@ -56,13 +69,19 @@ def reshard(load_dir: str, save_dir: str, tensor_parallel: int, pipeline_paralle
     args = target_args(saved_args(load_dir, iteration), tensor_parallel, pipeline_parallel)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != tensor_parallel * pipeline_parallel:
-        raise CheckpointError(f"the target layout TP {tensor_parallel} x PP {pipeline_parallel} needs "
-                              f"{tensor_parallel * pipeline_parallel} processes, this run has {world_size}; "
-                              f"launch with torchrun --nproc-per-node {tensor_parallel * pipeline_parallel}.")
+        raise CheckpointError(
+            f"the target layout TP {tensor_parallel} x PP {pipeline_parallel} needs "
+            f"{tensor_parallel * pipeline_parallel} processes, this run has {world_size}; "
+            f"launch with torchrun --nproc-per-node {tensor_parallel * pipeline_parallel}."
+        )
     parallel.initialize(tensor_parallel, pipeline_parallel, args.seed)
-    model = build_model(RunConfig.from_values(args).model, tensor_parallel, pipeline_parallel,
-                        pre_process=parallel_state.is_pipeline_first_stage(),
-                        post_process=parallel_state.is_pipeline_last_stage())
+    model = build_model(
+        RunConfig.from_values(args).model,
+        tensor_parallel,
+        pipeline_parallel,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
     iteration = load_model_weights(load_dir, model, iteration)
     return save_weights_only(save_dir, 0 if as_initial_weights else iteration, model, args, sharded=sharded)
 
@@ -74,13 +93,20 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--target-tensor-parallel-size", type=int, default=1)
     command.add_argument("--target-pipeline-model-parallel-size", type=int, default=1)
     command.add_argument("--iteration", type=int, default=None, help="default: the one the marker names")
-    command.add_argument("--format", choices=("sharded", "plain"), default="sharded",
-                         help="sharded: dist_checkpointing (loads at any layout); plain: one torch file "
-                              "per model-parallel rank of the target layout")
-    command.add_argument("--as-initial-weights", action="store_true",
-                         help="write the weights as iteration 0: a training run with --load SAVE starts from "
-                              "them with a new optimizer (e.g. after changing --deepspeed, the ZeRO stage or "
-                              "--use-distributed-optimizer)")
+    command.add_argument(
+        "--format",
+        choices=("sharded", "plain"),
+        default="sharded",
+        help="sharded: dist_checkpointing (loads at any layout); plain: one torch file "
+        "per model-parallel rank of the target layout",
+    )
+    command.add_argument(
+        "--as-initial-weights",
+        action="store_true",
+        help="write the weights as iteration 0: a training run with --load SAVE starts from "
+        "them with a new optimizer (e.g. after changing --deepspeed, the ZeRO stage or "
+        "--use-distributed-optimizer)",
+    )
 
 
 def run(options: argparse.Namespace) -> dict | None:
@@ -88,10 +114,20 @@ def run(options: argparse.Namespace) -> dict | None:
     for flag in ("target_tensor_parallel_size", "target_pipeline_model_parallel_size"):
         if getattr(options, flag) < 1:
             raise CheckpointError(f"--{flag.replace('_', '-')} must be >= 1.")
-    written = reshard(options.load, options.save, options.target_tensor_parallel_size,
-                      options.target_pipeline_model_parallel_size, options.format == "sharded", options.iteration,
-                      options.as_initial_weights)
+    written = reshard(
+        options.load,
+        options.save,
+        options.target_tensor_parallel_size,
+        options.target_pipeline_model_parallel_size,
+        options.format == "sharded",
+        options.iteration,
+        options.as_initial_weights,
+    )
     if int(os.environ.get("RANK", "0")) != 0:
         return None
-    return {"save": written, "tensor_model_parallel_size": options.target_tensor_parallel_size,
-            "pipeline_model_parallel_size": options.target_pipeline_model_parallel_size, "format": options.format}
+    return {
+        "save": written,
+        "tensor_model_parallel_size": options.target_tensor_parallel_size,
+        "pipeline_model_parallel_size": options.target_pipeline_model_parallel_size,
+        "format": options.format,
+    }

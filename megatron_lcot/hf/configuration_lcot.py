@@ -22,8 +22,16 @@ class LcotLlamaConfig(LlamaConfig):
 
     model_type = "lcot_llama"
 
-    def __init__(self, latent_steps=1, latent_layout="stepwise", halting="none", halting_threshold=0.05,
-                 embedding_scale=1.0, jacobi_eval_iters=3, **kwargs):
+    def __init__(
+        self,
+        latent_steps=1,
+        latent_layout="stepwise",
+        halting="none",
+        halting_threshold=0.05,
+        embedding_scale=1.0,
+        jacobi_eval_iters=3,
+        **kwargs,
+    ):
         self.latent_steps = latent_steps
         self.latent_layout = latent_layout
         self.halting = halting

@@ -46,23 +46,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load", required=True, help="checkpoint directory (pretrain_lcot.py --save)")
     parser.add_argument("--output", required=True, help="new Hugging Face directory to write")
     parser.add_argument("--iteration", type=int, default=None, help="default: the latest")
-    parser.add_argument("--max-shard-size", type=shard_size, default="5GB",
-                        help="largest safetensors file, e.g. 5GB or 200MB: a bigger model is written as shards "
-                             "model-0000i-of-0000n.safetensors with model.safetensors.index.json")
-    parser.add_argument("--tokenizer-model", default=None,
-                        help="the tokenizer file, when the path stored in the checkpoint no longer exists")
-    parser.add_argument("--eval-result", default=None,
-                        help="saved output of tools/evaluate.py --input: its perplexity goes in the model card")
-    parser.add_argument("--metrics-file", default=None,
-                        help="the run's --metrics-file, for the model card's last validation (default: the "
-                             "path the checkpoint's run wrote to)")
+    parser.add_argument(
+        "--max-shard-size",
+        type=shard_size,
+        default="5GB",
+        help="largest safetensors file, e.g. 5GB or 200MB: a bigger model is written as shards "
+        "model-0000i-of-0000n.safetensors with model.safetensors.index.json",
+    )
+    parser.add_argument(
+        "--tokenizer-model",
+        default=None,
+        help="the tokenizer file, when the path stored in the checkpoint no longer exists",
+    )
+    parser.add_argument(
+        "--eval-result",
+        default=None,
+        help="saved output of tools/evaluate.py --input: its perplexity goes in the model card",
+    )
+    parser.add_argument(
+        "--metrics-file",
+        default=None,
+        help="the run's --metrics-file, for the model card's last validation (default: the "
+        "path the checkpoint's run wrote to)",
+    )
 
 
 def shapes_of(trained: TrainedModel) -> Shapes:
     args = trained.config.model
-    return Shapes(num_layers=args.num_layers, num_heads=args.num_attention_heads,
-                  num_query_groups=args.num_query_groups, head_dim=args.hidden_size // args.num_attention_heads,
-                  vocab_size=trained.vocab_size, padded_vocab_size=args.padded_vocab_size)
+    return Shapes(
+        num_layers=args.num_layers,
+        num_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        head_dim=args.hidden_size // args.num_attention_heads,
+        vocab_size=trained.vocab_size,
+        padded_vocab_size=args.padded_vocab_size,
+    )
 
 
 def hf_config(trained: TrainedModel):
@@ -75,23 +93,41 @@ def hf_config(trained: TrainedModel):
     tokenizer = trained.tokenizer
     bos = getattr(tokenizer, "bos", None) if tokenizer is not None else None
     common = dict(
-        vocab_size=trained.vocab_size, hidden_size=args.hidden_size, intermediate_size=config.ffn_hidden_size,
-        num_hidden_layers=args.num_layers, num_attention_heads=args.num_attention_heads,
-        num_key_value_heads=args.num_query_groups, head_dim=config.kv_channels,
-        max_position_embeddings=args.max_position_embeddings, rms_norm_eps=config.layernorm_epsilon,
+        vocab_size=trained.vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=config.ffn_hidden_size,
+        num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_attention_heads,
+        num_key_value_heads=args.num_query_groups,
+        head_dim=config.kv_channels,
+        max_position_embeddings=args.max_position_embeddings,
+        rms_norm_eps=config.layernorm_epsilon,
         rope_parameters={"rope_type": "default", "rope_theta": ROTARY_BASE},
-        initializer_range=config.init_method_std, tie_word_embeddings=False, attention_bias=False, mlp_bias=False,
+        initializer_range=config.init_method_std,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
         bos_token_id=bos if bos is not None and bos >= 0 else None,
-        eos_token_id=tokenizer.eod if tokenizer is not None else None, pad_token_id=None,
+        eos_token_id=tokenizer.eod if tokenizer is not None else None,
+        pad_token_id=None,
         dtype=str(config.params_dtype).removeprefix("torch."),
     )
     if args.latent_steps == 0:
         return LlamaConfig(architectures=["LlamaForCausalLM"], **common)
-    hf = LcotLlamaConfig(latent_steps=args.latent_steps, latent_layout=args.latent_layout, halting=args.halting,
-                         halting_threshold=args.halting_threshold, embedding_scale=config.embedding_scale,
-                         jacobi_eval_iters=args.jacobi_eval_iters, architectures=["LcotForCausalLM"], **common)
-    hf.auto_map = {"AutoConfig": "configuration_lcot.LcotLlamaConfig",
-                   "AutoModelForCausalLM": "modeling_lcot.LcotForCausalLM"}
+    hf = LcotLlamaConfig(
+        latent_steps=args.latent_steps,
+        latent_layout=args.latent_layout,
+        halting=args.halting,
+        halting_threshold=args.halting_threshold,
+        embedding_scale=config.embedding_scale,
+        jacobi_eval_iters=args.jacobi_eval_iters,
+        architectures=["LcotForCausalLM"],
+        **common,
+    )
+    hf.auto_map = {
+        "AutoConfig": "configuration_lcot.LcotLlamaConfig",
+        "AutoModelForCausalLM": "modeling_lcot.LcotForCausalLM",
+    }
     return hf
 
 
@@ -118,13 +154,21 @@ def check_output_dir(path: str) -> None:
         raise ConversionError(f"--output {path!r} is a file; pass a new directory.")
     held = [name for name in MODEL_FILES if os.path.exists(os.path.join(path, name))]
     if held:
-        raise ConversionError(f"--output {path!r} already holds a model ({', '.join(held)}); pass a new directory or "
-                          "remove it first.")
+        raise ConversionError(
+            f"--output {path!r} already holds a model ({', '.join(held)}); pass a new directory or "
+            "remove it first."
+        )
 
 
-def export(load: str, output: str, iteration: int | None = None, max_shard_size: int | str = "5GB",
-           tokenizer_model: str | None = None, eval_result: str | None = None,
-           metrics_file: str | None = None) -> dict:
+def export(
+    load: str,
+    output: str,
+    iteration: int | None = None,
+    max_shard_size: int | str = "5GB",
+    tokenizer_model: str | None = None,
+    eval_result: str | None = None,
+    metrics_file: str | None = None,
+) -> dict:
     """Write the Hugging Face directory; returns {"output", "iteration", "architecture", "tokenizer",
     "shards"}."""
     from transformers import GenerationConfig
@@ -134,14 +178,21 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
     trained = load_trained_model(load, iteration, tokenizer_model)
     model = hf_model(trained)
     validation = last_validation(metrics_file or trained.config.logging.metrics_file, trained.iteration)
-    card = model_card(trained, os.path.basename(os.path.abspath(output)), model.num_parameters(),
-                      training_record(load, trained.iteration), validation, evaluation)
+    card = model_card(
+        trained,
+        os.path.basename(os.path.abspath(output)),
+        model.num_parameters(),
+        training_record(load, trained.iteration),
+        validation,
+        evaluation,
+    )
     parent = os.path.dirname(os.path.abspath(output))
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-", dir=parent)
     try:
-        model.generation_config = GenerationConfig(eos_token_id=model.config.eos_token_id,
-                                                   bos_token_id=model.config.bos_token_id)
+        model.generation_config = GenerationConfig(
+            eos_token_id=model.config.eos_token_id, bos_token_id=model.config.bos_token_id
+        )
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         with open(os.path.join(staging, "README.md"), "w", encoding="utf-8") as f:
             f.write(card)
@@ -162,10 +213,22 @@ def export(load: str, output: str, iteration: int | None = None, max_shard_size:
             os.rename(staging, output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return {"output": output, "iteration": trained.iteration, "architecture": model.config.architectures[0],
-            "tokenizer": tokenizer_note, "shards": shards}
+    return {
+        "output": output,
+        "iteration": trained.iteration,
+        "architecture": model.config.architectures[0],
+        "tokenizer": tokenizer_note,
+        "shards": shards,
+    }
 
 
 def run(args: argparse.Namespace) -> dict:
-    return export(args.load, args.output, args.iteration, args.max_shard_size, args.tokenizer_model,
-                  args.eval_result, args.metrics_file)
+    return export(
+        args.load,
+        args.output,
+        args.iteration,
+        args.max_shard_size,
+        args.tokenizer_model,
+        args.eval_result,
+        args.metrics_file,
+    )

@@ -43,24 +43,41 @@ STAGING_DIRNAME = ".one_process"  # inside --save while a TP/PP import is reshar
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--load", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
+    parser.add_argument(
+        "--load",
+        required=True,
+        help="Hugging Face model directory (config.json, safetensors, tokenizer.json)",
+    )
     parser.add_argument("--save", required=True, help="new checkpoint directory to write")
     parser.add_argument("--latent-steps", type=int, default=None, help="default: the model's (0 for a Llama)")
     parser.add_argument("--latent-layout", choices=LATENT_LAYOUTS, default=None)
     parser.add_argument("--halting", choices=HALTING_RULES, default=None)
     parser.add_argument("--halting-threshold", type=float, default=None)
-    parser.add_argument("--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)")
-    parser.add_argument("--target-tensor-parallel-size", type=int, default=1,
-                        help="write the checkpoint at this TP (launch TP x PP processes with torchrun)")
-    parser.add_argument("--target-pipeline-parallel-size", "--target-pipeline-model-parallel-size",
-                        dest="target_pipeline_model_parallel_size", type=int, default=1,
-                        help="write the checkpoint at this PP (launch TP x PP processes with torchrun)")
+    parser.add_argument(
+        "--seq-length", type=int, default=None, help="default: min(max_position_embeddings, 2048)"
+    )
+    parser.add_argument(
+        "--target-tensor-parallel-size",
+        type=int,
+        default=1,
+        help="write the checkpoint at this TP (launch TP x PP processes with torchrun)",
+    )
+    parser.add_argument(
+        "--target-pipeline-parallel-size",
+        "--target-pipeline-model-parallel-size",
+        dest="target_pipeline_model_parallel_size",
+        type=int,
+        default=1,
+        help="write the checkpoint at this PP (launch TP x PP processes with torchrun)",
+    )
 
 
 def read_hf_config(hf_dir: str) -> dict:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
-        raise ConversionError(f"--load {hf_dir!r}: no config.json there; pass a Hugging Face model directory.")
+        raise ConversionError(
+            f"--load {hf_dir!r}: no config.json there; pass a Hugging Face model directory."
+        )
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 
@@ -70,8 +87,10 @@ def check_supported(config: dict, hf_dir: str) -> None:
     where = f"--load {hf_dir!r}: config.json"
     architectures = config.get("architectures") or []
     if not any(a in SUPPORTED_ARCHITECTURES for a in architectures):
-        raise ConversionError(f"{where} has architectures {architectures} (model_type {config.get('model_type')!r}); "
-                              f"only {' and '.join(SUPPORTED_ARCHITECTURES)} can be imported.")
+        raise ConversionError(
+            f"{where} has architectures {architectures} (model_type {config.get('model_type')!r}); "
+            f"only {' and '.join(SUPPORTED_ARCHITECTURES)} can be imported."
+        )
     rope = config.get("rope_parameters") or {}
     theta = rope.get("rope_theta", config.get("rope_theta", ROTARY_BASE))
     rope_type = rope.get("rope_type", "default")
@@ -85,17 +104,25 @@ def check_supported(config: dict, hf_dir: str) -> None:
         if config.get(field):
             differences.append(f"{field} true (megatron_lcot has no biases)")
     if config.get("tie_word_embeddings", False):
-        differences.append("tie_word_embeddings true (megatron_lcot trains untied input and output embeddings)")
+        differences.append(
+            "tie_word_embeddings true (megatron_lcot trains untied input and output embeddings)"
+        )
     if config.get("hidden_act", "silu") != "silu":
         differences.append(f"hidden_act {config['hidden_act']!r} (megatron_lcot uses SwiGLU with silu)")
     if not math.isclose(config.get("rms_norm_eps", NORM_EPSILON), NORM_EPSILON, rel_tol=1e-9):
-        differences.append(f"rms_norm_eps {config['rms_norm_eps']} (megatron_lcot's RMSNorm epsilon is {NORM_EPSILON})")
+        differences.append(
+            f"rms_norm_eps {config['rms_norm_eps']} (megatron_lcot's RMSNorm epsilon is {NORM_EPSILON})"
+        )
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head_dim * config["num_attention_heads"] != config["hidden_size"]:
-        differences.append(f"head_dim {head_dim} x {config['num_attention_heads']} heads != hidden_size "
-                           f"{config['hidden_size']}")
+        differences.append(
+            f"head_dim {head_dim} x {config['num_attention_heads']} heads != hidden_size "
+            f"{config['hidden_size']}"
+        )
     if differences:
-        raise ConversionError(f"{where} describes a model megatron_lcot cannot represent: {'; '.join(differences)}.")
+        raise ConversionError(
+            f"{where} describes a model megatron_lcot cannot represent: {'; '.join(differences)}."
+        )
 
 
 def read_hf_weights(hf_dir: str) -> dict:
@@ -104,8 +131,10 @@ def read_hf_weights(hf_dir: str) -> dict:
 
     files = sorted(name for name in os.listdir(hf_dir) if name.endswith(".safetensors"))
     if not files:
-        raise ConversionError(f"--load {hf_dir!r}: no .safetensors weights there (pytorch_model.bin is not read: "
-                              "re-save the model with save_pretrained(safe_serialization=True)).")
+        raise ConversionError(
+            f"--load {hf_dir!r}: no .safetensors weights there (pytorch_model.bin is not read: "
+            "re-save the model with save_pretrained(safe_serialization=True))."
+        )
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index, encoding="utf-8") as f:
@@ -114,8 +143,10 @@ def read_hf_weights(hf_dir: str) -> dict:
     for name in files:
         path = os.path.join(hf_dir, name)
         if not os.path.isfile(path):
-            raise ConversionError(f"--load {hf_dir!r}: the weight index names {name}, which is missing; "
-                                  "copy the whole model directory.")
+            raise ConversionError(
+                f"--load {hf_dir!r}: the weight index names {name}, which is missing; "
+                "copy the whole model directory."
+            )
         weights.update(load_file(path))
     return weights
 
@@ -123,28 +154,41 @@ def read_hf_weights(hf_dir: str) -> dict:
 def check_weight_shapes(weights: dict, config: dict, hf_dir: str) -> None:
     """The tensors must have the shapes config.json promises (a mismatch names the field)."""
     h, vocab, layers = config["hidden_size"], config["vocab_size"], config["num_hidden_layers"]
-    heads, groups = config["num_attention_heads"], config.get("num_key_value_heads") or config["num_attention_heads"]
+    heads, groups = (
+        config["num_attention_heads"],
+        config.get("num_key_value_heads") or config["num_attention_heads"],
+    )
     head_dim = h // heads
-    expected = {"model.embed_tokens.weight": ((vocab, h), "vocab_size/hidden_size"),
-                "lm_head.weight": ((vocab, h), "vocab_size/hidden_size")}
+    expected = {
+        "model.embed_tokens.weight": ((vocab, h), "vocab_size/hidden_size"),
+        "lm_head.weight": ((vocab, h), "vocab_size/hidden_size"),
+    }
     for n in range(layers):
         p = f"model.layers.{n}."
-        expected.update({
-            p + "self_attn.q_proj.weight": ((heads * head_dim, h), "num_attention_heads/hidden_size"),
-            p + "self_attn.k_proj.weight": ((groups * head_dim, h), "num_key_value_heads"),
-            p + "mlp.gate_proj.weight": ((config["intermediate_size"], h), "intermediate_size"),
-        })
+        expected.update(
+            {
+                p + "self_attn.q_proj.weight": ((heads * head_dim, h), "num_attention_heads/hidden_size"),
+                p + "self_attn.k_proj.weight": ((groups * head_dim, h), "num_key_value_heads"),
+                p + "mlp.gate_proj.weight": ((config["intermediate_size"], h), "intermediate_size"),
+            }
+        )
     for name, (shape, fields) in expected.items():
         if name not in weights:
-            raise ConversionError(f"--load {hf_dir!r}: the weights have no {name} although config.json has "
-                                  f"num_hidden_layers {layers}; the directory is incomplete or not a Llama.")
+            raise ConversionError(
+                f"--load {hf_dir!r}: the weights have no {name} although config.json has "
+                f"num_hidden_layers {layers}; the directory is incomplete or not a Llama."
+            )
         if tuple(weights[name].shape) != shape:
-            raise ConversionError(f"--load {hf_dir!r}: {name} has shape {tuple(weights[name].shape)} but config.json "
-                                  f"({fields}) implies {shape}; config.json does not match the weights.")
+            raise ConversionError(
+                f"--load {hf_dir!r}: {name} has shape {tuple(weights[name].shape)} but config.json "
+                f"({fields}) implies {shape}; config.json does not match the weights."
+            )
     unexpected = unexpected_hf_tensors(weights, layers)
     if unexpected:
-        raise ConversionError(f"--load {hf_dir!r}: tensors megatron_lcot has no place for: {unexpected[:5]} "
-                              "(biases or extra layers?).")
+        raise ConversionError(
+            f"--load {hf_dir!r}: tensors megatron_lcot has no place for: {unexpected[:5]} "
+            "(biases or extra layers?)."
+        )
 
 
 def run_fields(config: dict, options: argparse.Namespace, tokenizer_path: str) -> dict:
@@ -157,14 +201,18 @@ def run_fields(config: dict, options: argparse.Namespace, tokenizer_path: str) -
 
     seq_length = options.seq_length or min(config.get("max_position_embeddings", 2048), 2048)
     latent = ("latent_steps", "latent_layout", "halting", "halting_threshold")
-    return {"num_layers": config["num_hidden_layers"], "hidden_size": config["hidden_size"],
-            "ffn_hidden_size": config["intermediate_size"],
-            "num_attention_heads": config["num_attention_heads"],
-            "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
-            "seq_length": seq_length,
-            "max_position_embeddings": config.get("max_position_embeddings", seq_length),
-            "tokenizer_type": "HuggingFaceTokenizer", "tokenizer_model": tokenizer_path,
-            **{name: chosen(name) for name in latent}}
+    return {
+        "num_layers": config["num_hidden_layers"],
+        "hidden_size": config["hidden_size"],
+        "ffn_hidden_size": config["intermediate_size"],
+        "num_attention_heads": config["num_attention_heads"],
+        "num_query_groups": config.get("num_key_value_heads") or config["num_attention_heads"],
+        "seq_length": seq_length,
+        "max_position_embeddings": config.get("max_position_embeddings", seq_length),
+        "tokenizer_type": "HuggingFaceTokenizer",
+        "tokenizer_model": tokenizer_path,
+        **{name: chosen(name) for name in latent},
+    }
 
 
 def pretrain_flags(fields: dict) -> str:
@@ -184,12 +232,16 @@ def _check_layout(options: argparse.Namespace) -> tuple:
     """The target (TP, PP), checked against the process count before anything is read."""
     tp, pp = options.target_tensor_parallel_size, options.target_pipeline_model_parallel_size
     if tp < 1 or pp < 1:
-        raise ConversionError("--target-tensor-parallel-size and --target-pipeline-parallel-size must be >= 1.")
+        raise ConversionError(
+            "--target-tensor-parallel-size and --target-pipeline-parallel-size must be >= 1."
+        )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != tp * pp:
-        raise ConversionError(f"--target-tensor-parallel-size {tp} x --target-pipeline-parallel-size {pp} needs "
-                              f"{tp * pp} processes, this run has {world_size}; launch with "
-                              f"torchrun --nproc-per-node {tp * pp} tools/convert_checkpoint.py from-hf ...")
+        raise ConversionError(
+            f"--target-tensor-parallel-size {tp} x --target-pipeline-parallel-size {pp} needs "
+            f"{tp * pp} processes, this run has {world_size}; launch with "
+            f"torchrun --nproc-per-node {tp * pp} tools/convert_checkpoint.py from-hf ..."
+        )
     return tp, pp
 
 
@@ -219,8 +271,10 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
     weights = read_hf_weights(hf_dir)
     check_weight_shapes(weights, config, hf_dir)
     if not os.path.isfile(os.path.join(hf_dir, "tokenizer.json")):
-        raise ConversionError(f"--load {hf_dir!r}: no tokenizer.json there; save the tokenizer with the model "
-                              "(tokenizer.save_pretrained(HF_DIR)) so training reads the same ids.")
+        raise ConversionError(
+            f"--load {hf_dir!r}: no tokenizer.json there; save the tokenizer with the model "
+            "(tokenizer.save_pretrained(HF_DIR)) so training reads the same ids."
+        )
     parallel.initialize()  # one-process model parallelism (every rank a data-parallel replica)
     dist.barrier()  # every rank has seen `save` empty before rank 0 writes there
     tokenizer_path = os.path.join(os.path.abspath(save), "tokenizer", "tokenizer.json")
@@ -230,20 +284,30 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
         dist.barrier()
         tokenizer = build_tokenizer("HuggingFaceTokenizer", tokenizer_path)
         if tokenizer.vocab_size != config["vocab_size"]:
-            raise ConversionError(f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
-                                  f"vocab_size is {config['vocab_size']}; they must agree.")
+            raise ConversionError(
+                f"--load {hf_dir!r}: tokenizer.json has {tokenizer.vocab_size} ids but config.json "
+                f"vocab_size is {config['vocab_size']}; they must agree."
+            )
         fields = run_fields(config, options, tokenizer_path)
         if tp * pp > 1:
             fields.update(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
         # the target TP's vocabulary padding
-        run_config = run_config_from_fields(tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save)
+        run_config = run_config_from_fields(
+            tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save
+        )
         if tp * pp > 1:  # refuses a layout the model cannot take, before any work
             target_args(vars(run_config.as_flags()), tp, pp)
         one_process = run_config.for_one_process()
         model = build_model(one_process.model)
         m = run_config.model
-        shapes = Shapes(m.num_layers, m.num_attention_heads, m.num_query_groups,
-                        m.hidden_size // m.num_attention_heads, tokenizer.vocab_size, m.padded_vocab_size)
+        shapes = Shapes(
+            m.num_layers,
+            m.num_attention_heads,
+            m.num_query_groups,
+            m.hidden_size // m.num_attention_heads,
+            tokenizer.vocab_size,
+            m.padded_vocab_size,
+        )
         state = model.state_dict()
         converted = hf_to_megatron(weights, shapes)
         if "halting_router.weight" in converted and "halting_router.weight" not in state:
@@ -269,9 +333,15 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
         raise
     if dist.get_rank() != 0:
         return None
-    return {"save": save, "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-            "padded_vocab_size": m.padded_vocab_size, "embedding_scale": model.config.embedding_scale,
-            "embedding_fold": fold, "pretrain_flags": pretrain_flags(fields)}
+    return {
+        "save": save,
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "padded_vocab_size": m.padded_vocab_size,
+        "embedding_scale": model.config.embedding_scale,
+        "embedding_fold": fold,
+        "pretrain_flags": pretrain_flags(fields),
+    }
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -22,8 +22,8 @@ import os
 
 import torch
 
-from megatron_lcot.hf.errors import ConversionError
 from megatron_lcot.checkpoint.checkpointing import CHECKPOINT_FILENAME, iteration_dir
+from megatron_lcot.hf.errors import ConversionError
 
 
 def training_record(root: str, iteration: int) -> dict | None:
@@ -55,7 +55,9 @@ def last_validation(metrics_file: str | None, iteration: int) -> dict | None:
 def read_eval_result(path: str) -> dict:
     """The last JSON line of `tools/evaluate.py --input` output (ConversionError naming --eval-result)."""
     if not os.path.isfile(path):
-        raise ConversionError(f"--eval-result {path!r}: no such file; pass the saved stdout of tools/evaluate.py.")
+        raise ConversionError(
+            f"--eval-result {path!r}: no such file; pass the saved stdout of tools/evaluate.py."
+        )
     with open(path, encoding="utf-8") as f:
         lines = [line for line in f if line.strip()]
     try:
@@ -63,8 +65,10 @@ def read_eval_result(path: str) -> dict:
     except json.JSONDecodeError:
         result = {}
     if "perplexity" not in result:
-        raise ConversionError(f"--eval-result {path!r}: its last line is not tools/evaluate.py --input output "
-                         "(a JSON object with \"perplexity\").")
+        raise ConversionError(
+            f"--eval-result {path!r}: its last line is not tools/evaluate.py --input output "
+            '(a JSON object with "perplexity").'
+        )
     return result
 
 
@@ -79,20 +83,26 @@ def _halting_recipe(args) -> str:
     if args.latent_steps == 0 or args.halting != "adaptive":
         return "none"
     warmup = getattr(args, "halting_warmup_iters", 0)
-    return (f"threshold tau {args.halting_threshold:g}, loss weight {args.halting_loss_weight:g}, warm-up "
-            f"{warmup} iterations{' (no pruning while the loss weight ramps from 0)' if warmup else ''}, "
-            f"correctness exponent {args.halting_correctness_exponent:g}, router learning rate x "
-            f"{args.halting_router_lr_mult:g}")
+    return (
+        f"threshold tau {args.halting_threshold:g}, loss weight {args.halting_loss_weight:g}, warm-up "
+        f"{warmup} iterations{' (no pruning while the loss weight ramps from 0)' if warmup else ''}, "
+        f"correctness exponent {args.halting_correctness_exponent:g}, router learning rate x "
+        f"{args.halting_router_lr_mult:g}"
+    )
 
 
 def _perplexity(eval_result: dict | None, validation: dict | None) -> str:
     if eval_result is not None:
         tokens, window, stride = (eval_result.get(key, "?") for key in ("tokens", "seq_length", "stride"))
-        return (f"{eval_result['perplexity']:.4g} (tools/evaluate.py: {tokens} held-out tokens, windows of {window}, "
-                f"stride {stride})")
+        return (
+            f"{eval_result['perplexity']:.4g} (tools/evaluate.py: {tokens} held-out tokens, windows of {window}, "
+            f"stride {stride})"
+        )
     if validation is not None:
-        return (f"{validation['ppl']:.4g} (validation split at iteration {validation['iteration']}, "
-                f"lm loss {validation['lm_loss']:.4f})")
+        return (
+            f"{validation['ppl']:.4g} (validation split at iteration {validation['iteration']}, "
+            f"lm loss {validation['lm_loss']:.4f})"
+        )
     return "not measured (pass --eval-result with tools/evaluate.py output)"
 
 
@@ -110,35 +120,52 @@ print(generator("The Congress", max_new_tokens=32, do_sample=False)[0]["generate
 ```"""
 
 
-def model_card(trained, directory_name: str, parameters: int, record: dict | None, validation: dict | None,
-               eval_result: dict | None) -> str:
+def model_card(
+    trained,
+    directory_name: str,
+    parameters: int,
+    record: dict | None,
+    validation: dict | None,
+    eval_result: dict | None,
+) -> str:
     """README.md text for an export of `trained` (inference.loading.TrainedModel)."""
     args = trained.config.as_flags()
     latent = args.latent_steps > 0
     if record is None:
         tokens = flops = "not recorded (a weights-only checkpoint)"
     else:
-        tokens = f"{record['samples'] * args.seq_length:,} ({record['samples']:,} sequences of {args.seq_length})"
+        tokens = (
+            f"{record['samples'] * args.seq_length:,} ({record['samples']:,} sequences of {args.seq_length})"
+        )
         flops = f"{record['flops']:.4g}" if record["flops"] else "not recorded"
     rows = [
         ("mode", _mode(args)),
         ("latent steps K", str(args.latent_steps)),
         ("halting recipe", _halting_recipe(args)),
         ("parameters", f"{parameters:,}"),
-        ("shape", f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, "
-                  f"{args.num_query_groups} KV heads, FFN {trained.model.config.ffn_hidden_size}"),
+        (
+            "shape",
+            f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, "
+            f"{args.num_query_groups} KV heads, FFN {trained.model.config.ffn_hidden_size}",
+        ),
         ("vocabulary", f"{trained.vocab_size} ({args.tokenizer_type})"),
-        ("training", f"iteration {trained.iteration}, sequence length {args.seq_length}, global batch "
-                     f"{args.global_batch_size}, lr {args.lr:g}"),
+        (
+            "training",
+            f"iteration {trained.iteration}, sequence length {args.seq_length}, global batch "
+            f"{args.global_batch_size}, lr {args.lr:g}",
+        ),
         ("training tokens", tokens),
         ("training FLOPs", flops),
         ("held-out perplexity", _perplexity(eval_result, validation)),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     tags = ["megatron-lcot", "llama"] + (["latent-reasoning"] if latent else [])
-    remote_note = ("The modeling code ships in this directory (`configuration_lcot.py`, `modeling_lcot.py`; torch "
-                   "and transformers only): pass `trust_remote_code=True`." if latent else
-                   "A plain `LlamaForCausalLM`: no remote code.")
+    remote_note = (
+        "The modeling code ships in this directory (`configuration_lcot.py`, `modeling_lcot.py`; torch "
+        "and transformers only): pass `trust_remote_code=True`."
+        if latent
+        else "A plain `LlamaForCausalLM`: no remote code."
+    )
     return f"""---
 library_name: transformers
 pipeline_tag: text-generation

@@ -52,7 +52,9 @@ class LcotCausalLMOutput(CausalLMOutputWithPast):
 
 def rotary_cos_sin(positions, head_dim, theta):
     """positions [b, n] -> cos, sin [b, 1, n, head_dim] (rotate-half convention)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim))
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=positions.device) / head_dim)
+    )
     freqs = positions.float()[..., None] * inv_freq
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
     return emb.cos(), emb.sin()
@@ -323,7 +325,9 @@ class LcotLlamaModel(LcotPreTrainedModel):
         everyone = torch.ones(b, n, dtype=torch.bool, device=embeds.device)
         reach, executed = [everyone.to(embeds.dtype)], [everyone]
         for step in range(1, self.config.latent_steps + 1):
-            gate = self.router(states[-1], step - 1) if self.router is not None else torch.ones_like(reach[-1])
+            gate = (
+                self.router(states[-1], step - 1) if self.router is not None else torch.ones_like(reach[-1])
+            )
             reach.append(reach[-1] * gate)
             executing = executed[-1] & (reach[-1] >= self.config.halting_threshold)
             if not (executing & real).any():
@@ -344,10 +348,15 @@ class LcotLlamaModel(LcotPreTrainedModel):
 
         def run(slots):
             m = slots.shape[2]
-            mask = attention_mask_of(real.repeat_interleave(m, dim=1), [s * m], 0,
-                                     torch.arange(s * m, device=embeds.device))
-            out = self.decode(slots.reshape(b, s * m, h), positions.repeat_interleave(m, dim=1),
-                              lambda layer, k, v: (k, v), mask)
+            mask = attention_mask_of(
+                real.repeat_interleave(m, dim=1), [s * m], 0, torch.arange(s * m, device=embeds.device)
+            )
+            out = self.decode(
+                slots.reshape(b, s * m, h),
+                positions.repeat_interleave(m, dim=1),
+                lambda layer, k, v: (k, v),
+                mask,
+            )
             return out.view(b, s, m, h)
 
         slots = embeds[:, :, None]
@@ -373,6 +382,7 @@ class LcotLlamaModel(LcotPreTrainedModel):
             at = tokens - n + i
             state = embeds[:, i : i + 1]
             for slot in range(slots):
+
                 def expose(layer_idx, k, v, slot=slot):
                     cache.layers[layer_idx].update(k, v, slot)
                     return cache.layers[layer_idx].visible(slots)
@@ -417,34 +427,49 @@ class LcotForCausalLM(LcotPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, use_cache=None,
-                labels=None, jacobi_iters="config", **kwargs):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        position_ids=None,
+        cache=None,
+        use_cache=None,
+        labels=None,
+        jacobi_iters="config",
+        **kwargs,
+    ):
         """input_ids [b, n] -> LcotCausalLMOutput(logits [b, n, vocab], loss, latent_steps [b, n],
         cache). With `cache` (or use_cache=True, which starts one) input_ids are the tokens it has
         not seen, and it is returned holding them too. jacobi_iters (interleaved, no cache):
         "config" = `jacobi_eval_iters`, None = exact."""
         if "past_key_values" in kwargs:
-            raise TypeError("past_key_values: transformers now names it cache; pass cache=... (an "
-                            "LcotLatentCache).")
+            raise TypeError(
+                "past_key_values: transformers now names it cache; pass cache=... (an LcotLatentCache)."
+            )
         if cache is None and use_cache:
             cache = LcotLatentCache(self.config)
         hidden, latent_steps = self.model(input_ids, attention_mask, position_ids, cache, jacobi_iters)
         logits = self.lm_head(hidden).float()
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
+            loss = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100
+            )
         return LcotCausalLMOutput(loss=loss, logits=logits, latent_steps=latent_steps, cache=cache)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         """generate() starts an LcotLatentCache where transformers would start a DynamicCache."""
         given = model_kwargs.get("cache")
         if given is not None and not isinstance(given, LcotLatentCache):
-            raise ValueError(f"cache={type(given).__name__}: this model caches every latent step; pass "
-                             "cache=LcotLatentCache(model.config) or no cache.")
+            raise ValueError(
+                f"cache={type(given).__name__}: this model caches every latent step; pass "
+                "cache=LcotLatentCache(model.config) or no cache."
+            )
         if generation_config.cache_implementation not in (None, "dynamic"):
-            raise ValueError(f"cache_implementation={generation_config.cache_implementation!r}: this model "
-                             "has only its own dynamic latent cache; leave cache_implementation unset.")
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r}: this model "
+                "has only its own dynamic latent cache; leave cache_implementation unset."
+            )
         if given is None and generation_config.use_cache:
             model_kwargs["cache"] = LcotLatentCache(self.config)
         else:
@@ -454,6 +479,10 @@ class LcotForCausalLM(LcotPreTrainedModel, GenerationMixin):
         """With a cache, only the tokens it has not seen (after the prefill: the last one); without,
         the whole sequence, the interleaved layout's Jacobi run to its exact fixed point."""
         if cache is not None:
-            input_ids = input_ids[:, cache.get_seq_length():]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "cache": cache,
-                "jacobi_iters": None}
+            input_ids = input_ids[:, cache.get_seq_length() :]
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "cache": cache,
+            "jacobi_iters": None,
+        }

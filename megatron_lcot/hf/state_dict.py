@@ -52,9 +52,14 @@ def _split_qkv(weight: torch.Tensor, s: Shapes) -> tuple:
 def _fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Shapes) -> torch.Tensor:
     per_group = s.num_heads // s.num_query_groups
     hidden = q.shape[-1]
-    grouped = torch.cat([q.view(s.num_query_groups, per_group, s.head_dim, hidden),
-                         k.view(s.num_query_groups, 1, s.head_dim, hidden),
-                         v.view(s.num_query_groups, 1, s.head_dim, hidden)], dim=1)
+    grouped = torch.cat(
+        [
+            q.view(s.num_query_groups, per_group, s.head_dim, hidden),
+            k.view(s.num_query_groups, 1, s.head_dim, hidden),
+            v.view(s.num_query_groups, 1, s.head_dim, hidden),
+        ],
+        dim=1,
+    )
     return grouped.reshape(-1, hidden)
 
 
@@ -78,8 +83,13 @@ def megatron_to_hf(state: dict, s: Shapes) -> dict:
         for suffix, name in _RENAMES.items():
             out[theirs + name] = state[ours + suffix]
         q, k, v = _split_qkv(state[ours + "self_attention.linear_qkv.weight"], s)
-        out.update({theirs + "self_attn.q_proj.weight": q, theirs + "self_attn.k_proj.weight": k,
-                    theirs + "self_attn.v_proj.weight": v})
+        out.update(
+            {
+                theirs + "self_attn.q_proj.weight": q,
+                theirs + "self_attn.k_proj.weight": k,
+                theirs + "self_attn.v_proj.weight": v,
+            }
+        )
         gate, up = state[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         out.update({theirs + "mlp.gate_proj.weight": gate, theirs + "mlp.up_proj.weight": up})
     if "halting_router.weight" in state:
@@ -104,10 +114,14 @@ def hf_to_megatron(hf: dict, s: Shapes) -> dict:
         for suffix, name in _RENAMES.items():
             out[ours + suffix] = hf[theirs + name]
         out[ours + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            hf[theirs + "self_attn.q_proj.weight"], hf[theirs + "self_attn.k_proj.weight"],
-            hf[theirs + "self_attn.v_proj.weight"], s)
+            hf[theirs + "self_attn.q_proj.weight"],
+            hf[theirs + "self_attn.k_proj.weight"],
+            hf[theirs + "self_attn.v_proj.weight"],
+            s,
+        )
         out[ours + "mlp.linear_fc1.weight"] = torch.cat(
-            [hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]])
+            [hf[theirs + "mlp.gate_proj.weight"], hf[theirs + "mlp.up_proj.weight"]]
+        )
     if "model.router.weight" in hf:
         out["halting_router.weight"] = hf["model.router.weight"]
         out["halting_router.bias"] = hf["model.router.bias"]
@@ -116,9 +130,11 @@ def hf_to_megatron(hf: dict, s: Shapes) -> dict:
 
 def unexpected_hf_tensors(names, num_layers: int) -> list:
     """Names in an HF checkpoint that the adapter would not read (biases, extra layers, ...)."""
-    known = re.compile(r"model\.(embed_tokens|norm|router)\.(weight|bias)|lm_head\.weight|model\.layers\.(\d+)\."
-                       r"(input_layernorm|post_attention_layernorm|self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
-                       r"\.weight")
+    known = re.compile(
+        r"model\.(embed_tokens|norm|router)\.(weight|bias)|lm_head\.weight|model\.layers\.(\d+)\."
+        r"(input_layernorm|post_attention_layernorm|self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
+        r"\.weight"
+    )
     unexpected = []
     for name in names:
         match = known.fullmatch(name)

@@ -48,7 +48,8 @@ def hf_tokenizer(tokenizer: LcotTokenizer):
     else:
         raise NoHFTokenizer(
             f"the checkpoint was trained with {type(tokenizer).__name__}, which has no Hugging Face form "
-            "(its text is already token ids); export writes no tokenizer files for it.")
+            "(its text is already token ids); export writes no tokenizer files for it."
+        )
     eos = backend.id_to_token(tokenizer.eod)
     bos_id = getattr(tokenizer, "bos", None)
     special = {"eos_token": eos}
@@ -56,5 +57,10 @@ def hf_tokenizer(tokenizer: LcotTokenizer):
         special["bos_token"] = backend.id_to_token(bos_id)
     if isinstance(tokenizer, SentencePieceTokenizer):
         special["unk_token"] = backend.id_to_token(0)
-    return PreTrainedTokenizerFast(tokenizer_object=backend, add_bos_token=False, add_eos_token=False,
-                                   clean_up_tokenization_spaces=False, **special)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        add_bos_token=False,
+        add_eos_token=False,
+        clean_up_tokenization_spaces=False,
+        **special,
+    )

@@ -35,8 +35,9 @@ class LatentDecoder:
         valid = valid.bool()
         positions = cache.next_positions(valid)  # [b, n]
         embeds = self.model.embed_tokens(input_ids, positions)
-        run = LatentRun.start(embeds, self.model.rotary_pos_emb, positions.t(), input_ids.shape[0],
-                              cache, valid)
+        run = LatentRun.start(
+            embeds, self.model.rotary_pos_emb, positions.t(), input_ids.shape[0], cache, valid
+        )
         thoughts = self.schedule.decode(run, self.model.decoder, self.model.halting_router)
         logits, _ = self.model.output_layer(thoughts.output_states())
         return logits.transpose(0, 1), thoughts.latent_steps().transpose(0, 1)

@@ -18,17 +18,17 @@ as it becomes final, in order: the pieces of a row concatenate to its entry of `
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from megatron_lcot import parallel
 from megatron_lcot.inference.decoding import LatentDecoder
-from megatron_lcot.model.engine import LatentKVStore
 from megatron_lcot.inference.loading import TrainedModel
 from megatron_lcot.inference.sampling import SamplingParams, next_tokens
 from megatron_lcot.inference.text_stream import TextStream
+from megatron_lcot.model.engine import LatentKVStore
 
 
 @dataclass
@@ -68,14 +68,21 @@ def left_pad(prompts: list, pad_id: int = 0) -> tuple:
     valid = torch.zeros((len(prompts), length), dtype=torch.bool)
     for row, prompt in enumerate(prompts):
         if prompt:
-            ids[row, length - len(prompt):] = torch.tensor(prompt)
-            valid[row, length - len(prompt):] = True
+            ids[row, length - len(prompt) :] = torch.tensor(prompt)
+            valid[row, length - len(prompt) :] = True
     return ids, valid
 
 
-def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, sampling: SamplingParams,
-                 keep_logits: bool = False, stop_at_eod: bool = True, stop: tuple = (),
-                 on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+def generate_ids(
+    trained: TrainedModel,
+    prompts: list,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    keep_logits: bool = False,
+    stop_at_eod: bool = True,
+    stop: tuple = (),
+    on_text: Callable[[int, str], None] | None = None,
+) -> GenerationResult:
     """Generate from prompts given as token id lists (each non-empty); `stop`: stop strings."""
     if any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (an empty line gives none).")
@@ -124,13 +131,32 @@ def generate_ids(trained: TrainedModel, prompts: list, max_new_tokens: int, samp
     decode_s = time.perf_counter() - start
     for row, stream in enumerate(streams):
         emit(row, stream.close())
-    return GenerationResult([s.tokens for s in streams], [s.text for s in streams], steps,
-                            [torch.stack(r) for r in kept] if keep_logits else None, prefill_s, decode_s)
+    return GenerationResult(
+        [s.tokens for s in streams],
+        [s.text for s in streams],
+        steps,
+        [torch.stack(r) for r in kept] if keep_logits else None,
+        prefill_s,
+        decode_s,
+    )
 
 
-def generate(trained: TrainedModel, prompts: list, max_new_tokens: int, sampling: SamplingParams,
-             keep_logits: bool = False, stop: tuple = (),
-             on_text: Callable[[int, str], None] | None = None) -> GenerationResult:
+def generate(
+    trained: TrainedModel,
+    prompts: list,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    keep_logits: bool = False,
+    stop: tuple = (),
+    on_text: Callable[[int, str], None] | None = None,
+) -> GenerationResult:
     """Generate from text prompts (tokenized as training data was)."""
-    return generate_ids(trained, [trained.tokenizer.tokenize(p) for p in prompts], max_new_tokens, sampling,
-                        keep_logits, stop=stop, on_text=on_text)
+    return generate_ids(
+        trained,
+        [trained.tokenizer.tokenize(p) for p in prompts],
+        max_new_tokens,
+        sampling,
+        keep_logits,
+        stop=stop,
+        on_text=on_text,
+    )

@@ -42,8 +42,12 @@ from tqdm import tqdm
 from megatron_lcot.inference.generation import generate_ids
 from megatron_lcot.inference.loading import load_trained_model
 from megatron_lcot.inference.sampling import SamplingParams
-from megatron_lcot.inference.scoring import (CheckpointScorer, continuation_ids, continuation_loglikelihood,
-                                             sliding_window_perplexity)
+from megatron_lcot.inference.scoring import (
+    CheckpointScorer,
+    continuation_ids,
+    continuation_loglikelihood,
+    sliding_window_perplexity,
+)
 
 # gen_kwargs generate_until understands (lm-eval tasks' `generation_kwargs`).
 GENERATION_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_k", "top_p", "seed")
@@ -57,11 +61,15 @@ def checkpoint_dir(model_args: dict | None) -> str:
     """The `load=` directory of `model_args`, or ModelArgsError (before anything is loaded)."""
     load = (model_args or {}).get("load")
     if not load:
-        raise ModelArgsError("--model_args needs load=CKPT_DIR (a directory written by pretrain_lcot.py --save), "
-                             "e.g. --model_args load=checkpoints/adaptive")
+        raise ModelArgsError(
+            "--model_args needs load=CKPT_DIR (a directory written by pretrain_lcot.py --save), "
+            "e.g. --model_args load=checkpoints/adaptive"
+        )
     if not os.path.isdir(str(load)):
-        raise ModelArgsError(f"--model_args load={load}: no such directory; pass load=CKPT_DIR, a directory "
-                             "written by pretrain_lcot.py --save")
+        raise ModelArgsError(
+            f"--model_args load={load}: no such directory; pass load=CKPT_DIR, a directory "
+            "written by pretrain_lcot.py --save"
+        )
     return str(load)
 
 
@@ -69,22 +77,37 @@ def checkpoint_dir(model_args: dict | None) -> str:
 class LcotLM(LM):
     """See the module docstring."""
 
-    def __init__(self, load: str | None = None, iteration: int | None = None, tokenizer_model: str | None = None,
-                 seq_length: int | None = None, stride: int | None = None, batch_size=None, max_batch_size=None,
-                 device=None, **unknown) -> None:
+    def __init__(
+        self,
+        load: str | None = None,
+        iteration: int | None = None,
+        tokenizer_model: str | None = None,
+        seq_length: int | None = None,
+        stride: int | None = None,
+        batch_size=None,
+        max_batch_size=None,
+        device=None,
+        **unknown,
+    ) -> None:
         super().__init__()
         if unknown:
-            raise ModelArgsError(f"--model_args {', '.join(sorted(unknown))}: not understood by lcot; it takes "
-                                 "load, iteration, tokenizer_model, seq_length, stride")
+            raise ModelArgsError(
+                f"--model_args {', '.join(sorted(unknown))}: not understood by lcot; it takes "
+                "load, iteration, tokenizer_model, seq_length, stride"
+            )
         root = checkpoint_dir({"load": load})
-        self.trained = load_trained_model(root, None if iteration is None else int(iteration), tokenizer_model)
+        self.trained = load_trained_model(
+            root, None if iteration is None else int(iteration), tokenizer_model
+        )
         self.scorer = CheckpointScorer(self.trained)
         self.tokenize, self.eod = self.trained.tokenizer.tokenize, self.trained.tokenizer.eod
         self.seq_length = int(seq_length or self.trained.config.model.seq_length)
         self.stride = int(stride or self.seq_length - 1)
         if not 0 < self.stride < self.seq_length:
-            raise ModelArgsError(f"--model_args stride={self.stride}: must be in [1, seq_length - 1 = "
-                                 f"{self.seq_length - 1}] so that every token of a rolling window is scored")
+            raise ModelArgsError(
+                f"--model_args stride={self.stride}: must be in [1, seq_length - 1 = "
+                f"{self.seq_length - 1}] so that every token of a rolling window is scored"
+            )
 
     def _answer_each(self, requests: list, kind: str, answer, disable_tqdm: bool) -> list:
         """answer(*request.args) for each request, each result handed to lm-eval's cache hook."""
@@ -120,20 +143,28 @@ class LcotLM(LM):
     def _generate(self, context: str, gen_kwargs: dict) -> str:
         unknown = set(gen_kwargs) - set(GENERATION_KWARGS)
         if unknown:
-            raise ValueError(f"lcot generate_until: gen_kwargs {', '.join(sorted(unknown))} not supported "
-                             f"(it takes {', '.join(GENERATION_KWARGS)})")
+            raise ValueError(
+                f"lcot generate_until: gen_kwargs {', '.join(sorted(unknown))} not supported "
+                f"(it takes {', '.join(GENERATION_KWARGS)})"
+            )
         until = gen_kwargs.get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_new = int(gen_kwargs.get("max_gen_toks", 256))
         if not 0 < max_new < self.seq_length:
-            raise ValueError(f"lcot generate_until: max_gen_toks {max_new} must be in [1, seq_length - 1 = "
-                             f"{self.seq_length - 1}]")
+            raise ValueError(
+                f"lcot generate_until: max_gen_toks {max_new} must be in [1, seq_length - 1 = "
+                f"{self.seq_length - 1}]"
+            )
         temperature = float(gen_kwargs.get("temperature", 1.0))  # Hugging Face's default, as lm-eval's HFLM
         sample = bool(gen_kwargs.get("do_sample", False)) and temperature > 0
-        sampling = SamplingParams(greedy=not sample, temperature=temperature if sample else 1.0,
-                                  top_k=int(gen_kwargs.get("top_k") or 0), top_p=float(gen_kwargs.get("top_p") or 1.0),
-                                  seed=int(gen_kwargs.get("seed") or 0))
-        prompt = (self.tokenize(context) or [self.eod])[-(self.seq_length - max_new):]
+        sampling = SamplingParams(
+            greedy=not sample,
+            temperature=temperature if sample else 1.0,
+            top_k=int(gen_kwargs.get("top_k") or 0),
+            top_p=float(gen_kwargs.get("top_p") or 1.0),
+            seed=int(gen_kwargs.get("seed") or 0),
+        )
+        prompt = (self.tokenize(context) or [self.eod])[-(self.seq_length - max_new) :]
         text = generate_ids(self.trained, [prompt], max_new, sampling).texts[0]
         for stop in until:
             text = text.split(stop)[0]

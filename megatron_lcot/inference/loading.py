@@ -46,19 +46,25 @@ def _tokenizer_of(data, tokenizer_model: str | None) -> LcotTokenizer:
     """data: the RunConfig's data section."""
     model_path = tokenizer_model or data.tokenizer_model
     try:
-        return build_tokenizer(data.tokenizer_type, model_path, data.vocab_file, data.merge_file,
-                               data.vocab_size)
+        return build_tokenizer(
+            data.tokenizer_type, model_path, data.vocab_file, data.merge_file, data.vocab_size
+        )
     except TokenizerError as error:
-        raise TokenizerError(f"the checkpoint's tokenizer cannot be loaded ({error}); pass --tokenizer-model "
-                             "with the file it was trained with") from None
+        raise TokenizerError(
+            f"the checkpoint's tokenizer cannot be loaded ({error}); pass --tokenizer-model "
+            "with the file it was trained with"
+        ) from None
 
 
-def load_trained_model(root: str, iteration: int | None = None, tokenizer_model: str | None = None) -> TrainedModel:
+def load_trained_model(
+    root: str, iteration: int | None = None, tokenizer_model: str | None = None
+) -> TrainedModel:
     """Build the checkpoint's model on one process and load its weights (CheckpointError or
     TokenizerError, naming the path and the fix, on a bad directory)."""
     if not os.path.isdir(root):
-        raise CheckpointError(f"--load {root!r}: no such directory; pass a directory written by "
-                              "pretrain_lcot.py --save.")
+        raise CheckpointError(
+            f"--load {root!r}: no such directory; pass a directory written by pretrain_lcot.py --save."
+        )
     parallel.initialize()  # one process; the checkpoint's file is found through parallel_state
     config = load_run_config(root, iteration).for_one_process()
     tokenizer = _tokenizer_of(config.data, tokenizer_model)

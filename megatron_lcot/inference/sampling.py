@@ -33,8 +33,10 @@ class SamplingParams:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p {self.top_p} must be in (0, 1].")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"--repetition-penalty {self.repetition_penalty} must be > 0 (1.0 = off; "
-                             "above 1 discourages repeats).")
+            raise ValueError(
+                f"--repetition-penalty {self.repetition_penalty} must be > 0 (1.0 = off; "
+                "above 1 discourages repeats)."
+            )
         if self.temperature == 0:
             object.__setattr__(self, "greedy", True)
 
@@ -48,8 +50,12 @@ def penalize_repetition(logits: torch.Tensor, seen: torch.Tensor, penalty: float
     return torch.where(seen, penalized, logits)
 
 
-def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor,
+    params: SamplingParams,
+    generator: torch.Generator | None,
+    seen: torch.Tensor | None = None,
+) -> torch.Tensor:
     """logits [b, vocab] (real vocabulary), seen [b, vocab] bool or None -> token ids [b]."""
     if seen is not None:
         logits = penalize_repetition(logits, seen, params.repetition_penalty)

@@ -44,8 +44,13 @@ class CheckpointScorer:
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
         captured = {}
         schedule = self.trained.model.latent_schedule
-        hook = None if schedule is None else schedule.register_forward_hook(
-            lambda module, inputs, thoughts: captured.update(steps=thoughts.latent_steps()))
+        hook = (
+            None
+            if schedule is None
+            else schedule.register_forward_hook(
+                lambda module, inputs, thoughts: captured.update(steps=thoughts.latent_steps())
+            )
+        )
         try:
             logits = self.trained.model(ids, positions)[0, :, : self.trained.vocab_size]
         finally:
@@ -61,7 +66,9 @@ class HFScorer:
     def __init__(self, hf_dir: str) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, trust_remote_code=True, dtype=torch.float32
+        ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(hf_dir, trust_remote_code=True)
         self.max_latent_steps = getattr(self.model.config, "latent_steps", 0)
 
@@ -87,7 +94,9 @@ class LatentStepTally:
         self.counts = torch.zeros(max_latent_steps + 1, dtype=torch.float64)
 
     def add(self, steps: torch.Tensor) -> None:
-        self.counts += torch.bincount(steps.round().long(), minlength=len(self.counts))[: len(self.counts)].double()
+        self.counts += torch.bincount(steps.round().long(), minlength=len(self.counts))[
+            : len(self.counts)
+        ].double()
 
     def summary(self) -> dict:
         total = float(self.counts.sum())
@@ -122,7 +131,7 @@ def continuation_ids(tokenize, context: str, continuation: str) -> tuple:
     continuation is what follows the context's own tokens (so a word keeps its leading space)."""
     whole, head = tokenize(context + continuation), tokenize(context)
     if whole[: len(head)] == head and len(whole) > len(head):
-        return head, whole[len(head):]
+        return head, whole[len(head) :]
     return head, tokenize(continuation)
 
 
@@ -168,9 +177,15 @@ def score_task(records: list, scorer, tokenize, seq_length: int, eod: int) -> di
             cloze_items += 1
     result = {"items": mc_items + cloze_items}
     if mc_items:
-        result.update(multiple_choice_items=mc_items, accuracy=mc_correct / mc_items,
-                      accuracy_norm=mc_norm_correct / mc_items)
+        result.update(
+            multiple_choice_items=mc_items,
+            accuracy=mc_correct / mc_items,
+            accuracy_norm=mc_norm_correct / mc_items,
+        )
     if cloze_items:
-        result.update(cloze_items=cloze_items, cloze_accuracy=cloze_correct / cloze_items,
-                      cloze_target_perplexity=math.exp(cloze_nll / cloze_tokens))
+        result.update(
+            cloze_items=cloze_items,
+            cloze_accuracy=cloze_correct / cloze_items,
+            cloze_target_perplexity=math.exp(cloze_nll / cloze_tokens),
+        )
     return result

@@ -15,7 +15,7 @@ it, as here).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 UNFINISHED_CHARACTER = "\ufffd"
 
@@ -25,8 +25,9 @@ class TextStream:
     ends the sequence and is left out of the text (None: none). context: the token ids just
     before the generated ones (the prompt's last), decoded with them and then removed."""
 
-    def __init__(self, detokenize: Callable[[list], str], stop: tuple = (), eod: int | None = None,
-                 context: list = ()) -> None:
+    def __init__(
+        self, detokenize: Callable[[list], str], stop: tuple = (), eod: int | None = None, context: list = ()
+    ) -> None:
         self.detokenize, self.stop, self.eod, self.context = detokenize, tuple(stop), eod, list(context)
         self.context_text = detokenize(self.context) if self.context else ""
         self.tokens: list = []
@@ -61,8 +62,9 @@ class TextStream:
         end = len(decoded)
         if hold_back:
             end = len(decoded.rstrip(UNFINISHED_CHARACTER))
-            held = max((n for s in self.stop for n in range(1, len(s)) if decoded[:end].endswith(s[:n])),
-                       default=0)
+            held = max(
+                (n for s in self.stop for n in range(1, len(s)) if decoded[:end].endswith(s[:n])), default=0
+            )
             end -= held
         piece = decoded[len(self.text) : end] if end > len(self.text) else ""
         self.text += piece

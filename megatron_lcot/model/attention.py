@@ -44,10 +44,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from megatron_lcot.model.attention_pass import AttentionPass
 from megatron_lcot.model.causal_blocks import causal_blocks_attention
@@ -100,8 +100,9 @@ class LcotCoreAttention(MegatronModule):
         if getattr(self.config, "latent_recompute", None) == "selective" and torch.is_grad_enabled():
             # selective recompute: keep q/k/v of this pass (and the store's per-step entries,
             # which live anyway), rebuild the concatenated keys and the attention in backward
-            return torch.utils.checkpoint.checkpoint(self._attend, query, key, value, attention_mask,
-                                                     attn_mask_type, use_reentrant=False)
+            return torch.utils.checkpoint.checkpoint(
+                self._attend, query, key, value, attention_mask, attn_mask_type, use_reentrant=False
+            )
         return self._attend(query, key, value, attention_mask, attn_mask_type)
 
     def _attend(self, query, key, value, attention_mask, attn_mask_type) -> torch.Tensor:
@@ -130,8 +131,9 @@ class LcotCoreAttention(MegatronModule):
             context = _flex(structured, described, allowed_keys, query, key, value, self.softmax_scale)
         elif call == "dense":
             mask = None if described.kind in ("causal", "full") else allowed_keys()
-            context = dense_attention(query, key, value, mask, described.kind == "causal", self.softmax_scale,
-                                      dropout_p)
+            context = dense_attention(
+                query, key, value, mask, described.kind == "causal", self.softmax_scale, dropout_p
+            )
         elif call == "causal_blocks":
             context = causal_blocks_attention(query, key, value, described.blocks, self.softmax_scale)
         else:
@@ -140,8 +142,15 @@ class LcotCoreAttention(MegatronModule):
             if not gqa:
                 key, value = (x.repeat_interleave(np_ // x.shape[1], dim=1) for x in (key, value))
             context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=mask, dropout_p=dropout_p, is_causal=described.kind == "causal",
-                scale=self.softmax_scale, enable_gqa=key.shape[1] != np_)
+                query,
+                key,
+                value,
+                attn_mask=mask,
+                dropout_p=dropout_p,
+                is_causal=described.kind == "causal",
+                scale=self.softmax_scale,
+                enable_gqa=key.shape[1] != np_,
+            )
         context = context.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
         return structured.context(context) if hasattr(structured, "context") else context
 
@@ -161,12 +170,17 @@ def describe_pass(structured) -> AttentionPass:
 #   masked_expanded    the boolean mask, KV heads expanded
 #   masked_gqa         the boolean mask and GQA: only the math kernel on CUDA, so CPU only
 # and causal_blocks (k+1 causal flash calls merged by log-sum-exp, causal_blocks.py), flex, dense.
-SDPA_CALLS = {"flash_gqa": (False, True), "unmasked_expanded": (False, False),
-              "masked_expanded": (True, False), "masked_gqa": (True, True)}
+SDPA_CALLS = {
+    "flash_gqa": (False, True),
+    "unmasked_expanded": (False, False),
+    "masked_expanded": (True, False),
+    "masked_gqa": (True, True),
+}
 
 
-def attention_call(backend: str, device_type: str, described: AttentionPass, dtype: torch.dtype,
-                   dropout_p: float = 0.0) -> str:
+def attention_call(
+    backend: str, device_type: str, described: AttentionPass, dtype: torch.dtype, dropout_p: float = 0.0
+) -> str:
     """The call that runs a pass: a pure function of backend, device type, pass and dtype.
 
     On CUDA every choice has a fused kernel (`cuda_fused_kernels` is never empty); on CPU SDPA
@@ -231,7 +245,9 @@ def _flex(structured, described: AttentionPass, allowed_keys, query, key, value,
     padded = F.pad(query, (0, 0, 0, bucket - width))
     block_mask = _block_mask(structured, described, allowed_keys, padded, key, width)
     flex = _compiled_flex() if query.device.type == "cuda" else flex_attention
-    context = flex(padded, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+    context = flex(
+        padded, key, value, block_mask=block_mask, scale=scale, enable_gqa=key.shape[1] != query.shape[1]
+    )
     return context[:, :, :width]
 
 
@@ -276,12 +292,16 @@ def _block_mask(structured, described: AttentionPass, allowed_keys, query, key, 
             inner = structured.mask_mod()
         else:
             allowed = allowed_keys()
-            allowed4 = allowed.expand(query.shape[0], 1, width, key.shape[2]) if allowed.dim() == 4 \
+            allowed4 = (
+                allowed.expand(query.shape[0], 1, width, key.shape[2])
+                if allowed.dim() == 4
                 else allowed.expand(query.shape[0], 1, *allowed.shape)
+            )
             inner = lambda b, h, q, kv: allowed4[b, 0, q, kv]  # noqa: E731
         mask_mod = lambda b, h, q, kv: (q < width) & inner(b, h, q.clamp(max=width - 1), kv)  # noqa: E731
-    block_mask = create_block_mask(mask_mod, query.shape[0], None, query.shape[2], key.shape[2],
-                                   device=query.device)
+    block_mask = create_block_mask(
+        mask_mod, query.shape[0], None, query.shape[2], key.shape[2], device=query.device
+    )
     if structured is not None:
         structured._flex_block_mask = block_mask
     elif is_causal:

@@ -29,7 +29,9 @@ def causal_blocks_attention(query, key, value, num_blocks: int, scale: float) ->
     """query [b, np, T, hn]; key/value [b, ng, num_blocks * T, hn] (ng divides np: GQA) ->
     [b, np, T, hn]: query i attends key i' <= i of every block."""
     if key.shape[2] != num_blocks * query.shape[2]:
-        raise ValueError(f"causal blocks: {key.shape[2]} keys are not {num_blocks} blocks of {query.shape[2]}")
+        raise ValueError(
+            f"causal blocks: {key.shape[2]} keys are not {num_blocks} blocks of {query.shape[2]}"
+        )
     return _CausalBlocks.apply(query, key, value, num_blocks, scale)
 
 
@@ -43,8 +45,10 @@ class _CausalBlocks(torch.autograd.Function):
             lses.append(lse)
             saved.append(extra)
         lse = torch.logsumexp(torch.stack(lses), dim=0)  # [b, np, T] fp32
-        merged = sum(torch.exp(block_lse - lse).unsqueeze(-1) * output.float()
-                     for block_lse, output in zip(lses, outputs)).to(query.dtype)
+        merged = sum(
+            torch.exp(block_lse - lse).unsqueeze(-1) * output.float()
+            for block_lse, output in zip(lses, outputs)
+        ).to(query.dtype)
         ctx.save_for_backward(query, key, value, merged, lse)
         ctx.num_blocks, ctx.scale, ctx.extras = num_blocks, scale, saved
         return merged
@@ -57,22 +61,33 @@ class _CausalBlocks(torch.autograd.Function):
         grad_keys, grad_values = [], []
         blocks = zip(key.chunk(ctx.num_blocks, dim=2), value.chunk(ctx.num_blocks, dim=2), ctx.extras)
         for key_block, value_block, extra in blocks:
-            dq, dk, dv = _flash_backward(grad_output, query, key_block, value_block, merged, lse, extra, ctx.scale)
+            dq, dk, dv = _flash_backward(
+                grad_output, query, key_block, value_block, merged, lse, extra, ctx.scale
+            )
             grad_query += dq.float()
             grad_keys.append(dk)
             grad_values.append(dv)
-        return (grad_query.to(query.dtype), torch.cat(grad_keys, dim=2), torch.cat(grad_values, dim=2),
-                None, None)
+        return (
+            grad_query.to(query.dtype),
+            torch.cat(grad_keys, dim=2),
+            torch.cat(grad_values, dim=2),
+            None,
+            None,
+        )
 
 
 def _flash_forward(query, key, value, scale):
     """One causal flash call: (output [b, np, T, hn], lse [b, np, T] fp32, what backward needs)."""
     if query.device.type == "cuda":
-        output, lse, cum_q, cum_k, max_q, max_k, philox_seed, philox_offset, _ = \
-            torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, True, False, scale=scale)
+        output, lse, cum_q, cum_k, max_q, max_k, philox_seed, philox_offset, _ = (
+            torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, 0.0, True, False, scale=scale
+            )
+        )
         return output, lse, (cum_q, cum_k, max_q, max_k, philox_seed, philox_offset)
-    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value, 0.0, True,
-                                                                             scale=scale)
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, scale=scale
+    )
     return output, lse, None
 
 
@@ -82,7 +97,22 @@ def _flash_backward(grad_output, query, key, value, output, lse, extra, scale):
     if query.device.type == "cuda":
         cum_q, cum_k, max_q, max_k, philox_seed, philox_offset = extra
         return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_output, query, key, value, output, lse, cum_q, cum_k, max_q, max_k, 0.0, True,
-            philox_seed, philox_offset, scale=scale)
+            grad_output,
+            query,
+            key,
+            value,
+            output,
+            lse,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            True,
+            philox_seed,
+            philox_offset,
+            scale=scale,
+        )
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_output, query, key, value, output, lse, 0.0, True, scale=scale)
+        grad_output, query, key, value, output, lse, 0.0, True, scale=scale
+    )

@@ -82,7 +82,11 @@ class LcotConfig(TransformerConfig):
         if self.latent_recompute not in RECOMPUTE_GRANULARITIES:
             raise ValueError(f"latent_recompute must be one of {RECOMPUTE_GRANULARITIES}")
         if self.latent_recompute == "full" and self.latent_steps == 0:
-            self.recompute_granularity, self.recompute_method, self.recompute_num_layers = "full", "uniform", 1
+            self.recompute_granularity, self.recompute_method, self.recompute_num_layers = (
+                "full",
+                "uniform",
+                1,
+            )
         super().__post_init__()
         if self.latent_steps < 0:
             raise ValueError(f"latent_steps must be >= 0, got {self.latent_steps}")

@@ -77,8 +77,10 @@ class LatentKVStore:
         entry (KV reuse: one scatter). Writing replaces this call's entries, so a recomputed pass
         (activation checkpointing) overwrites its own.
         """
-        for streams, new in ((self.keys.setdefault(layer_number, {}), key),
-                             (self.values.setdefault(layer_number, {}), value)):
+        for streams, new in (
+            (self.keys.setdefault(layer_number, {}), key),
+            (self.values.setdefault(layer_number, {}), value),
+        ):
             if live is not None:
                 new = live.scatter(new, self._new_entries(streams, stream - 1))
             self._set_new_entries(streams, stream, new)
@@ -89,7 +91,7 @@ class LatentKVStore:
             self._set_new_entries(streams, stream, self._new_entries(streams, stream - 1))
 
     def _new_entries(self, streams: dict, stream: int) -> torch.Tensor:
-        return streams[stream] if self.cached == 0 else streams[stream][self.cached:]
+        return streams[stream] if self.cached == 0 else streams[stream][self.cached :]
 
     def _set_new_entries(self, streams: dict, stream: int, new: torch.Tensor) -> None:
         streams[stream] = new if self.cached == 0 else torch.cat([streams[stream][: self.cached], new])
@@ -254,8 +256,9 @@ def run_block(block, hidden_states, attention_mask, rotary_pos_emb) -> torch.Ten
     store keep their graph, and a recomputed pass rewrites its own store entries)."""
 
     def run():
-        return block(hidden_states=hidden_states, attention_mask=attention_mask,
-                     rotary_pos_emb=rotary_pos_emb)
+        return block(
+            hidden_states=hidden_states, attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb
+        )
 
     if getattr(block.config, "latent_recompute", None) == "full" and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(run, use_reentrant=False)

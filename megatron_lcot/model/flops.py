@@ -92,8 +92,9 @@ def _stepwise_forward(config: LcotConfig, seq_length: int, vocab_size: int, shar
     return graph, penalty_head
 
 
-def training_flops_per_token(config: LcotConfig, seq_length: int, vocab_size: int, step_shares=None,
-                             jacobi_iters: float | None = None) -> float:
+def training_flops_per_token(
+    config: LcotConfig, seq_length: int, vocab_size: int, step_shares=None, jacobi_iters: float | None = None
+) -> float:
     """Forward + backward FLOPs of one training token (sequences of `seq_length` tokens).
 
     Interleaved: warm-up passes k = 1..K over k slots per token, J Jacobi passes and a final
@@ -111,7 +112,9 @@ def training_flops_per_token(config: LcotConfig, seq_length: int, vocab_size: in
     return 3.0 * graph + penalty_head
 
 
-def inference_flops_per_token(config: LcotConfig, seq_length: int, vocab_size: int, step_shares=None) -> float:
+def inference_flops_per_token(
+    config: LcotConfig, seq_length: int, vocab_size: int, step_shares=None
+) -> float:
     """Forward FLOPs per token of decoding `seq_length` tokens exactly with a KV cache.
 
     Interleaved: K+1 length-1 passes per token over the interleaved cache. Stepwise: the

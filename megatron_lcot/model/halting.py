@@ -40,8 +40,11 @@ class HaltingRouter(MegatronModule):
         self.training_iteration = None  # None: not under the training loop (tools, tests)
 
     def in_warmup(self) -> bool:
-        return (self.training and self.training_iteration is not None
-                and self.training_iteration < self.config.halting_warmup_iters)
+        return (
+            self.training
+            and self.training_iteration is not None
+            and self.training_iteration < self.config.halting_warmup_iters
+        )
 
     def threshold(self) -> float:
         """tau for this forward: 0 (no pruning) during the warm-up."""
@@ -50,7 +53,9 @@ class HaltingRouter(MegatronModule):
     def loss_weight(self) -> float:
         """lambda for this forward: lambda i / W during the warm-up."""
         if self.in_warmup():
-            return self.config.halting_loss_weight * self.training_iteration / self.config.halting_warmup_iters
+            return (
+                self.config.halting_loss_weight * self.training_iteration / self.config.halting_warmup_iters
+            )
         return self.config.halting_loss_weight
 
 
@@ -69,8 +74,12 @@ class LinearHaltingRouter(HaltingRouter):
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
         p = config.halting_init_continue_prob
-        self.weight = torch.nn.Parameter(torch.zeros(config.latent_steps, config.hidden_size, dtype=torch.float32))
-        self.bias = torch.nn.Parameter(torch.full((config.latent_steps,), math.log(p / (1 - p)), dtype=torch.float32))
+        self.weight = torch.nn.Parameter(
+            torch.zeros(config.latent_steps, config.hidden_size, dtype=torch.float32)
+        )
+        self.bias = torch.nn.Parameter(
+            torch.full((config.latent_steps,), math.log(p / (1 - p)), dtype=torch.float32)
+        )
 
     def forward(self, step_state: torch.Tensor, step: int) -> torch.Tensor:
         return torch.sigmoid(step_state.float() @ self.weight[step].float() + self.bias[step].float())

@@ -146,8 +146,11 @@ class InterleavedJacobiSchedule(LatentSchedule):
         schedule and counts the same draws, so the default declaration (one main replica per
         stage, under the same key) is an invalid access pattern at PP > 1. The main replica is
         the first rank of the first stage; every other rank holds a copy."""
-        replica_id = (parallel_state.get_pipeline_model_parallel_rank(),
-                      parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_data_parallel_rank())
+        replica_id = (
+            parallel_state.get_pipeline_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_data_parallel_rank(),
+        )
         key = f"{prefix}jacobi_draws"
         return {key: ShardedTensor.from_rank_offsets(key, self.jacobi_draws, replica_id=replica_id)}
 

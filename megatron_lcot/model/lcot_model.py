@@ -34,7 +34,7 @@ class LcotGPTModel(GPTModel):
     def __init__(
         self,
         config: LcotConfig,
-        submodules: "LcotSubmodules",
+        submodules: LcotSubmodules,
         vocab_size: int,
         max_sequence_length: int,
         pre_process: bool = True,

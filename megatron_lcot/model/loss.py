@@ -6,7 +6,8 @@ dataset's loss_mask and averaging happen in the training loop's loss function.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -54,8 +55,9 @@ def correctness_penalty(
             else:  # the head on the live tokens only, packed as the pass ran them
                 packed_labels = live.gather(labels.t()[..., None])[..., 0].t()  # [1, N]
                 packed_ce = token_loss_of(live.gather(thoughts.step_states[step]), packed_labels)
-                gold_prob = live.scatter((torch.exp(-packed_ce) ** exponent).t(),
-                                         torch.zeros_like(executed, dtype=packed_ce.dtype))
+                gold_prob = live.scatter(
+                    (torch.exp(-packed_ce) ** exponent).t(), torch.zeros_like(executed, dtype=packed_ce.dtype)
+                )
                 gold_prob = gold_prob.t()
         continue_reach = (thoughts.reach[step + 1] * executed).transpose(0, 1)
         penalty = penalty + continue_reach * gold_prob

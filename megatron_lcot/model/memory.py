@@ -77,8 +77,12 @@ def parameter_count(shape: TrainingShape) -> dict:
     qkv = h * d * (shape.num_attention_heads + 2 * shape.num_query_groups)
     layer = qkv + shape.num_attention_heads * d * h + 3 * h * shape.ffn_hidden_size + 2 * h
     router = shape.latent_steps * (h + 1) if shape.halting == "adaptive" else 0  # fp32, one gate per step
-    return {"layer": layer, "layers": shape.num_layers * layer, "embedding": 2 * shape.vocab_size * h + h,
-            "router": router}
+    return {
+        "layer": layer,
+        "layers": shape.num_layers * layer,
+        "embedding": 2 * shape.vocab_size * h + h,
+        "router": router,
+    }
 
 
 def model_state_bytes(shape: TrainingShape) -> dict:
@@ -97,8 +101,11 @@ def model_state_bytes(shape: TrainingShape) -> dict:
     else:
         grad = FP32 if (shape.grad_accum_fp32 or not shape.bf16) else weight
         stage = shape.zero_stage
-        per = {"weights": weight / (dp if stage == 3 else 1), "gradients": grad / (dp if stage >= 2 else 1),
-               "optimizer": (master + 2 * FP32) / (dp if stage >= 1 else 1)}
+        per = {
+            "weights": weight / (dp if stage == 3 else 1),
+            "gradients": grad / (dp if stage >= 2 else 1),
+            "optimizer": (master + 2 * FP32) / (dp if stage >= 1 else 1),
+        }
     return {name: params * bytes_per for name, bytes_per in per.items()} | {"parameters": params}
 
 
@@ -110,8 +117,9 @@ def latent_passes(shape: TrainingShape) -> list:
     if shape.latent_layout == "interleaved":  # warm-up over 1..K slots, J Jacobi passes, the last pass
         slots = list(range(1, steps + 1)) + [steps + 1] * (shape.jacobi_iters + 1)
         return [(AttentionPass("causal"), tokens * n) for n in slots]
-    return [(AttentionPass("causal"), tokens)] + [(AttentionPass("step_blocks", k + 1), tokens)
-                                                   for k in range(1, steps + 1)]
+    return [(AttentionPass("causal"), tokens)] + [
+        (AttentionPass("step_blocks", k + 1), tokens) for k in range(1, steps + 1)
+    ]
 
 
 def layer_activation_bytes(shape: TrainingShape, described: AttentionPass, rows: int) -> float:
@@ -123,8 +131,7 @@ def layer_activation_bytes(shape: TrainingShape, described: AttentionPass, rows:
     heads, groups = shape.num_attention_heads / tp, shape.num_query_groups / tp
     n = rows * shape.micro_batch_size
     rotary = 4 * rows * d * FP32  # cos/sin of queries and keys
-    call = attention_call(shape.attention_backend, shape.device, described,
-                          _torch_dtype(shape.bf16))
+    call = attention_call(shape.attention_backend, shape.device, described, _torch_dtype(shape.bf16))
     keys = described.blocks * rows * shape.micro_batch_size  # key rows of the call
     if shape.recompute == "full":  # only the pass input and this step's K/V stay
         return n * h * e + 2 * n * groups * d * e
@@ -158,8 +165,13 @@ def activation_bytes(shape: TrainingShape) -> dict:
     logits = tokens * shape.vocab_size / shape.tensor_parallel * (e + (FP32 if e != FP32 else 0))
     mixture = (shape.latent_steps + 1) * tokens * h * FP32 if shape.latent_steps else 0
     in_flight = min(shape.pipeline_parallel, shape.num_microbatches)
-    return {"layers": layers * in_flight, "final_norms": final_norms, "logits": logits, "mixture": mixture,
-            "total": layers * in_flight + final_norms + logits + mixture}
+    return {
+        "layers": layers * in_flight,
+        "final_norms": final_norms,
+        "logits": logits,
+        "mixture": mixture,
+        "total": layers * in_flight + final_norms + logits + mixture,
+    }
 
 
 def transient_bytes(shape: TrainingShape) -> float:
@@ -176,9 +188,16 @@ def memory_estimate(shape: TrainingShape) -> dict:
     activations = activation_bytes(shape)
     transient = transient_bytes(shape)
     peak = states["weights"] + states["gradients"] + states["optimizer"] + activations["total"] + transient
-    return {"parameters": states["parameters"], "weights": states["weights"], "gradients": states["gradients"],
-            "optimizer": states["optimizer"], "activations": activations["total"],
-            "activation_parts": activations, "transient": transient, "peak": peak}
+    return {
+        "parameters": states["parameters"],
+        "weights": states["weights"],
+        "gradients": states["gradients"],
+        "optimizer": states["optimizer"],
+        "activations": activations["total"],
+        "activation_parts": activations,
+        "transient": transient,
+        "peak": peak,
+    }
 
 
 def _torch_dtype(bf16: bool):

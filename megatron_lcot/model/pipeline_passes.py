@@ -254,7 +254,9 @@ def pipeline_schedule(model_parts: list, data_iterator, seq_length: int, forward
         config.finalize_model_grads_func = lambda _chunks, *rest, **kw: previous[1](model_parts, *rest, **kw)
     try:
         yield ScheduleCall(
-            get_forward_backward_func(parallel_state.get_pipeline_model_parallel_world_size(), passes.num_passes),
+            get_forward_backward_func(
+                parallel_state.get_pipeline_model_parallel_world_size(), passes.num_passes
+            ),
             passes.chunks,
             list(itertools.tee(data_iterator, passes.num_passes)),
             slots + halting_rows(seq_length, config.hidden_size),

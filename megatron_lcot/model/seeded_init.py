@@ -49,8 +49,11 @@ class SeededTransformerLayer(TransformerLayer):
     def __init__(self, config, submodules, layer_number: int = 1, *args, **kwargs):
         if config.use_cpu_initialization:
             pg_collection = kwargs.get("pg_collection")
-            pp_rank = (pg_collection.pp.rank() if pg_collection is not None
-                       else parallel_state.get_pipeline_model_parallel_rank())
+            pp_rank = (
+                pg_collection.pp.rank()
+                if pg_collection is not None
+                else parallel_state.get_pipeline_model_parallel_rank()
+            )
             offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"), pp_rank)
             torch.manual_seed(layer_init_seed(config.seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, **kwargs)

@@ -49,8 +49,10 @@ def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.
     gloo would accept it) catch what would break on GPUs with NCCL.
     """
     if tensor.device != device():
-        raise WrongDeviceError(f"all_reduce got a tensor on {tensor.device}, but collectives run on "
-                               f"{device()}: create it with device=parallel.device().")
+        raise WrongDeviceError(
+            f"all_reduce got a tensor on {tensor.device}, but collectives run on "
+            f"{device()}: create it with device=parallel.device()."
+        )
     if dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
@@ -60,7 +62,8 @@ def is_collective_failure(error: BaseException) -> bool:
     """Whether `error` is a collective that failed because another rank died or timed out:
     NCCL raises DistBackendError; gloo raises a RuntimeError from its transport."""
     return isinstance(error, dist.DistBackendError) or (
-        isinstance(error, RuntimeError) and "third_party/gloo/gloo/" in str(error))
+        isinstance(error, RuntimeError) and "third_party/gloo/gloo/" in str(error)
+    )
 
 
 def free_port() -> int:
@@ -105,9 +108,7 @@ def initialize(
         os.environ.setdefault("MASTER_PORT", str(free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group(
-            backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes)
-        )
+        dist.init_process_group(backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,

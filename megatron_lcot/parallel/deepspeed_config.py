@@ -36,14 +36,17 @@ def read_config(path: str) -> dict:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, json.JSONDecodeError) as error:
-        raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: cannot read it as JSON ({error}).") from error
+        raise DeepSpeedConfigError(
+            f"--deepspeed_config {path!r}: cannot read it as JSON ({error})."
+        ) from error
     if not isinstance(config, dict):
         raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: expected a JSON object.")
     for key in ("optimizer", "scheduler"):
         if key in config:
             raise DeepSpeedConfigError(
                 f"--deepspeed_config {path!r}: remove the {key!r} section; the optimizer and LR schedule "
-                "come from the Megatron flags (--lr, --adam-beta1, --lr-decay-style, ...).")
+                "come from the Megatron flags (--lr, --adam-beta1, --lr-decay-style, ...)."
+            )
     return config
 
 
@@ -51,14 +54,18 @@ def zero_stage_of(path: str, override: int | None) -> int:
     """The ZeRO stage a run will use: `--zero-stage` when given, else the file's (default 0)."""
     stage = read_config(path).get("zero_optimization", {}).get("stage", 0) if override is None else override
     if stage not in (0, 1, 2, 3):
-        raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: zero_optimization.stage {stage!r} is not 0-3.")
+        raise DeepSpeedConfigError(
+            f"--deepspeed_config {path!r}: zero_optimization.stage {stage!r} is not 0-3."
+        )
     return stage
 
 
 def _check_precision(config: dict, path: str, section: str, flag_set: bool) -> None:
     if config.get(section, {}).get("enabled", False) and not flag_set:
-        raise DeepSpeedConfigError(f"--deepspeed_config {path!r} enables {section}; pass --{section} as well "
-                                   "(the model is built in that precision) or disable it in the file.")
+        raise DeepSpeedConfigError(
+            f"--deepspeed_config {path!r} enables {section}; pass --{section} as well "
+            "(the model is built in that precision) or disable it in the file."
+        )
 
 
 def effective_config(args) -> dict:
@@ -68,32 +75,44 @@ def effective_config(args) -> dict:
     wanted = {"gradient_clipping": args.clip_grad, "train_micro_batch_size_per_gpu": args.micro_batch_size}
     for key, flag in _OWNED_BY_FLAGS.items():
         if key in config and config[key] != wanted[key]:
-            raise DeepSpeedConfigError(f"--deepspeed_config {path!r} sets {key} {config[key]} but {flag} is "
-                                       f"{wanted[key]}; drop {key} from the file (the flag sets it).")
+            raise DeepSpeedConfigError(
+                f"--deepspeed_config {path!r} sets {key} {config[key]} but {flag} is "
+                f"{wanted[key]}; drop {key} from the file (the flag sets it)."
+            )
     for key in ("gradient_accumulation_steps", "train_batch_size"):
         if key in config:
-            raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: drop {key}; --global-batch-size sets the "
-                                       "accumulation (megatron-core's schedule accumulates micro-batches).")
+            raise DeepSpeedConfigError(
+                f"--deepspeed_config {path!r}: drop {key}; --global-batch-size sets the "
+                "accumulation (megatron-core's schedule accumulates micro-batches)."
+            )
     _check_precision(config, path, "bf16", args.bf16)
     _check_precision(config, path, "fp16", args.fp16)
     if config.get("zero_optimization", {}).get("compute_grad_norm", True) is not True:
-        raise DeepSpeedConfigError(f"--deepspeed_config {path!r}: drop zero_optimization.compute_grad_norm false; "
-                                   "the grad norm is logged and decides whether a step is applied.")
-    for key, value in (("data_types.grad_accum_dtype", config.get("data_types", {}).get("grad_accum_dtype")),
-                       ("communication_data_type", config.get("communication_data_type"))):
+        raise DeepSpeedConfigError(
+            f"--deepspeed_config {path!r}: drop zero_optimization.compute_grad_norm false; "
+            "the grad norm is logged and decides whether a step is applied."
+        )
+    for key, value in (
+        ("data_types.grad_accum_dtype", config.get("data_types", {}).get("grad_accum_dtype")),
+        ("communication_data_type", config.get("communication_data_type")),
+    ):
         if args.bf16 and value not in (None, "fp32"):
-            raise DeepSpeedConfigError(f"--deepspeed_config {path!r} sets {key} {value!r}; under --bf16 gradients "
-                                       "are accumulated and reduced in fp32 (set it to \"fp32\" or drop it).")
+            raise DeepSpeedConfigError(
+                f"--deepspeed_config {path!r} sets {key} {value!r}; under --bf16 gradients "
+                'are accumulated and reduced in fp32 (set it to "fp32" or drop it).'
+            )
     config.update(wanted)
-    config.update({
-        "train_batch_size": args.micro_batch_size * args.data_parallel_size,
-        "gradient_accumulation_steps": 1,
-        "managed_gradient_accumulation": False,
-        "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
-        "zero_force_ds_cpu_optimizer": False,
-        "bf16": {**config.get("bf16", {}), "enabled": args.bf16},
-        "fp16": {**config.get("fp16", {}), "enabled": args.fp16},
-    })
+    config.update(
+        {
+            "train_batch_size": args.micro_batch_size * args.data_parallel_size,
+            "gradient_accumulation_steps": 1,
+            "managed_gradient_accumulation": False,
+            "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
+            "zero_force_ds_cpu_optimizer": False,
+            "bf16": {**config.get("bf16", {}), "enabled": args.bf16},
+            "fp16": {**config.get("fp16", {}), "enabled": args.fp16},
+        }
+    )
     if args.bf16:
         config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"

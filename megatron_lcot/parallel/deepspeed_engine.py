@@ -76,8 +76,15 @@ def _adamw(model: torch.nn.Module, args) -> torch.optim.AdamW:
     ]
     if router:
         mult = args.halting_router_lr_mult
-        groups.append({"params": router, "weight_decay": 0.0, "wd_mult": 0.0,
-                       "max_lr": args.lr * mult, "min_lr": args.min_lr * mult})
+        groups.append(
+            {
+                "params": router,
+                "weight_decay": 0.0,
+                "wd_mult": 0.0,
+                "max_lr": args.lr * mult,
+                "min_lr": args.min_lr * mult,
+            }
+        )
     return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
 
 
@@ -88,13 +95,19 @@ class DeepSpeedOptimizer:
         import deepspeed
 
         if len(model_parts) != 1:
-            raise ValueError("--deepspeed drives one model part per rank; virtual pipeline chunks are not supported")
+            raise ValueError(
+                "--deepspeed drives one model part per rank; virtual pipeline chunks are not supported"
+            )
         parallel.init_deepspeed_comm()
         part = model_parts[0]
         config = part.config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=part, optimizer=_adamw(part, args), config=effective_config(args), mpu=_MegatronMpu(),
-            dist_init_required=False)
+            model=part,
+            optimizer=_adamw(part, args),
+            config=effective_config(args),
+            mpu=_MegatronMpu(),
+            dist_init_required=False,
+        )
         config.no_sync_func = config.finalize_model_grads_func = None
         config.grad_scale_func = self.engine.scale if args.fp16 else None
         self.schedule_parts = [_ScheduleView(self.engine, config)]

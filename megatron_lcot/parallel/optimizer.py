@@ -28,7 +28,11 @@ import os
 
 import torch
 from megatron.core import dist_checkpointing
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
@@ -49,16 +53,24 @@ def router_config_overrides(optimizer_config: OptimizerConfig, router_lr_mult: f
     own group (`halting.is_router_param`): `max_lr`/`min_lr` scaled by
     `--halting-router-lr-mult` and no weight decay (docs/method.md, the stable adaptive recipe).
     OptimizerParamScheduler reads these per group."""
-    router = ParamKey(with_name_predicate=ParamWithNamePredicate(
-        name="halting_router", fn=lambda param, name: is_router_param(name, param)))
+    router = ParamKey(
+        with_name_predicate=ParamWithNamePredicate(
+            name="halting_router", fn=lambda param, name: is_router_param(name, param)
+        )
+    )
     # is_decoupled_lr marks the group as one with its own LR (it is what the router group is):
     # megatron-core 0.16.1 matches saved to live groups on (wd_mult, lr_mult, is_expert_parallel,
     # is_decoupled_lr) only, and without it the router group and the vectors group (both
     # wd_mult 0) collide on resume ("doesn't match the size of optimizer's group").
-    return {**get_standard_config_overrides(config=optimizer_config),
-            router: ParamGroupOverride(max_lr=optimizer_config.lr * router_lr_mult,
-                                       min_lr=optimizer_config.min_lr * router_lr_mult, wd_mult=0.0,
-                                       is_decoupled_lr=True)}
+    return {
+        **get_standard_config_overrides(config=optimizer_config),
+        router: ParamGroupOverride(
+            max_lr=optimizer_config.lr * router_lr_mult,
+            min_lr=optimizer_config.min_lr * router_lr_mult,
+            wd_mult=0.0,
+            is_decoupled_lr=True,
+        ),
+    }
 
 
 class MegatronCoreOptimizer:
@@ -76,21 +88,37 @@ class MegatronCoreOptimizer:
         # distributed optimizer each weight bucket is all-gathered in the forward pre-hook of its
         # first module (megatron-core's DDP); the collectives then hide behind compute.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer,
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=args.use_distributed_optimizer,
             overlap_grad_reduce=args.overlap_grad_reduce,
-            overlap_param_gather=args.use_distributed_optimizer and args.overlap_param_gather)
+            overlap_param_gather=args.use_distributed_optimizer and args.overlap_param_gather,
+        )
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         optimizer_config = OptimizerConfig(
-            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
-            loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
-            use_distributed_optimizer=args.use_distributed_optimizer)
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
+            bf16=args.bf16,
+            fp16=args.fp16,
+            params_dtype=dtype,
+            loss_scale=args.loss_scale,
+            initial_loss_scale=args.initial_loss_scale,
+            use_distributed_optimizer=args.use_distributed_optimizer,
+        )
         with parallel.schedule_device_context():
-            self.schedule_parts = [DistributedDataParallel(config, ddp_config, module=part) for part in model_parts]
+            self.schedule_parts = [
+                DistributedDataParallel(config, ddp_config, module=part) for part in model_parts
+            ]
             self.optimizer = get_megatron_optimizer(
-                optimizer_config, self.schedule_parts,
-                config_overrides=router_config_overrides(optimizer_config, args.halting_router_lr_mult))
+                optimizer_config,
+                self.schedule_parts,
+                config_overrides=router_config_overrides(optimizer_config, args.halting_router_lr_mult),
+            )
         config.no_sync_func = _one_or_list([part.no_sync for part in self.schedule_parts])
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss if args.fp16 else None
@@ -144,17 +172,20 @@ class MegatronCoreOptimizer:
         `fully_reshardable` form all-gathers the whole state on every rank to save it."""
         model_state = {}
         for index, part in enumerate(self.schedule_parts):
-            model_state.update({f"model{index}.{key}": value
-                                for key, value in part.module.sharded_state_dict().items()})
-        return self.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
-                                                 metadata={"distrib_optim_sharding_type": "dp_reshardable"})
+            model_state.update(
+                {f"model{index}.{key}": value for key, value in part.module.sharded_state_dict().items()}
+            )
+        return self.optimizer.sharded_state_dict(
+            model_state, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "dp_reshardable"}
+        )
 
     def save(self, directory: str) -> None:
         """Write the distributed optimizer's shards to `directory/optimizer` (collective)."""
         os.makedirs(os.path.join(directory, OPTIMIZER_DIRNAME), exist_ok=True)
         with parallel.schedule_device_context():
-            dist_checkpointing.save(self._sharded_state_dict(is_loading=False),
-                                    os.path.join(directory, OPTIMIZER_DIRNAME))
+            dist_checkpointing.save(
+                self._sharded_state_dict(is_loading=False), os.path.join(directory, OPTIMIZER_DIRNAME)
+            )
 
     @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load(self, directory: str) -> None:
@@ -171,8 +202,11 @@ class MegatronCoreOptimizer:
             adam = distributed.optimizer
             for param in (param for group in adam.param_groups for param in group["params"]):
                 if not adam.state[param]:
-                    adam.state[param].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(param),
-                                             exp_avg_sq=torch.zeros_like(param))
+                    adam.state[param].update(
+                        step=torch.tensor(0.0),
+                        exp_avg=torch.zeros_like(param),
+                        exp_avg_sq=torch.zeros_like(param),
+                    )
         with parallel.schedule_device_context():
             loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), path)
             self.optimizer.load_state_dict(loaded)

@@ -86,11 +86,16 @@ def describe_collective_failure(error: BaseException) -> str:
     """What a rank whose collective failed reports: itself, the first failing rank and its error."""
     first_line = (str(error).strip().splitlines() or [""])[0]
     cause = first_failure()
-    cause = (f"the first rank to fail was {cause}" if cause is not None else
-             "no rank recorded an error: one was killed (e.g. out of memory), froze, or lost its network")
-    return (f"rank {os.environ.get('RANK', dist.get_rank() if dist.is_initialized() else 0)}: a collective with "
-            f"the other ranks failed; {cause} (this rank saw: {first_line}; collectives time out after "
-            "--distributed-timeout-minutes)")
+    cause = (
+        f"the first rank to fail was {cause}"
+        if cause is not None
+        else "no rank recorded an error: one was killed (e.g. out of memory), froze, or lost its network"
+    )
+    return (
+        f"rank {os.environ.get('RANK', dist.get_rank() if dist.is_initialized() else 0)}: a collective with "
+        f"the other ranks failed; {cause} (this rank saw: {first_line}; collectives time out after "
+        "--distributed-timeout-minutes)"
+    )
 
 
 class TooManySkippedSteps(RuntimeError):
@@ -126,7 +131,7 @@ class RunGuard:
         self._previous_handlers: dict = {}
         self._process_start = psutil.Process().create_time()  # seconds since the epoch
 
-    def __enter__(self) -> "RunGuard":
+    def __enter__(self) -> RunGuard:
         if self.exit_signal_handler:
             for signum in EXIT_SIGNALS:
                 self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
@@ -144,11 +149,15 @@ class RunGuard:
         """All-reduce this rank's view of the step (collective; `loss` is None off the last
         pipeline stage)."""
         minutes = (time.time() - self._process_start) / 60
-        flags = torch.tensor([
-            loss is not None and not math.isfinite(loss),
-            self.received_signal is not None,
-            self.exit_duration_in_mins is not None and minutes >= self.exit_duration_in_mins,
-        ], dtype=torch.int32, device=parallel.device())
+        flags = torch.tensor(
+            [
+                loss is not None and not math.isfinite(loss),
+                self.received_signal is not None,
+                self.exit_duration_in_mins is not None and minutes >= self.exit_duration_in_mins,
+            ],
+            dtype=torch.int32,
+            device=parallel.device(),
+        )
         parallel.all_reduce(flags, op=dist.ReduceOp.MAX)
         loss_not_finite, signal_received, duration_exceeded = (bool(flag) for flag in flags.tolist())
         return StepVerdict(not loss_not_finite, signal_received, duration_exceeded)
@@ -164,9 +173,11 @@ class RunGuard:
     def stop_reason(self, state: TrainState, verdict: StepVerdict) -> str | None:
         """Why the run stops after this step (None: it goes on). The same on every rank."""
         if self.failed(state):
-            return (f"{state.skipped_steps_in_a_row} steps in a row had a non-finite loss or grad norm "
-                    f"(--max-skipped-steps-in-a-row {self.max_skipped_in_a_row}); lower --lr, raise "
-                    "--lr-warmup-iters or --clip-grad, or resume from an earlier checkpoint")
+            return (
+                f"{state.skipped_steps_in_a_row} steps in a row had a non-finite loss or grad norm "
+                f"(--max-skipped-steps-in-a-row {self.max_skipped_in_a_row}); lower --lr, raise "
+                "--lr-warmup-iters or --clip-grad, or resume from an earlier checkpoint"
+            )
         if verdict.signal_received:
             return "an exit signal (SIGTERM or SIGUSR1) reached a rank (--exit-signal-handler)"
         if verdict.duration_exceeded:

@@ -56,8 +56,12 @@ def _is_logging_rank() -> bool:
 def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
-    with parallel.schedule_device_context(), pipeline_schedule(
-            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only) as schedule:
+    with (
+        parallel.schedule_device_context(),
+        pipeline_schedule(
+            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only
+        ) as schedule,
+    ):
         per_microbatch = schedule.forward_backward_func(
             forward_step_func=components.forward_step_func,
             data_iterator=schedule.data_iterator,
@@ -73,9 +77,15 @@ def _run_schedule(components: TrainComponents, data_iterator, args, forward_only
 
 
 def _data_iterator(dataset, consumed_samples: int, args):
-    return build_data_iterator(dataset, consumed_samples, args.micro_batch_size,
-                               parallel_state.get_data_parallel_rank(), args.data_parallel_size,
-                               args.num_workers, pin_memory=parallel.device().type == "cuda")
+    return build_data_iterator(
+        dataset,
+        consumed_samples,
+        args.micro_batch_size,
+        parallel_state.get_data_parallel_rank(),
+        args.data_parallel_size,
+        args.num_workers,
+        pin_memory=parallel.device().type == "cuda",
+    )
 
 
 def evaluate(components: TrainComponents, args) -> dict | None:
@@ -109,13 +119,18 @@ def train_step(state: TrainState, components: TrainComponents, guard: RunGuard, 
 
 
 def _describe_run(components: TrainComponents, args, iteration: int) -> str:
-    mode = "vanilla" if args.latent_steps == 0 else (
-        f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
+    mode = (
+        "vanilla"
+        if args.latent_steps == 0
+        else (f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
+    )
     start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
-    return (f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
-            f"dp {args.data_parallel_size} tp {args.tensor_model_parallel_size} "
-            f"pp {args.pipeline_model_parallel_size} | global batch {args.global_batch_size} = micro "
-            f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}")
+    return (
+        f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
+        f"dp {args.data_parallel_size} tp {args.tensor_model_parallel_size} "
+        f"pp {args.pipeline_model_parallel_size} | global batch {args.global_batch_size} = micro "
+        f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}"
+    )
 
 
 def train(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> str | None:
@@ -139,16 +154,26 @@ def train(state: TrainState, components: TrainComponents, guard: RunGuard, args)
             interval_stats = stats if interval_stats is None else interval_stats + stats
         if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
             if interval_stats is not None:
-                summary = flops.add_interval(state, summarize(interval_stats), interval_iters * tokens_per_iteration)
+                summary = flops.add_interval(
+                    state, summarize(interval_stats), interval_iters * tokens_per_iteration
+                )
                 components.logger.log_train(
-                    state.iteration, state.consumed_train_samples * args.seq_length, lr, grad_norm,
-                    summary, tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
-                    seconds_per_iter=interval_seconds / interval_iters, elapsed=time.perf_counter() - run_start)
+                    state.iteration,
+                    state.consumed_train_samples * args.seq_length,
+                    lr,
+                    grad_norm,
+                    summary,
+                    tokens_per_sec=interval_iters * tokens_per_iteration / interval_seconds,
+                    seconds_per_iter=interval_seconds / interval_iters,
+                    elapsed=time.perf_counter() - run_start,
+                )
             interval_stats, interval_seconds, interval_iters = None, 0.0, 0
         if state.skipped_steps_in_a_row and _is_logging_rank():
-            print(f"iteration {state.iteration}: skipped the update (loss or grad norm not finite: grad norm "
-                  f"{grad_norm}); {state.skipped_steps_in_a_row} in a row, {state.skipped_steps_total} in all",
-                  flush=True)
+            print(
+                f"iteration {state.iteration}: skipped the update (loss or grad norm not finite: grad norm "
+                f"{grad_norm}); {state.skipped_steps_in_a_row} in a row, {state.skipped_steps_total} in all",
+                flush=True,
+            )
         if args.save and args.save_interval and state.iteration % args.save_interval == 0:
             save_checkpoint(args.save, state, components, args)
         stop_reason = guard.stop_reason(state, verdict)
@@ -170,14 +195,20 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
         check_weights_loadable(args.load, args)
     elif args.load and not args.skip_train:
         check_resumable(args.load, args)
-    model = model_provider(pre_process=parallel_state.is_pipeline_first_stage(),
-                           post_process=parallel_state.is_pipeline_last_stage()).to(parallel.device())
+    model = model_provider(
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    ).to(parallel.device())
     model_parts = [model]
     if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
         load_model_weights(args.load, model_parts)
     optimizer = build_optimizer(model_parts, args)
-    components = TrainComponents(model_parts=model_parts, optimizer=optimizer,
-                                 scheduler=build_lr_scheduler(optimizer, args), forward_step_func=forward_step_func)
+    components = TrainComponents(
+        model_parts=model_parts,
+        optimizer=optimizer,
+        scheduler=build_lr_scheduler(optimizer, args),
+        forward_step_func=forward_step_func,
+    )
     if args.skip_train:
         state = TrainState(iteration=load_model_weights(args.load, model_parts))
     else:
@@ -188,9 +219,13 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     if state.iteration < args.train_iters:
         components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
     run_config = RunConfig.from_values(args)
-    components.logger = MetricsLogger(run_config.logging, run_config.training.train_iters,
-                                      enabled=_is_logging_rank(), wandb_dir=run_config.checkpoint.save,
-                                      wandb_config=run_config.to_dict())
+    components.logger = MetricsLogger(
+        run_config.logging,
+        run_config.training.train_iters,
+        enabled=_is_logging_rank(),
+        wandb_dir=run_config.checkpoint.save,
+        wandb_config=run_config.to_dict(),
+    )
     return state, components
 
 
@@ -201,10 +236,15 @@ def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_s
     saving) when steps keep producing NaN/inf."""
     if args.skip_train:
         check_weights_loadable(args.load, args)
-    parallel.initialize(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.seed,
-                        timeout_minutes=args.distributed_timeout_minutes)
-    state, components = build_components(args, train_valid_test_datasets_provider, model_provider,
-                                         forward_step_func)
+    parallel.initialize(
+        args.tensor_model_parallel_size,
+        args.pipeline_model_parallel_size,
+        args.seed,
+        timeout_minutes=args.distributed_timeout_minutes,
+    )
+    state, components = build_components(
+        args, train_valid_test_datasets_provider, model_provider, forward_step_func
+    )
     start_iteration = state.iteration
     if _is_logging_rank() and not args.skip_train:
         print(_describe_run(components, args, start_iteration), flush=True)
@@ -217,7 +257,11 @@ def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_s
         save_checkpoint(args.save, state, components, args)
     if stop_reason is not None:
         components.logger.close()
-        saved = f"; saved iteration {state.iteration} to {args.save}" if args.save else " (no --save: nothing saved)"
+        saved = (
+            f"; saved iteration {state.iteration} to {args.save}"
+            if args.save
+            else " (no --save: nothing saved)"
+        )
         if guard.failed(state):
             raise TooManySkippedSteps(f"stopped at iteration {state.iteration}: {stop_reason}{saved}.")
         if _is_logging_rank():

@@ -32,22 +32,38 @@ def shape_from_args(args, gpus: int, vocab_size: int, device: str = "cuda") -> T
         zero_stage = zero_stage_of(args.deepspeed_config, args.zero_stage)
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     return TrainingShape(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        seq_length=args.seq_length, micro_batch_size=args.micro_batch_size, vocab_size=vocab_size,
-        latent_steps=args.latent_steps, latent_layout=args.latent_layout, halting=args.halting,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        vocab_size=vocab_size,
+        latent_steps=args.latent_steps,
+        latent_layout=args.latent_layout,
+        halting=args.halting,
         jacobi_iters=max(args.jacobi_iters),
-        bf16=args.bf16 or args.fp16, tensor_parallel=tp, pipeline_parallel=pp, data_parallel=dp,
-        num_microbatches=max(1, global_batch // (args.micro_batch_size * dp)), zero_stage=zero_stage,
-        distributed_optimizer=args.use_distributed_optimizer, recompute=args.latent_recompute,
-        attention_backend=args.core_attention_backend, device=device)
+        bf16=args.bf16 or args.fp16,
+        tensor_parallel=tp,
+        pipeline_parallel=pp,
+        data_parallel=dp,
+        num_microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
+        zero_stage=zero_stage,
+        distributed_optimizer=args.use_distributed_optimizer,
+        recompute=args.latent_recompute,
+        attention_backend=args.core_attention_backend,
+        device=device,
+    )
 
 
 def example_flags(root: str) -> list:
     """The pretrain_lcot.py flags examples/pretrain_common.sh builds with its defaults (plus the
     single-node script's --deepspeed and DS_CONFIG)."""
-    script = (f"source {shlex.quote(os.path.join(root, 'examples', 'pretrain_common.sh'))}; "
-              'echo $MODEL_ARGS $TRAIN_ARGS $PARALLEL_ARGS --deepspeed --deepspeed_config "$DS_CONFIG"')
+    script = (
+        f"source {shlex.quote(os.path.join(root, 'examples', 'pretrain_common.sh'))}; "
+        'echo $MODEL_ARGS $TRAIN_ARGS $PARALLEL_ARGS --deepspeed --deepspeed_config "$DS_CONFIG"'
+    )
     text = subprocess.run(["bash", "-c", script], check=True, capture_output=True, text=True).stdout
     return shlex.split(text)
 
@@ -55,10 +71,15 @@ def example_flags(root: str) -> list:
 def format_estimate(estimate: dict) -> str:
     gib = 2**30
     rows = [("parameters (per GPU)", f"{estimate['parameters'] / 1e6:,.0f} M")]
-    rows += [(name, f"{estimate[name] / gib:,.2f} GiB") for name in
-             ("weights", "gradients", "optimizer", "activations", "transient", "peak")]
-    rows += [(f"  activations: {name}", f"{value / gib:,.2f} GiB")
-             for name, value in estimate["activation_parts"].items() if name != "total"]
+    rows += [
+        (name, f"{estimate[name] / gib:,.2f} GiB")
+        for name in ("weights", "gradients", "optimizer", "activations", "transient", "peak")
+    ]
+    rows += [
+        (f"  activations: {name}", f"{value / gib:,.2f} GiB")
+        for name, value in estimate["activation_parts"].items()
+        if name != "total"
+    ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value:>12}" for name, value in rows)
 
@@ -77,15 +98,21 @@ def estimate_for_flags(flags: list, gpus: int, device: str = "cuda") -> tuple:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--example", action="store_true", help="the defaults of examples/pretrain_common.sh")
-    parser.add_argument("--gpus", type=int, default=8, help="GPUs of the run (data parallel = gpus / (TP PP))")
+    parser.add_argument(
+        "--gpus", type=int, default=8, help="GPUs of the run (data parallel = gpus / (TP PP))"
+    )
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--json", action="store_true", help="one JSON object instead of the table")
     ours, flags = parser.parse_known_args(argv)
     if ours.example:
-        flags = example_flags(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))) + flags
+        flags = (
+            example_flags(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+            + flags
+        )
     shape, estimate = estimate_for_flags(flags, ours.gpus, ours.device)
     if ours.json:
         print(json.dumps({"shape": asdict(shape), **estimate}))

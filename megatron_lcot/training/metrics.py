@@ -47,7 +47,8 @@ def token_statistics(output, loss_mask: torch.Tensor, max_latent_steps: int) -> 
         steps = output.latent_steps.detach()
         stats[_LATENT] = (steps.double() * mask).sum()
         stats[_HISTOGRAM:] = torch.zeros_like(stats[_HISTOGRAM:]).index_add_(
-            0, steps.round().long().flatten(), mask.flatten())
+            0, steps.round().long().flatten(), mask.flatten()
+        )
     if output.expected_latent_steps is None:
         stats[_EXPECTED] = math.nan
     else:
@@ -87,8 +88,14 @@ def perplexity(lm_loss: float) -> float:
 class MetricsLogger:
     """Fans each record out to stdout, `--metrics-file` (JSON lines), TensorBoard and wandb."""
 
-    def __init__(self, logging, train_iters: int, enabled: bool, wandb_dir: str | None = None,
-                 wandb_config: dict | None = None) -> None:
+    def __init__(
+        self,
+        logging,
+        train_iters: int,
+        enabled: bool,
+        wandb_dir: str | None = None,
+        wandb_config: dict | None = None,
+    ) -> None:
         """logging: the RunConfig's logging section; wandb_config: the run's settings, stored
         with the wandb run (in `wandb_dir`, default the TensorBoard directory)."""
         self.enabled = enabled
@@ -106,17 +113,24 @@ class MetricsLogger:
         if logging.wandb_project:
             import wandb
 
-            self.wandb_run = wandb.init(project=logging.wandb_project, name=logging.wandb_exp_name,
-                                        mode=logging.wandb_mode,
-                                        dir=logging.tensorboard_dir or wandb_dir or None, config=wandb_config)
+            self.wandb_run = wandb.init(
+                project=logging.wandb_project,
+                name=logging.wandb_exp_name,
+                mode=logging.wandb_mode,
+                dir=logging.tensorboard_dir or wandb_dir or None,
+                config=wandb_config,
+            )
 
     def _emit(self, line: str, record: dict) -> None:
         print(line, flush=True)
         if self.metrics_file:
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
-        scalars = {f"{record['split']}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"}
+        scalars = {
+            f"{record['split']}/{k}": v
+            for k, v in record.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iteration"
+        }
         if self.tensorboard:
             for tag, value in scalars.items():
                 self.tensorboard.add_scalar(tag, value, record["iteration"])
@@ -124,22 +138,41 @@ class MetricsLogger:
         if self.wandb_run:
             self.wandb_run.log(scalars, step=record["iteration"])
 
-    def log_train(self, iteration: int, consumed_tokens: int, lr: float, grad_norm: float, summary: dict,
-                  tokens_per_sec: float, seconds_per_iter: float, elapsed: float) -> None:
+    def log_train(
+        self,
+        iteration: int,
+        consumed_tokens: int,
+        lr: float,
+        grad_norm: float,
+        summary: dict,
+        tokens_per_sec: float,
+        seconds_per_iter: float,
+        elapsed: float,
+    ) -> None:
         if not self.enabled:
             return
         eta = (self.train_iters - iteration) * seconds_per_iter
-        record = {"split": "train", "iteration": iteration, "consumed_tokens": consumed_tokens, "lr": lr,
-                  **summary, "grad_norm": grad_norm, "tokens_per_sec": tokens_per_sec,
-                  "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 3)}
+        record = {
+            "split": "train",
+            "iteration": iteration,
+            "consumed_tokens": consumed_tokens,
+            "lr": lr,
+            **summary,
+            "grad_norm": grad_norm,
+            "tokens_per_sec": tokens_per_sec,
+            "elapsed_s": round(elapsed, 3),
+            "eta_s": round(eta, 3),
+        }
         width = len(str(self.train_iters))
         halted = " ".join(f"{k}:{share:.2f}" for k, share in enumerate(summary["halted_share"]))
-        line = (f"[{iteration:>{width}}/{self.train_iters} {100 * iteration / self.train_iters:3.0f}%] "
-                f"iter {iteration} | tokens {consumed_tokens} | lr {lr:.3e} | loss {summary['loss']:.4f} | "
-                f"grad norm {grad_norm:.3f} | tok/s {tokens_per_sec:,.0f} | "
-                f"latent steps {summary['mean_latent_steps']:.2f} | halted@k {halted} | "
-                f"flops/tok {summary.get('flops_per_token', float('nan')):.3g} | "
-                f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}")
+        line = (
+            f"[{iteration:>{width}}/{self.train_iters} {100 * iteration / self.train_iters:3.0f}%] "
+            f"iter {iteration} | tokens {consumed_tokens} | lr {lr:.3e} | loss {summary['loss']:.4f} | "
+            f"grad norm {grad_norm:.3f} | tok/s {tokens_per_sec:,.0f} | "
+            f"latent steps {summary['mean_latent_steps']:.2f} | halted@k {halted} | "
+            f"flops/tok {summary.get('flops_per_token', float('nan')):.3g} | "
+            f"elapsed {format_duration(elapsed)} | eta {format_duration(eta)}"
+        )
         self._emit(line, record)
 
     def log_eval(self, iteration: int, summary: dict, final: bool) -> None:
@@ -148,8 +181,10 @@ class MetricsLogger:
         ppl = perplexity(summary["lm_loss"])
         record = {"split": "valid", "iteration": iteration, **summary, "ppl": ppl, "final": final}
         prefix = "final: " if final else ""
-        line = (f"{prefix}validation at iteration {iteration} | lm loss {summary['lm_loss']:.4f} | "
-                f"ppl {ppl:.3f} | latent steps {summary['mean_latent_steps']:.2f}")
+        line = (
+            f"{prefix}validation at iteration {iteration} | lm loss {summary['lm_loss']:.4f} | "
+            f"ppl {ppl:.3f} | latent steps {summary['mean_latent_steps']:.2f}"
+        )
         self._emit(line, record)
 
     def close(self) -> None:

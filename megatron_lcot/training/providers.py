@@ -25,15 +25,21 @@ from megatron_lcot.training.metrics import token_statistics
 def model_provider(args, pre_process: bool = True, post_process: bool = True):
     """One pipeline stage of the model that the flags describe, at their TP/PP layout."""
     run_config = RunConfig.from_values(args)
-    return build_model(run_config.model, run_config.parallel.tensor_model_parallel_size,
-                       run_config.parallel.pipeline_model_parallel_size, pre_process, post_process)
+    return build_model(
+        run_config.model,
+        run_config.parallel.tensor_model_parallel_size,
+        run_config.parallel.pipeline_model_parallel_size,
+        pre_process,
+        post_process,
+    )
 
 
 def train_valid_test_datasets_provider(args, tokenizer, num_samples: list):
     """GPTDataset splits of --data-path (or mock data) with at least `num_samples` samples each."""
     run_config = RunConfig.from_values(args)
-    return build_gpt_datasets(run_config.data, run_config.model.seq_length, run_config.model.seed, tokenizer,
-                              num_samples)
+    return build_gpt_datasets(
+        run_config.data, run_config.model.seq_length, run_config.model.seed, tokenizer, num_samples
+    )
 
 
 def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
@@ -50,6 +56,8 @@ def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
 
 def forward_step(args, data_iterator, model):
     """Run one micro-batch: (LcotOutput or stage output, loss_func)."""
-    batch = {key: value.to(parallel.device(), non_blocking=True) for key, value in next(data_iterator).items()}
+    batch = {
+        key: value.to(parallel.device(), non_blocking=True) for key, value in next(data_iterator).items()
+    }
     output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
     return output, partial(loss_func, args.latent_steps, batch["loss_mask"])

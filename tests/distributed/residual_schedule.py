@@ -32,9 +32,14 @@ def residual_model_provider(args, pre_process: bool = True, post_process: bool =
     config = lcot_config_from_args(args)
     spec = get_lcot_model_spec(config, use_te=args.transformer_impl == "transformer_engine")
     spec.submodules.latent_schedule = ResidualThoughtSchedule
-    return build_module(spec, config=config, vocab_size=args.padded_vocab_size,
-                        max_sequence_length=args.max_position_embeddings,
-                        pre_process=pre_process, post_process=post_process)
+    return build_module(
+        spec,
+        config=config,
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+    )
 
 
 def main(argv: list) -> None:
@@ -45,11 +50,16 @@ def main(argv: list) -> None:
     from megatron_lcot.training.providers import forward_step, train_valid_test_datasets_provider
 
     args = parse_args(argv)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file,
-                                args.vocab_size)
+    tokenizer = build_tokenizer(
+        args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+    )
     set_padded_vocab_size(args, tokenizer.vocab_size)
-    pretrain(args, partial(train_valid_test_datasets_provider, args, tokenizer),
-             partial(residual_model_provider, args), partial(forward_step, args))
+    pretrain(
+        args,
+        partial(train_valid_test_datasets_provider, args, tokenizer),
+        partial(residual_model_provider, args),
+        partial(forward_step, args),
+    )
 
 
 if __name__ == "__main__":

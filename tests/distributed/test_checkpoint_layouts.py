@@ -26,7 +26,14 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, read_checkpoint_weights, read_metrics, run_pretrain, tool_env
+from tests.conftest import (
+    REPO_ROOT,
+    TINY_MODEL_FLAGS,
+    read_checkpoint_weights,
+    read_metrics,
+    run_pretrain,
+    tool_env,
+)
 from tests.distributed.test_data_parallel_equivalence import DS_CONFIGS, deepspeed_launcher
 from tests.distributed.test_pipeline_equivalence import MODES
 
@@ -63,12 +70,41 @@ VOLATILE = ("tokens_per_sec", "elapsed_s", "eta_s")
 
 
 def _flags(dataset: dict, tmp_path) -> list:
-    return [str(f) for f in (
-        *TINY_MODEL_FLAGS, "--data-path", dataset["prefix"], "--split", "98,2,0", "--tokenizer-type",
-        "SentencePieceTokenizer", "--tokenizer-model", dataset["tokenizer_model"], "--data-cache-path",
-        tmp_path / "cache", "--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 4, "--lr", 3e-3,
-        "--clip-grad", 0.5, "--log-interval", 1, "--eval-interval", 100, "--eval-iters", 1,
-        "--use-cpu-initialization", "--seed", 7)]
+    return [
+        str(f)
+        for f in (
+            *TINY_MODEL_FLAGS,
+            "--data-path",
+            dataset["prefix"],
+            "--split",
+            "98,2,0",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            dataset["tokenizer_model"],
+            "--data-cache-path",
+            tmp_path / "cache",
+            "--micro-batch-size",
+            2,
+            "--global-batch-size",
+            4,
+            "--train-iters",
+            4,
+            "--lr",
+            3e-3,
+            "--clip-grad",
+            0.5,
+            "--log-interval",
+            1,
+            "--eval-interval",
+            100,
+            "--eval-iters",
+            1,
+            "--use-cpu-initialization",
+            "--seed",
+            7,
+        )
+    ]
 
 
 def _train(tmp_path, dataset, name: str, extra: list, launcher) -> list:
@@ -77,8 +113,12 @@ def _train(tmp_path, dataset, name: str, extra: list, launcher) -> list:
     elif isinstance(launcher, int):
         launcher = _torchrun(launcher)
     metrics = tmp_path / f"{name}.jsonl"
-    result = run_pretrain([*_flags(dataset, tmp_path), *extra, "--metrics-file", str(metrics)], cwd=tmp_path,
-                          launcher=launcher, timeout=900)
+    result = run_pretrain(
+        [*_flags(dataset, tmp_path), *extra, "--metrics-file", str(metrics)],
+        cwd=tmp_path,
+        launcher=launcher,
+        timeout=900,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
     return [{k: v for k, v in record.items() if k not in VOLATILE} for record in read_metrics(metrics)]
 
@@ -91,16 +131,19 @@ def fp32_runs(tmp_path_factory, sotu_indexed_dataset) -> dict:
     def run(mode: str, batch: tuple = ()) -> list:
         if (mode, batch) not in cache:
             tmp_path = tmp_path_factory.mktemp(f"fp32_{mode}")
-            cache[mode, batch] = _train(tmp_path, sotu_indexed_dataset, "fp32", [*MODES[mode], *batch],
-                                        (sys.executable,))
+            cache[mode, batch] = _train(
+                tmp_path, sotu_indexed_dataset, "fp32", [*MODES[mode], *batch], (sys.executable,)
+            )
         return cache[mode, batch]
 
     return run
 
 
 # megatron-core's sharded names of the local spec's norms (Transformer Engine's fused layout).
-_SHARDED_NORM_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-                       "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
+_SHARDED_NORM_NAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
 
 
 def _per_layer(weights: dict) -> dict:
@@ -111,7 +154,9 @@ def _per_layer(weights: dict) -> dict:
         if name.startswith("decoder.layers.") and not name.split(".")[2].isdigit():
             suffix = name.removeprefix("decoder.layers.")
             suffix = _SHARDED_NORM_NAMES.get(suffix, suffix)
-            named.update({f"decoder.layers.{layer}.{suffix}": tensor[layer] for layer in range(tensor.shape[0])})
+            named.update(
+                {f"decoder.layers.{layer}.{suffix}": tensor[layer] for layer in range(tensor.shape[0])}
+            )
         else:
             named[name] = tensor
     return named
@@ -128,8 +173,15 @@ def _final_weights(iteration_dir, tmp_path) -> dict:
 
 
 def _tool(name: str, *arguments, cwd) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", name), *map(str, arguments)], cwd=cwd,
-                            env=tool_env(), capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", name), *map(str, arguments)],
+        cwd=cwd,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -141,41 +193,78 @@ def _check_layout_files(layout: str, iteration_dir) -> None:
         assert not os.path.exists(iteration_dir / "model")
         partitions = sorted(os.listdir(iteration_dir / "deepspeed"))
         assert [name for name in partitions if name.endswith("optim_states.pt")] == [
-            "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+            "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        ]
     if "distributed_optimizer" in layout or layout == "dp2_pp2_adaptive":
         assert os.path.isdir(iteration_dir / "optimizer")
-        per_rank = [torch.load(path, weights_only=True) for path in iteration_dir.glob("mp_rank_*/model_optim_rng.pt")]
+        per_rank = [
+            torch.load(path, weights_only=True) for path in iteration_dir.glob("mp_rank_*/model_optim_rng.pt")
+        ]
         assert per_rank and all(state["optimizer"] is None for state in per_rank)
 
 
-def _check_resharded_and_exported(tmp_path, dataset, flags: list, straight: list, straight_weights: dict) -> None:
+def _check_resharded_and_exported(
+    tmp_path, dataset, flags: list, straight: list, straight_weights: dict
+) -> None:
     """The resumed run's checkpoint, resharded to one process, holds the uninterrupted run's
     final weights bit for bit (ZeRO-3: its fp32 masters in the model's bf16) and evaluates
     (--skip-train) to its final validation loss; the Hugging Face export of it scores held-out
     text as our evaluator scores the uninterrupted run's own checkpoint."""
-    _tool("convert_checkpoint.py", "reshard", "--load", tmp_path / "resumed", "--save", tmp_path / "one", cwd=tmp_path)
+    _tool(
+        "convert_checkpoint.py",
+        "reshard",
+        "--load",
+        tmp_path / "resumed",
+        "--save",
+        tmp_path / "one",
+        cwd=tmp_path,
+    )
     resharded = _final_weights(tmp_path / "one" / "iter_0000004", tmp_path)
     assert straight_weights.keys() <= resharded.keys()  # ZeRO-3's masters: the parameters, no buffers
-    assert all(torch.equal(resharded[name], tensor.to(resharded[name].dtype))
-               for name, tensor in straight_weights.items())
+    assert all(
+        torch.equal(resharded[name], tensor.to(resharded[name].dtype))
+        for name, tensor in straight_weights.items()
+    )
 
     metrics = tmp_path / "one.jsonl"
-    result = run_pretrain([*flags, "--skip-train", "--load", str(tmp_path / "one"), "--metrics-file", str(metrics)],
-                          cwd=tmp_path)
+    result = run_pretrain(
+        [*flags, "--skip-train", "--load", str(tmp_path / "one"), "--metrics-file", str(metrics)],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got, want = (records[-1] for records in (read_metrics(metrics), straight))
     assert got["split"] == want["split"] == "valid" and got["iteration"] == 4
-    print(f"validation lm loss {got['lm_loss']:.6f} (resharded, one process) vs {want['lm_loss']:.6f} (uninterrupted)")
+    print(
+        f"validation lm loss {got['lm_loss']:.6f} (resharded, one process) vs {want['lm_loss']:.6f} (uninterrupted)"
+    )
     assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=BF16_KERNEL_REL_TOL)
 
-    _tool("convert_checkpoint.py", "to-hf", "--load", tmp_path / "one", "--output", tmp_path / "hf", cwd=tmp_path)
+    _tool(
+        "convert_checkpoint.py",
+        "to-hf",
+        "--load",
+        tmp_path / "one",
+        "--output",
+        tmp_path / "hf",
+        cwd=tmp_path,
+    )
     speeches = os.path.join(os.path.dirname(dataset["prefix"]), "speeches")
     held_out = tmp_path / "held_out.txt"
-    held_out.write_text(open(os.path.join(speeches, "039.txt"), encoding="utf-8").read()[:2000], encoding="utf-8")
-    ours, theirs = (json.loads(_tool("evaluate.py", *source, "--input", held_out, "--seq-length", 64,
-                                     cwd=tmp_path).stdout.strip().splitlines()[-1])
-                    for source in (("--load", tmp_path / "straight"), ("--hf", tmp_path / "hf")))
-    print(f"perplexity {ours['perplexity']:.6f} (ours, uninterrupted run) vs {theirs['perplexity']:.6f} (HF export)")
+    held_out.write_text(
+        open(os.path.join(speeches, "039.txt"), encoding="utf-8").read()[:2000], encoding="utf-8"
+    )
+    ours, theirs = (
+        json.loads(
+            _tool("evaluate.py", *source, "--input", held_out, "--seq-length", 64, cwd=tmp_path)
+            .stdout.strip()
+            .splitlines()[-1]
+        )
+        for source in (("--load", tmp_path / "straight"), ("--hf", tmp_path / "hf"))
+    )
+    print(
+        f"perplexity {ours['perplexity']:.6f} (ours, uninterrupted run) vs {theirs['perplexity']:.6f} (HF export)"
+    )
     assert ours["tokens"] == theirs["tokens"] > 300
     assert theirs["perplexity"] == pytest.approx(ours["perplexity"], rel=BF16_KERNEL_REL_TOL)
 
@@ -192,12 +281,22 @@ def test_layout_resumes_bit_exactly_in_bf16_close_to_fp32(tmp_path, sotu_indexed
     mode, extra, launcher = LAYOUTS[layout]
     flags = [*_flags(sotu_indexed_dataset, tmp_path), *MODES[mode], "--bf16"]
     run_flags = [*MODES[mode], *extra, "--bf16", "--save-interval", "2"]
-    straight = _train(tmp_path, sotu_indexed_dataset, "straight",
-                      [*run_flags, "--save", str(tmp_path / "straight")], launcher)
+    straight = _train(
+        tmp_path,
+        sotu_indexed_dataset,
+        "straight",
+        [*run_flags, "--save", str(tmp_path / "straight")],
+        launcher,
+    )
     shutil.copytree(tmp_path / "straight" / "iter_0000002", tmp_path / "resumed" / "iter_0000002")
     (tmp_path / "resumed" / "latest_checkpointed_iteration.txt").write_text("2")
-    resumed = _train(tmp_path, sotu_indexed_dataset, "resumed",
-                     [*run_flags, "--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")], launcher)
+    resumed = _train(
+        tmp_path,
+        sotu_indexed_dataset,
+        "resumed",
+        [*run_flags, "--save", str(tmp_path / "resumed"), "--load", str(tmp_path / "resumed")],
+        launcher,
+    )
 
     assert resumed == [r for r in straight if r["split"] == "valid" or r["iteration"] > 2]
     weights = [_final_weights(tmp_path / run / "iter_0000004", tmp_path) for run in ("straight", "resumed")]
@@ -205,10 +304,13 @@ def test_layout_resumes_bit_exactly_in_bf16_close_to_fp32(tmp_path, sotu_indexed
     assert all(torch.equal(tensor, weights[1][name]) for name, tensor in weights[0].items())
     _check_layout_files(layout, tmp_path / "straight" / "iter_0000004")
 
-    reference = fp32_runs(mode, tuple(extra[extra.index("--global-batch-size"):][:2])
-                          if "--global-batch-size" in extra else ())
+    reference = fp32_runs(
+        mode, tuple(extra[extra.index("--global-batch-size") :][:2]) if "--global-batch-size" in extra else ()
+    )
     assert [r["iteration"] for r in reference] == [r["iteration"] for r in straight]
-    differences = [abs(got["lm_loss"] - want["lm_loss"]) / want["lm_loss"] for got, want in zip(straight, reference)]
+    differences = [
+        abs(got["lm_loss"] - want["lm_loss"]) / want["lm_loss"] for got, want in zip(straight, reference)
+    ]
     print(f"{layout}: bf16 vs fp32 lm loss, largest relative difference {max(differences):.2e}")
     assert max(differences) < BF16_REL_TOL
     assert straight[-2]["lm_loss"] < straight[0]["lm_loss"]  # it trains

@@ -32,22 +32,59 @@ def deepspeed_launcher(processes: int) -> tuple:
     """The real `deepspeed` launcher of this venv on a free port (`--num_gpus` is required on CPU)."""
     from megatron_lcot.parallel import free_port
 
-    return (os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--num_gpus", str(processes),
-            "--master_port", str(free_port()))
+    return (
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"),
+        "--num_gpus",
+        str(processes),
+        "--master_port",
+        str(free_port()),
+    )
 
 
 def _flags(dataset: dict, tmp_path) -> list:
-    return [*TINY_MODEL_FLAGS, *ADAPTIVE_2, "--data-path", dataset["prefix"], "--split", "98,2,0",
-            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", dataset["tokenizer_model"],
-            "--data-cache-path", tmp_path / "cache", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", "10", "--lr", "3e-3", "--clip-grad", "0.5", "--log-interval", "1",
-            "--eval-interval", "100", "--eval-iters", "1", "--use-cpu-initialization", "--seed", "7"]
+    return [
+        *TINY_MODEL_FLAGS,
+        *ADAPTIVE_2,
+        "--data-path",
+        dataset["prefix"],
+        "--split",
+        "98,2,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        dataset["tokenizer_model"],
+        "--data-cache-path",
+        tmp_path / "cache",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        "10",
+        "--lr",
+        "3e-3",
+        "--clip-grad",
+        "0.5",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--eval-iters",
+        "1",
+        "--use-cpu-initialization",
+        "--seed",
+        "7",
+    ]
 
 
 def _train_records(tmp_path, dataset, name: str, extra: list, launcher: tuple) -> list:
     metrics = tmp_path / f"{name}.jsonl"
-    result = run_pretrain([*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics], cwd=tmp_path,
-                          launcher=launcher, timeout=600)
+    result = run_pretrain(
+        [*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics],
+        cwd=tmp_path,
+        launcher=launcher,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(metrics)  # training records and the final validation
 
@@ -67,8 +104,9 @@ def _deepspeed(config: str, *extra) -> list:
 
 
 def test_zero2_under_the_deepspeed_launcher_matches_one_process(tmp_path, sotu_indexed_dataset, one_process):
-    records = _train_records(tmp_path, sotu_indexed_dataset, "zero2", _deepspeed("zero2.json"),
-                             deepspeed_launcher(2))
+    records = _train_records(
+        tmp_path, sotu_indexed_dataset, "zero2", _deepspeed("zero2.json"), deepspeed_launcher(2)
+    )
     assert_same_run(records, one_process)
 
 
@@ -84,7 +122,9 @@ SLOW_LAYOUTS = {
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(SLOW_LAYOUTS), ids=list(SLOW_LAYOUTS))
 def test_deepspeed_layouts_match_one_process(tmp_path, sotu_indexed_dataset, one_process, layout):
-    records = _train_records(tmp_path, sotu_indexed_dataset, layout, SLOW_LAYOUTS[layout], deepspeed_launcher(2))
+    records = _train_records(
+        tmp_path, sotu_indexed_dataset, layout, SLOW_LAYOUTS[layout], deepspeed_launcher(2)
+    )
     assert_same_run(records, one_process)
 
 
@@ -101,7 +141,11 @@ def test_zero1_composes_with_pipeline_parallelism(tmp_path, sotu_indexed_dataset
     parameters while megatron-core's 1F1B schedule moves activations between the stages."""
     vanilla = ["--latent-steps", "0", "--halting", "none"]
     reference = _train_records(tmp_path, sotu_indexed_dataset, "one_vanilla", vanilla, (sys.executable,))
-    records = _train_records(tmp_path, sotu_indexed_dataset, "pp2_zero1",
-                             [*vanilla, *_deepspeed("zero1.json", "--pipeline-model-parallel-size", "2")],
-                             deepspeed_launcher(2))
+    records = _train_records(
+        tmp_path,
+        sotu_indexed_dataset,
+        "pp2_zero1",
+        [*vanilla, *_deepspeed("zero1.json", "--pipeline-model-parallel-size", "2")],
+        deepspeed_launcher(2),
+    )
     assert_same_run(records, reference)

@@ -21,8 +21,12 @@ SYNCHRONOUS = ["--no-overlap-grad-reduce", "--no-overlap-param-gather"]
 
 def _run(tmp_path, dataset, name: str, extra: list) -> list:
     metrics = tmp_path / f"{name}.jsonl"
-    result = run_pretrain([*_flags(dataset, tmp_path), *DISTRIBUTED, *extra, "--metrics-file", metrics],
-                          cwd=tmp_path, launcher=TORCHRUN_2, timeout=600)
+    result = run_pretrain(
+        [*_flags(dataset, tmp_path), *DISTRIBUTED, *extra, "--metrics-file", metrics],
+        cwd=tmp_path,
+        launcher=TORCHRUN_2,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(metrics)
 
@@ -34,8 +38,12 @@ def test_overlapped_collectives_match_synchronous_and_resume(tmp_path, sotu_inde
     and a resume from it: the saved weights are the updated ones."""
     checkpoints = tmp_path / "checkpoints"
     synchronous = _run(tmp_path, sotu_indexed_dataset, "synchronous", SYNCHRONOUS)
-    first_half = _run(tmp_path, sotu_indexed_dataset, "first_half",
-                      ["--save", checkpoints, "--save-interval", "5", "--exit-interval", "5"])
+    first_half = _run(
+        tmp_path,
+        sotu_indexed_dataset,
+        "first_half",
+        ["--save", checkpoints, "--save-interval", "5", "--exit-interval", "5"],
+    )
     resumed = _run(tmp_path, sotu_indexed_dataset, "resumed", ["--save", checkpoints, "--load", checkpoints])
     first_train = [r for r in first_half if r["split"] == "train"]
     assert [r["iteration"] for r in first_train] == [1, 2, 3, 4, 5]

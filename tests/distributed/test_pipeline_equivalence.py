@@ -22,18 +22,48 @@ TRAIN_ITERS = 10
 
 
 def _flags(dataset: dict, tmp_path) -> list:
-    return [*TINY_MODEL_FLAGS, "--data-path", dataset["prefix"], "--split", "98,2,0",
-            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", dataset["tokenizer_model"],
-            "--data-cache-path", tmp_path / "cache", "--micro-batch-size", "2", "--global-batch-size", "8",
-            "--train-iters", str(TRAIN_ITERS), "--lr", "3e-3", "--log-interval", "1", "--eval-interval", "100",
-            "--eval-iters", "1", "--use-cpu-initialization", "--seed", "7"]
+    return [
+        *TINY_MODEL_FLAGS,
+        "--data-path",
+        dataset["prefix"],
+        "--split",
+        "98,2,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        dataset["tokenizer_model"],
+        "--data-cache-path",
+        tmp_path / "cache",
+        "--micro-batch-size",
+        "2",
+        "--global-batch-size",
+        "8",
+        "--train-iters",
+        str(TRAIN_ITERS),
+        "--lr",
+        "3e-3",
+        "--log-interval",
+        "1",
+        "--eval-interval",
+        "100",
+        "--eval-iters",
+        "1",
+        "--use-cpu-initialization",
+        "--seed",
+        "7",
+    ]
 
 
 def _run_records(tmp_path, dataset, name: str, extra: list, processes: int, script: str = PRETRAIN) -> list:
     metrics = tmp_path / f"{name}.jsonl"
     launcher = (sys.executable,) if processes == 1 else (*TORCHRUN, str(processes))
-    result = run_pretrain([*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics], cwd=tmp_path,
-                          launcher=launcher, timeout=600, script=script)
+    result = run_pretrain(
+        [*_flags(dataset, tmp_path), *extra, "--metrics-file", metrics],
+        cwd=tmp_path,
+        launcher=launcher,
+        timeout=600,
+        script=script,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return read_metrics(metrics)
 
@@ -43,7 +73,9 @@ def assert_same_run(got_records: list, want_records: list, rel: float = 1e-5) ->
     (forward-only schedule) agree."""
     got, want = ([r for r in records if r["split"] == "train"] for records in (got_records, want_records))
     assert len(got) == len(want) == TRAIN_ITERS
-    got_valid, want_valid = ([r for r in records if r["split"] != "train"][-1] for records in (got_records, want_records))
+    got_valid, want_valid = (
+        [r for r in records if r["split"] != "train"][-1] for records in (got_records, want_records)
+    )
     assert got_valid["lm_loss"] == pytest.approx(want_valid["lm_loss"], rel=rel)
     for index, (g, w) in enumerate(zip(got, want)):
         for key in ("loss", "lm_loss", "grad_norm"):
@@ -66,11 +98,14 @@ MODES = {
 CI_MODES = ("adaptive_k2",)  # the rest run with -m slow
 
 
-@pytest.mark.parametrize("mode", [m if m in CI_MODES else pytest.param(m, marks=pytest.mark.slow) for m in MODES])
+@pytest.mark.parametrize(
+    "mode", [m if m in CI_MODES else pytest.param(m, marks=pytest.mark.slow) for m in MODES]
+)
 def test_pipeline_parallel_matches_one_process(tmp_path, sotu_indexed_dataset, mode):
     reference = _run_records(tmp_path, sotu_indexed_dataset, "one", MODES[mode], 1)
-    records = _run_records(tmp_path, sotu_indexed_dataset, "pp2",
-                             [*MODES[mode], "--pipeline-model-parallel-size", "2"], 2)
+    records = _run_records(
+        tmp_path, sotu_indexed_dataset, "pp2", [*MODES[mode], "--pipeline-model-parallel-size", "2"], 2
+    )
     assert_same_run(records, reference)
     train = [r for r in reference if r["split"] == "train"]
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]
@@ -86,20 +121,28 @@ def test_custom_schedule_runs_unchanged_across_stages(tmp_path, sotu_indexed_dat
     schedule what each pass does instead of knowing the layouts."""
     script = os.path.join(os.path.dirname(__file__), "residual_schedule.py")
     reference = _run_records(tmp_path, sotu_indexed_dataset, "one", ADAPTIVE_2, 1, script)
-    records = _run_records(tmp_path, sotu_indexed_dataset, "pp2",
-                           [*ADAPTIVE_2, "--pipeline-model-parallel-size", "2"], 2, script)
+    records = _run_records(
+        tmp_path, sotu_indexed_dataset, "pp2", [*ADAPTIVE_2, "--pipeline-model-parallel-size", "2"], 2, script
+    )
     assert_same_run(records, reference)
     assert any(0.0 < r["halted_share"][-1] < 1.0 for r in reference if r["split"] == "train")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel_only, both", [(["--tensor-model-parallel-size", "2"], []),
-                                                  ([], ["--global-batch-size", "16"])],
-                         ids=["tp2_pp2", "dp2_pp2"])
+@pytest.mark.parametrize(
+    "parallel_only, both",
+    [(["--tensor-model-parallel-size", "2"], []), ([], ["--global-batch-size", "16"])],
+    ids=["tp2_pp2", "dp2_pp2"],
+)
 def test_pipeline_composes_with_tensor_and_data_parallel(tmp_path, sotu_indexed_dataset, parallel_only, both):
     """4 processes: adaptive K=2 at TP=2 x PP=2 (head-sharded KV stores on both stages, the
     decision agreed over TP) and at DP=2 x PP=2 (global batch 16 in both runs)."""
     reference = _run_records(tmp_path, sotu_indexed_dataset, "one", [*ADAPTIVE_2, *both], 1)
-    records = _run_records(tmp_path, sotu_indexed_dataset, "4proc",
-                             [*ADAPTIVE_2, *both, *parallel_only, "--pipeline-model-parallel-size", "2"], 4)
+    records = _run_records(
+        tmp_path,
+        sotu_indexed_dataset,
+        "4proc",
+        [*ADAPTIVE_2, *both, *parallel_only, "--pipeline-model-parallel-size", "2"],
+        4,
+    )
     assert_same_run(records, reference)

@@ -47,11 +47,13 @@ def _install(kind: str, n: int) -> None:
 
         pretrain_lcot.model_provider = model_provider
     elif kind == "raise":
+
         def fail(*args, **kwargs):
             raise ValueError("injected fault")
 
         pretrain_lcot.forward_step = _nth_call(pretrain_lcot.forward_step, n, fail)
     elif kind == "save_fails":
+
         def full_disk(path, write):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
 

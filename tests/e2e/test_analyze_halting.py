@@ -32,11 +32,34 @@ def test_spearman_with_ties_matches_hand_count():
 
 
 def _train(tmp_path, dataset, name, *extra):
-    flags = [*TINY_MODEL_FLAGS, "--data-path", dataset["prefix"], "--split", "98,2,0",
-             "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", dataset["tokenizer_model"],
-             "--data-cache-path", str(tmp_path / "cache"), "--micro-batch-size", "4", "--train-iters", "6",
-             "--lr", "1e-2", "--eval-iters", "1", "--eval-interval", "100", "--log-interval", "3",
-             "--save", str(tmp_path / name), *map(str, extra)]
+    flags = [
+        *TINY_MODEL_FLAGS,
+        "--data-path",
+        dataset["prefix"],
+        "--split",
+        "98,2,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        dataset["tokenizer_model"],
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+        "--micro-batch-size",
+        "4",
+        "--train-iters",
+        "6",
+        "--lr",
+        "1e-2",
+        "--eval-iters",
+        "1",
+        "--eval-interval",
+        "100",
+        "--log-interval",
+        "3",
+        "--save",
+        str(tmp_path / name),
+        *map(str, extra),
+    ]
     result = run_pretrain(flags, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / name
@@ -44,8 +67,17 @@ def _train(tmp_path, dataset, name, *extra):
 
 @pytest.mark.slow  # two tiny trainings and three model loads: ~1 min on a quiet CPU
 def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset):
-    adaptive = _train(tmp_path, sotu_indexed_dataset, "adaptive", "--latent-steps", 2, "--halting", "adaptive",
-                      "--halting-threshold", 0.8)
+    adaptive = _train(
+        tmp_path,
+        sotu_indexed_dataset,
+        "adaptive",
+        "--latent-steps",
+        2,
+        "--halting",
+        "adaptive",
+        "--halting-threshold",
+        0.8,
+    )
     vanilla = _train(tmp_path, sotu_indexed_dataset, "vanilla", "--latent-steps", 0)
     text = tmp_path / "input.txt"
     from tests.conftest import sotu_speeches
@@ -53,9 +85,26 @@ def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset)
     text.write_text(sotu_speeches(45)[-1][:3000], encoding="utf-8")  # an address not trained on
     out = tmp_path / "analysis"
     env = tool_env()
-    result = subprocess.run([sys.executable, TOOL, "--load", adaptive, "--reference", vanilla, "--input", text,
-                             "--output", out, "--max-tokens", "300"], env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--load",
+            adaptive,
+            "--reference",
+            vanilla,
+            "--input",
+            text,
+            "--output",
+            out,
+            "--max-tokens",
+            "300",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "tokens.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
@@ -83,12 +132,17 @@ def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset)
             ref_nll.append(reference.model(ids, positions, labels=labels).lm_loss[0])
             model = trained.model
             states = model.embedding(input_ids=ids, position_ids=positions) * model.config.embedding_scale
-            step0 = model.decoder(hidden_states=states, attention_mask=None,
-                                  rotary_pos_emb=model.rotary_pos_emb(ids.shape[1]))
+            step0 = model.decoder(
+                hidden_states=states, attention_mask=None, rotary_pos_emb=model.rotary_pos_emb(ids.shape[1])
+            )
             logits = model.output_layer(step0)[0][:, 0]
             first.append(-torch.log_softmax(logits, -1).gather(-1, labels[0][:, None])[:, 0])
-    expected = {"nll": torch.cat(nll), "reference_nll": torch.cat(ref_nll), "first_step_nll": torch.cat(first),
-                "latent_steps": torch.cat(steps)}
+    expected = {
+        "nll": torch.cat(nll),
+        "reference_nll": torch.cat(ref_nll),
+        "first_step_nll": torch.cat(first),
+        "latent_steps": torch.cat(steps),
+    }
     for key, values in expected.items():
         got = torch.tensor([r[key] for r in records], dtype=torch.float64)
         assert (got - values.double()).abs().max() < 1e-4, key
@@ -99,7 +153,12 @@ def test_analyze_halting_records_match_the_model(tmp_path, sotu_indexed_dataset)
     assert -1 <= summary["spearman_steps_vs_reference_nll"] <= 1
     assert -1 <= summary["spearman_steps_vs_first_step_nll"] <= 1
 
-    refused = subprocess.run([sys.executable, TOOL, "--load", vanilla, "--input", text, "--output", out],
-                             env=env, capture_output=True, text=True, timeout=300)
+    refused = subprocess.run(
+        [sys.executable, TOOL, "--load", vanilla, "--input", text, "--output", out],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert refused.returncode == 2
     assert "analyze_halting.py: error: --load" in refused.stderr and "--halting adaptive" in refused.stderr

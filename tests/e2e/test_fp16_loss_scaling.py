@@ -11,9 +11,30 @@ from tests.conftest import TINY_MODEL_FLAGS, read_metrics, run_pretrain
 
 pytestmark = pytest.mark.slow
 
-FLAGS = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
-         "--global-batch-size", "4", "--train-iters", "4", "--log-interval", "1", "--eval-interval", "100",
-         "--eval-iters", "1", "--lr", "1e-2", "--latent-steps", "2", "--halting", "adaptive"]
+FLAGS = [
+    *TINY_MODEL_FLAGS,
+    "--mock-data",
+    "--vocab-size",
+    "200",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "4",
+    "--train-iters",
+    "4",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "100",
+    "--eval-iters",
+    "1",
+    "--lr",
+    "1e-2",
+    "--latent-steps",
+    "2",
+    "--halting",
+    "adaptive",
+]
 
 
 def _train(tmp_path, name: str, *extra) -> list:

@@ -15,8 +15,14 @@ from tests.conftest import REPO_ROOT, tool_env
 
 @pytest.mark.slow
 def test_gpu_check_cpu_dry_run():
-    result = subprocess.run([os.path.join(REPO_ROOT, "scripts", "gpu_check.sh"), "--cpu-dry-run"], cwd=REPO_ROOT,
-                            env=tool_env(), capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [os.path.join(REPO_ROOT, "scripts", "gpu_check.sh"), "--cpu-dry-run"],
+        cwd=REPO_ROOT,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.returncode == 0 and summary["ok"], result.stderr[-3000:]
     assert set(summary["train"]) == {"vanilla", "stepwise", "adaptive", "interleaved"}

@@ -27,17 +27,36 @@ BARE_PATH = "/usr/local/bin:/usr/bin:/bin"  # no .venv/bin: the scripts must fin
 def script_env(env: dict, dry_run: bool = False) -> dict:
     """The environment a newcomer's shell gives a script: no virtual environment on PATH, no
     PYTHONPATH, no torch.distributed variables; plus `env` (the test's settings)."""
-    full_env = {**os.environ, "PATH": BARE_PATH, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
-                "DRY_RUN": "1" if dry_run else "0", "LCOT_ROOT": REPO_ROOT}
-    for name in ("PYTHONPATH", "VIRTUAL_ENV", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                 "MASTER_PORT"):
+    full_env = {
+        **os.environ,
+        "PATH": BARE_PATH,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "DRY_RUN": "1" if dry_run else "0",
+        "LCOT_ROOT": REPO_ROOT,
+    }
+    for name in (
+        "PYTHONPATH",
+        "VIRTUAL_ENV",
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         full_env.pop(name, None)
     return {**full_env, **env}
 
 
 def _run_script(script: str, env: dict, *flags, dry_run: bool, cwd=None) -> subprocess.CompletedProcess:
-    result = subprocess.run(["bash", os.path.join(EXAMPLES, script), *flags], env=script_env(env, dry_run),
-                            cwd=cwd, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        ["bash", os.path.join(EXAMPLES, script), *flags],
+        env=script_env(env, dry_run),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -51,7 +70,7 @@ def _command(script: str, env: dict, *flags) -> list:
     on a signal."""
     argv = shlex.split(_run_script(script, env, *flags, dry_run=True).stdout)
     split = argv.index(PRETRAIN)
-    launcher, flags = argv[:split], argv[split + 1:]
+    launcher, flags = argv[:split], argv[split + 1 :]
     assert launcher[:3] == SUPERVISOR and "--exit-signal-handler" in flags
     return launcher[3:], flags
 
@@ -61,8 +80,9 @@ def _flag(flags: list, name: str) -> str:
 
 
 def test_single_node_builds_the_deepspeed_launcher_command():
-    launcher, flags = _command("pretrain_single_node.sh", {"GPUS_PER_NODE": "4", "MASTER_PORT": "6001"},
-                               "--zero-stage", "3")
+    launcher, flags = _command(
+        "pretrain_single_node.sh", {"GPUS_PER_NODE": "4", "MASTER_PORT": "6001"}, "--zero-stage", "3"
+    )
     assert launcher == ["deepspeed", "--num_gpus", "4", "--master_port", "6001"]
     assert _flag(flags, "--deepspeed_config") == ZERO2 and "--deepspeed" in flags
     assert flags[-2:] == ["--zero-stage", "3"] and _flag(flags, "--latent-steps") == "2"
@@ -72,27 +92,69 @@ def test_multi_node_reads_nodes_and_master_from_the_hostfile(tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("# two nodes\nnode-a slots=8\nnode-b slots=8\n\n")
     launcher, flags = _command("pretrain_multi_node.sh", {"HOSTFILE": str(hostfile)})
-    assert launcher == ["deepspeed", "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "8",
-                        "--master_addr", "node-a", "--master_port", "29500"]
+    assert launcher == [
+        "deepspeed",
+        "--hostfile",
+        str(hostfile),
+        "--num_nodes",
+        "2",
+        "--num_gpus",
+        "8",
+        "--master_addr",
+        "node-a",
+        "--master_port",
+        "29500",
+    ]
     assert _flag(flags, "--deepspeed_config") == ZERO2
     launcher, _ = _command("pretrain_multi_node.sh", {"HOSTFILE": str(hostfile), "NODE_RANK": "1"})
     assert launcher[-3:] == ["--no_ssh", "--node_rank", "1"]
 
 
 def test_torchrun_builds_a_static_rendezvous_without_deepspeed():
-    launcher, flags = _command("pretrain_torchrun.sh", {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "head"},
-                               "--use-distributed-optimizer")
-    assert launcher == ["torchrun", "--nnodes", "2", "--node-rank", "1", "--nproc-per-node", "8",
-                        "--master-addr", "head", "--master-port", "29500"]
+    launcher, flags = _command(
+        "pretrain_torchrun.sh",
+        {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "head"},
+        "--use-distributed-optimizer",
+    )
+    assert launcher == [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--nproc-per-node",
+        "8",
+        "--master-addr",
+        "head",
+        "--master-port",
+        "29500",
+    ]
     assert "--deepspeed" not in flags and flags[-1] == "--use-distributed-optimizer"
 
 
 def test_slurm_runs_one_torchrun_per_node_with_c10d_rendezvous():
     slurm = {"SLURM_NNODES": "4", "SLURM_JOB_ID": "4242", "MASTER_ADDR": "gpu001"}
     launcher, flags = _command("pretrain_slurm.sbatch", slurm)
-    assert launcher == ["--after-preemption", "scontrol requeue 4242", "srun", "--kill-on-bad-exit=1",
-                        *SUPERVISOR, "--preempted-status", "0", "torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
-                        "--rdzv-endpoint", "gpu001:29500", "--rdzv-id", "4242"]
+    assert launcher == [
+        "--after-preemption",
+        "scontrol requeue 4242",
+        "srun",
+        "--kill-on-bad-exit=1",
+        *SUPERVISOR,
+        "--preempted-status",
+        "0",
+        "torchrun",
+        "--nnodes",
+        "4",
+        "--nproc-per-node",
+        "8",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "gpu001:29500",
+        "--rdzv-id",
+        "4242",
+    ]
     assert "--deepspeed" in flags
     _, plain = _command("pretrain_slurm.sbatch", {**slurm, "USE_DEEPSPEED": "0"})
     assert "--deepspeed" not in plain
@@ -106,19 +168,25 @@ def test_scripts_name_the_fix_when_no_environment_has_the_launcher(tmp_path):
     (root / "examples").mkdir(parents=True)
     for name in ("pretrain_common.sh", "pretrain_torchrun.sh"):
         (root / "examples" / name).write_text(open(os.path.join(EXAMPLES, name)).read())
-    result = subprocess.run(["bash", str(root / "examples" / "pretrain_torchrun.sh")], env=script_env({}),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        ["bash", str(root / "examples" / "pretrain_torchrun.sh")],
+        env=script_env({}),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 127
     assert "not found: run scripts/setup_venv.sh (creates" in result.stderr
 
 
 def _tiny_env(tmp_path) -> dict:
     return {
-        "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()),
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
         "MODEL_ARGS": " ".join([*TINY_MODEL_FLAGS, "--latent-steps", "2", "--halting", "adaptive"]),
         "DATA_ARGS": "--mock-data --vocab-size 200",
         "TRAIN_ARGS": f"--micro-batch-size 2 --global-batch-size 8 --train-iters 3 --log-interval 1 "
-                      f"--eval-iters 1 --metrics-file {tmp_path / 'metrics.jsonl'}",
+        f"--eval-iters 1 --metrics-file {tmp_path / 'metrics.jsonl'}",
         "DS_CONFIG": os.path.join(EXAMPLES, "ds_configs", "zero1.json"),
     }
 
@@ -126,8 +194,10 @@ def _tiny_env(tmp_path) -> dict:
 REAL_RUNS = {
     "single_node": ("pretrain_single_node.sh", {}),
     "torchrun": ("pretrain_torchrun.sh", {}),
-    "slurm_without_srun": ("pretrain_slurm.sbatch", {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "1",
-                                                     "MASTER_ADDR": "127.0.0.1"}),
+    "slurm_without_srun": (
+        "pretrain_slurm.sbatch",
+        {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "1", "MASTER_ADDR": "127.0.0.1"},
+    ),
 }
 
 

@@ -84,7 +84,9 @@ def items(sotu_indexed_dataset) -> dict:
     sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
     from build_eval_tasks import cloze_items
 
-    paragraphs = [p for index in (38, 39) for p in _held_out(sotu_indexed_dataset, index).split("\n") if p.strip()]
+    paragraphs = [
+        p for index in (38, 39) for p in _held_out(sotu_indexed_dataset, index).split("\n") if p.strip()
+    ]
     cloze = cloze_items(paragraphs, 20, max_words=30)
     assert len(cloze) == 20
     choice = []
@@ -92,8 +94,13 @@ def items(sotu_indexed_dataset) -> dict:
         wrong = [cloze[(i + j) % 20]["target"] for j in (1, 2, 3, 4, 5)]
         distractors = [w for w in dict.fromkeys(wrong) if w != item["target"]][:2]
         answer = i % 3
-        choice.append({"context": item["context"], "answer": answer,
-                       "choices": distractors[:answer] + [item["target"]] + distractors[answer:]})
+        choice.append(
+            {
+                "context": item["context"],
+                "answer": answer,
+                "choices": distractors[:answer] + [item["target"]] + distractors[answer:],
+            }
+        )
     return {"cloze": cloze, "choice": choice}
 
 
@@ -137,8 +144,15 @@ def _write_jsonl(path, records: list) -> str:
 
 
 def _run(command: list, cwd, timeout: int = 600):
-    return subprocess.run([sys.executable, *map(str, command)], cwd=cwd, env={**tool_env(), **OFFLINE},
-                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, *map(str, command)],
+        cwd=cwd,
+        env={**tool_env(), **OFFLINE},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _last_json(run) -> dict:
@@ -150,7 +164,9 @@ def _halt_half_the_tokens(model, others: list, ids: list, monkeypatch) -> None:
     """Set --halting-threshold of `model` and `others` to the median reach of the last latent step
     on `ids`, so that about half the tokens stop before it (evaluation prunes at the threshold)."""
     reach = []
-    hook = model.latent_schedule.register_forward_hook(lambda module, inputs, thoughts: reach.append(thoughts.reach))
+    hook = model.latent_schedule.register_forward_hook(
+        lambda module, inputs, thoughts: reach.append(thoughts.reach)
+    )
     with torch.no_grad():
         model(torch.tensor([ids]), torch.arange(len(ids))[None])
     hook.remove()
@@ -184,8 +200,9 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
     scorer, tokenize, eod = CheckpointScorer(trained), trained.tokenizer.tokenize, trained.tokenizer.eod
     seq = trained.config.model.seq_length
     if mode == "adaptive":  # 6 steps leave every gate near 0.9 (no token halts at tau 0.4): make tokens halt
-        _halt_half_the_tokens(trained.model, [adapter.trained.model], tokenize(items["cloze"][0]["context"])[-seq:],
-                              monkeypatch)
+        _halt_half_the_tokens(
+            trained.model, [adapter.trained.model], tokenize(items["cloze"][0]["context"])[-seq:], monkeypatch
+        )
     pairs = [(item["context"], choice) for item in items["choice"][:6] for choice in item["choices"]]
     pairs += [("", " The Congress"), (" ".join(item["context"] for item in items["cloze"][:4]), " nation")]
     pairs += [(item["context"], item["target"]) for item in _greedy_items(trained, items["cloze"][:6])]
@@ -201,28 +218,45 @@ def test_loglikelihood_equals_the_scorer_by_hand(adapters, trained_checkpoints, 
         logprobs, executed = scorer(torch.tensor([ids]))
         steps.update(executed.tolist())
         targets = range(len(ids) - n, len(ids))
-        expected.append((sum(float(logprobs[i - 1, ids[i]]) for i in targets),
-                         all(int(logprobs[i - 1].argmax()) == ids[i] for i in targets)))
+        expected.append(
+            (
+                sum(float(logprobs[i - 1, ids[i]]) for i in targets),
+                all(int(logprobs[i - 1].argmax()) == ids[i] for i in targets),
+            )
+        )
     assert len(results) == len(expected) and len(pairs) > 20
     for (loglik, greedy), (want, want_greedy) in zip(results, expected):
         assert loglik == pytest.approx(want, abs=1e-5) and greedy == want_greedy
     greedy_flags = [g for _, g in expected]
     assert any(greedy_flags) and not all(greedy_flags)  # both outcomes are exercised
-    assert len(steps) > 1 if mode == "adaptive" else steps == {0.0}  # adaptive: tokens halted at different steps
+    assert (
+        len(steps) > 1 if mode == "adaptive" else steps == {0.0}
+    )  # adaptive: tokens halted at different steps
 
 
-def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoints, sotu_indexed_dataset,
-                                                      tmp_path):
+def test_loglikelihood_rolling_equals_evaluate_input(
+    adapter, trained_checkpoints, sotu_indexed_dataset, tmp_path
+):
     """evaluate.py's stream for the records ["", text] is [eod] + tokens(text) + [eod]: its windows
     depend only on positions, so its total NLL is the adapter's rolling NLL of `text` (stream
     [eod] + tokens(text)) plus the trailing eod's NLL, computed here by one forward pass."""
     text = _held_out(sotu_indexed_dataset, 38)[:1500]
     seq, stride = adapter.seq_length, adapter.stride
     ours = adapter.loglikelihood_rolling(_requests("loglikelihood_rolling", [(text,)]))[0]
-    evaluated = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load",
-                                 trained_checkpoints["adaptive"], "--input",
-                                 _write_jsonl(tmp_path / "doc.jsonl", [{"text": ""}, {"text": text}]),
-                                 "--stride", stride], cwd=tmp_path))
+    evaluated = _last_json(
+        _run(
+            [
+                os.path.join(REPO_ROOT, "tools", "evaluate.py"),
+                "--load",
+                trained_checkpoints["adaptive"],
+                "--input",
+                _write_jsonl(tmp_path / "doc.jsonl", [{"text": ""}, {"text": text}]),
+                "--stride",
+                stride,
+            ],
+            cwd=tmp_path,
+        )
+    )
     tokens = adapter.tokenize(text)
     n = len(tokens) + 1  # index of the trailing eod in evaluate.py's stream
     assert evaluated["tokens"] == n and evaluated["seq_length"] == seq and n > 4 * seq
@@ -230,13 +264,16 @@ def test_loglikelihood_rolling_equals_evaluate_input(adapter, trained_checkpoint
     begin = next(w * stride for w in range(n) if w * stride + seq > n)  # the window that scores target n
     with torch.no_grad():
         window = torch.tensor([stream[begin:]])
-        logits = adapter.trained.model(window, torch.arange(window.shape[1])[None])[0, -1, : adapter.trained.vocab_size]
+        logits = adapter.trained.model(window, torch.arange(window.shape[1])[None])[
+            0, -1, : adapter.trained.vocab_size
+        ]
     eod_nll = -float(torch.log_softmax(logits.float(), -1)[adapter.eod])
     assert -ours + eod_nll == pytest.approx(evaluated["nll"] * n, rel=1e-6)
 
 
-def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, items, sotu_indexed_dataset,
-                                                monkeypatch, tmp_path):
+def test_simple_evaluate_equals_our_task_scores(
+    adapter, trained_checkpoints, items, sotu_indexed_dataset, monkeypatch, tmp_path
+):
     """lm-eval's own pipeline in process (task YAML -> requests -> metrics), model="lcot" by name:
     acc/acc_norm equal score_task (evaluate.py --task's function) on the same items, and the
     rolling task's byte perplexity the adapter's loglikelihood_rolling over the bytes."""
@@ -250,23 +287,36 @@ def test_simple_evaluate_equals_our_task_scores(adapter, trained_checkpoints, it
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: the process may have it
     documents = [{"text": _held_out(sotu_indexed_dataset, index)[:700]} for index in (38, 39)]
-    records = {"choice": items["choice"], "cloze": items["cloze"] + _greedy_items(adapter.trained, items["cloze"]),
-               "rolling": documents}
+    records = {
+        "choice": items["choice"],
+        "cloze": items["cloze"] + _greedy_items(adapter.trained, items["cloze"]),
+        "rolling": documents,
+    }
     manager = TaskManager(include_path=str(_task_dir(tmp_path, records)), include_defaults=False)
-    results = lm_eval.simple_evaluate(model="lcot", model_args={"load": trained_checkpoints["adaptive"]},
-                                      tasks=["lcot_sotu_choice", "lcot_sotu_cloze", "lcot_sotu_rolling"],
-                                      task_manager=manager)["results"]
+    results = lm_eval.simple_evaluate(
+        model="lcot",
+        model_args={"load": trained_checkpoints["adaptive"]},
+        tasks=["lcot_sotu_choice", "lcot_sotu_cloze", "lcot_sotu_rolling"],
+        task_manager=manager,
+    )["results"]
 
-    ours = {kind: score_task(records[kind], adapter.scorer, adapter.tokenize, adapter.seq_length, adapter.eod)
-            for kind in ("choice", "cloze")}
+    ours = {
+        kind: score_task(records[kind], adapter.scorer, adapter.tokenize, adapter.seq_length, adapter.eod)
+        for kind in ("choice", "cloze")
+    }
     assert results["lcot_sotu_choice"]["acc,none"] == ours["choice"]["accuracy"]
     assert results["lcot_sotu_choice"]["acc_norm,none"] == ours["choice"]["accuracy_norm"]
     assert results["lcot_sotu_cloze"]["acc,none"] == ours["cloze"]["cloze_accuracy"]
-    assert 0 < ours["choice"]["accuracy"] < 1 and 0 < ours["cloze"]["cloze_accuracy"] < 1  # neither is a constant
-    rolling = adapter.loglikelihood_rolling(_requests("loglikelihood_rolling", [(d["text"],) for d in documents]))
+    assert (
+        0 < ours["choice"]["accuracy"] < 1 and 0 < ours["cloze"]["cloze_accuracy"] < 1
+    )  # neither is a constant
+    rolling = adapter.loglikelihood_rolling(
+        _requests("loglikelihood_rolling", [(d["text"],) for d in documents])
+    )
     size = sum(len(d["text"].encode("utf-8")) for d in documents)
-    assert results["lcot_sotu_rolling"]["byte_perplexity,none"] == pytest.approx(math.exp(-sum(rolling) / size),
-                                                                                  rel=1e-9)
+    assert results["lcot_sotu_rolling"]["byte_perplexity,none"] == pytest.approx(
+        math.exp(-sum(rolling) / size), rel=1e-9
+    )
 
 
 @pytest.mark.slow  # lm-eval indexes its 14k built-in tasks, loads the model, scores 100 requests: ~1 min
@@ -274,21 +324,60 @@ def test_lm_eval_cli_reports_evaluate_task_accuracy(trained_checkpoints, items, 
     from megatron_lcot.inference.loading import load_trained_model
 
     checkpoint = trained_checkpoints["adaptive"]
-    records = {"choice": items["choice"],
-               "cloze": items["cloze"] + _greedy_items(load_trained_model(checkpoint), items["cloze"])}
+    records = {
+        "choice": items["choice"],
+        "cloze": items["cloze"] + _greedy_items(load_trained_model(checkpoint), items["cloze"]),
+    }
     tasks = _task_dir(tmp_path, records)
-    run = _run([LAUNCHER, "--model", "lcot", "--model_args", f"load={checkpoint}", "--tasks", "lcot_sotu_choice",
-                "lcot_sotu_cloze", "--include_path", tasks, "--output_path", tmp_path / "out"], cwd=tmp_path)
+    run = _run(
+        [
+            LAUNCHER,
+            "--model",
+            "lcot",
+            "--model_args",
+            f"load={checkpoint}",
+            "--tasks",
+            "lcot_sotu_choice",
+            "lcot_sotu_cloze",
+            "--include_path",
+            tasks,
+            "--output_path",
+            tmp_path / "out",
+        ],
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    written = [os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".json")]
+    written = [
+        os.path.join(d, f) for d, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".json")
+    ]
     assert len(written) == 1, written
     with open(written[0], encoding="utf-8") as f:
         results = json.load(f)["results"]
 
-    choice = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load", checkpoint, "--task",
-                              tmp_path / "choice.jsonl"], cwd=tmp_path))
-    cloze = _last_json(_run([os.path.join(REPO_ROOT, "tools", "evaluate.py"), "--load", checkpoint, "--task",
-                             tmp_path / "cloze.jsonl"], cwd=tmp_path))
+    choice = _last_json(
+        _run(
+            [
+                os.path.join(REPO_ROOT, "tools", "evaluate.py"),
+                "--load",
+                checkpoint,
+                "--task",
+                tmp_path / "choice.jsonl",
+            ],
+            cwd=tmp_path,
+        )
+    )
+    cloze = _last_json(
+        _run(
+            [
+                os.path.join(REPO_ROOT, "tools", "evaluate.py"),
+                "--load",
+                checkpoint,
+                "--task",
+                tmp_path / "cloze.jsonl",
+            ],
+            cwd=tmp_path,
+        )
+    )
     assert choice["multiple_choice_items"] == 20 and cloze["cloze_items"] == len(records["cloze"])
     assert results["lcot_sotu_choice"]["acc,none"] == choice["accuracy"]
     assert results["lcot_sotu_choice"]["acc_norm,none"] == choice["accuracy_norm"]
@@ -302,20 +391,31 @@ def test_generate_until_stops_at_until_and_cuts_long_prompts(adapter, items):
 
     greedy, seq = SamplingParams(greedy=True), adapter.seq_length
     short, long = "The Congress", " ".join(item["context"] for item in items["cloze"][:4])
-    full = [generate_ids(adapter.trained, [adapter.tokenize(prompt)[-(seq - 12) :]], 12, greedy).texts[0]
-            for prompt in (short, long)]
+    full = [
+        generate_ids(adapter.trained, [adapter.tokenize(prompt)[-(seq - 12) :]], 12, greedy).texts[0]
+        for prompt in (short, long)
+    ]
     stop = full[0][len(full[0]) // 2 :][:3]  # a string the uncut generation contains
     assert len(adapter.tokenize(long)) > seq and stop
-    texts = adapter.generate_until(_requests("generate_until", [(short, {"until": [stop], "max_gen_toks": 12}),
-                                                                (long, {"until": "never", "max_gen_toks": 12})]))
+    texts = adapter.generate_until(
+        _requests(
+            "generate_until",
+            [(short, {"until": [stop], "max_gen_toks": 12}), (long, {"until": "never", "max_gen_toks": 12})],
+        )
+    )
     assert texts == [full[0][: full[0].index(stop)], full[1]]
 
 
 def test_bad_load_fails_early_naming_load(tmp_path):
-    for model_args, phrase in ((["seq_length=64"], "needs load=CKPT_DIR"),
-                               ([f"load={tmp_path / 'nowhere'}"], "no such directory")):
-        run = _run([LAUNCHER, "--model", "lcot", "--model_args", *model_args, "--tasks", "lambada_openai"],
-                   cwd=tmp_path, timeout=300)
+    for model_args, phrase in (
+        (["seq_length=64"], "needs load=CKPT_DIR"),
+        ([f"load={tmp_path / 'nowhere'}"], "no such directory"),
+    ):
+        run = _run(
+            [LAUNCHER, "--model", "lcot", "--model_args", *model_args, "--tasks", "lambada_openai"],
+            cwd=tmp_path,
+            timeout=300,
+        )
         assert run.returncode == 2, run.stderr[-3000:]
         message = run.stderr.strip().splitlines()[-1]
         assert message.startswith("lm_eval_lcot.py: error: --model_args") and phrase in message, message

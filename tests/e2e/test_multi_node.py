@@ -25,9 +25,25 @@ pytestmark = pytest.mark.slow
 
 MODEL = [*TINY_MODEL_FLAGS, "--latent-steps", "2", "--latent-layout", "stepwise", "--halting", "adaptive"]
 DATA = ["--mock-data", "--vocab-size", "200"]
-TRAIN = ["--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "6", "--log-interval", "1",
-         "--eval-interval", "100", "--eval-iters", "1", "--clip-grad", "0", "--lr", "1e-2",
-         "--use-cpu-initialization"]
+TRAIN = [
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "6",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "100",
+    "--eval-iters",
+    "1",
+    "--clip-grad",
+    "0",
+    "--lr",
+    "1e-2",
+    "--use-cpu-initialization",
+]
 
 
 def _train(records_path) -> list:
@@ -37,21 +53,34 @@ def _train(records_path) -> list:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> list:
     tmp_path = tmp_path_factory.mktemp("one_process")
-    result = run_pretrain([*MODEL, *DATA, *TRAIN, "--metrics-file", str(tmp_path / "one.jsonl")],
-                          cwd=tmp_path)
+    result = run_pretrain(
+        [*MODEL, *DATA, *TRAIN, "--metrics-file", str(tmp_path / "one.jsonl")], cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return _train(tmp_path / "one.jsonl")
 
 
 def _two_nodes(script: str, tmp_path, settings: dict) -> str:
     """Starts the script twice (NODE_RANK 0 and 1) and waits for both; their joint output."""
-    env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "MODEL_ARGS": " ".join(MODEL),
-           "DATA_ARGS": " ".join(DATA),
-           "TRAIN_ARGS": " ".join([*TRAIN, "--metrics-file", str(tmp_path / "m.jsonl")]),
-           "DS_CONFIG": os.path.join(EXAMPLES, "ds_configs", "zero1.json"), **settings}
-    nodes = [subprocess.Popen(["bash", os.path.join(EXAMPLES, script)],
-                              env=script_env({**env, "NODE_RANK": str(rank)}),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    env = {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "MODEL_ARGS": " ".join(MODEL),
+        "DATA_ARGS": " ".join(DATA),
+        "TRAIN_ARGS": " ".join([*TRAIN, "--metrics-file", str(tmp_path / "m.jsonl")]),
+        "DS_CONFIG": os.path.join(EXAMPLES, "ds_configs", "zero1.json"),
+        **settings,
+    }
+    nodes = [
+        subprocess.Popen(
+            ["bash", os.path.join(EXAMPLES, script)],
+            env=script_env({**env, "NODE_RANK": str(rank)}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
     try:
         outputs = [node.communicate(timeout=900)[0] for node in nodes]
     finally:
@@ -72,9 +101,15 @@ def _assert_matches(records: list, reference: list) -> None:
 
 
 def test_two_torchrun_nodes_train_data_x_pipeline_parallel_as_one_process(tmp_path, one_process):
-    output = _two_nodes("pretrain_torchrun.sh", tmp_path, {
-        "NNODES": "2", "GPUS_PER_NODE": "2",
-        "PARALLEL_ARGS": "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 2"})
+    output = _two_nodes(
+        "pretrain_torchrun.sh",
+        tmp_path,
+        {
+            "NNODES": "2",
+            "GPUS_PER_NODE": "2",
+            "PARALLEL_ARGS": "--tensor-model-parallel-size 1 --pipeline-model-parallel-size 2",
+        },
+    )
     assert "dp 2 tp 1 pp 2" in output
     _assert_matches(_train(tmp_path / "m.jsonl"), one_process)
 

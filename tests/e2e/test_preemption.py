@@ -35,29 +35,44 @@ def _env(tmp_path, name: str) -> dict:
     only at the end or on a signal, loaded when present), metrics in tmp_path/name.jsonl."""
     run_dir = tmp_path / name
     return {
-        "GPUS_PER_NODE": "2", "MASTER_PORT": str(free_port()), "DS_CONFIG": ZERO1,
+        "GPUS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "DS_CONFIG": ZERO1,
         "MODEL_ARGS": " ".join([*TINY_MODEL_FLAGS, "--latent-steps", "2", "--halting", "adaptive"]),
         "DATA_ARGS": "--mock-data --vocab-size 200",
         "TRAIN_ARGS": f"--micro-batch-size 2 --global-batch-size 8 --train-iters {TRAIN_ITERS} --lr 3e-3 "
-                      f"--log-interval 1 --eval-iters 1 --eval-interval 1000 "
-                      f"--save {run_dir} --load {run_dir} "
-                      f"--metrics-file {tmp_path / f'{name}.jsonl'}",
+        f"--log-interval 1 --eval-iters 1 --eval-interval 1000 "
+        f"--save {run_dir} --load {run_dir} "
+        f"--metrics-file {tmp_path / f'{name}.jsonl'}",
     }
 
 
 # case: (script, extra settings, flags, signal the scheduler sends)
 CASES = {
     "deepspeed_runner_sigterm": ("pretrain_single_node.sh", {}, [], signal.SIGTERM),
-    "torchrun_sigterm": ("pretrain_torchrun.sh", {}, ["--deepspeed", "--deepspeed_config", ZERO1],
-                         signal.SIGTERM),
-    "sbatch_usr1": ("pretrain_slurm.sbatch", {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7",
-                                              "MASTER_ADDR": "127.0.0.1"}, [], signal.SIGUSR1),
+    "torchrun_sigterm": (
+        "pretrain_torchrun.sh",
+        {},
+        ["--deepspeed", "--deepspeed_config", ZERO1],
+        signal.SIGTERM,
+    ),
+    "sbatch_usr1": (
+        "pretrain_slurm.sbatch",
+        {"SRUN": "", "SLURM_NNODES": "1", "SLURM_JOB_ID": "7", "MASTER_ADDR": "127.0.0.1"},
+        [],
+        signal.SIGUSR1,
+    ),
 }
 
 
 def _start(script: str, env: dict, flags: list, log) -> subprocess.Popen:
-    return subprocess.Popen(["bash", os.path.join(EXAMPLES, script), *flags], env=script_env(env),
-                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["bash", os.path.join(EXAMPLES, script), *flags],
+        env=script_env(env),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def _deterministic(record: dict) -> dict:
@@ -69,10 +84,13 @@ def uninterrupted(tmp_path_factory) -> dict:
     """One straight run to TRAIN_ITERS through the deepspeed runner: metrics and final weights."""
     tmp_path = tmp_path_factory.mktemp("uninterrupted")
     with open(tmp_path / "out.log", "w") as log:
-        assert _start("pretrain_single_node.sh", _env(tmp_path, "run"), [], log).wait(timeout=600) == 0, \
-            (tmp_path / "out.log").read_text()[-3000:]
-    return {"metrics": [_deterministic(r) for r in read_metrics(tmp_path / "run.jsonl")],
-            "weights": read_checkpoint_weights(tmp_path / "run" / f"iter_{TRAIN_ITERS:07d}", tmp_path)}
+        assert _start("pretrain_single_node.sh", _env(tmp_path, "run"), [], log).wait(timeout=600) == 0, (
+            tmp_path / "out.log"
+        ).read_text()[-3000:]
+    return {
+        "metrics": [_deterministic(r) for r in read_metrics(tmp_path / "run.jsonl")],
+        "weights": read_checkpoint_weights(tmp_path / "run" / f"iter_{TRAIN_ITERS:07d}", tmp_path),
+    }
 
 
 def _job_processes(script: subprocess.Popen) -> tuple:
@@ -130,15 +148,22 @@ def test_signal_to_the_launch_script_saves_every_rank_and_resumes_exactly(tmp_pa
     stopped_at = int((tmp_path / "run" / "latest_checkpointed_iteration.txt").read_text())
     assert 2 <= stopped_at < TRAIN_ITERS
     assert f"exiting at iteration {stopped_at}: an exit signal (SIGTERM or SIGUSR1) reached a rank" in out
-    assert sorted(os.listdir(tmp_path / "run")) == [f"iter_{stopped_at:07d}",
-                                                    "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        f"iter_{stopped_at:07d}",
+        "latest_checkpointed_iteration.txt",
+    ]
     saved = {name for _, _, names in os.walk(tmp_path / "run") for name in names}
     assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in range(len(ranks))} <= saved
     assert max(r["iteration"] for r in read_metrics(tmp_path / "run.jsonl")) == stopped_at
     assert requeued.exists() == (case == "sbatch_usr1")
 
-    resumed = subprocess.run(["bash", os.path.join(EXAMPLES, script), *flags], env=script_env(env),
-                             capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(
+        ["bash", os.path.join(EXAMPLES, script), *flags],
+        env=script_env(env),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming at iteration {stopped_at}" in resumed.stdout
     assert [_deterministic(r) for r in read_metrics(tmp_path / "run.jsonl")] == uninterrupted["metrics"]
@@ -159,10 +184,22 @@ os._exit(0)  # as the deepspeed runner dies at SIGTERM: its child is orphaned, a
 def test_the_supervisor_ends_what_the_launcher_leaves_behind(tmp_path):
     """A launcher that exits leaving a process behind (reparented to the supervisor, the child
     subreaper): the supervisor terminates it, says so and returns the launcher's status."""
-    result = subprocess.run([sys.executable, "-m", "megatron_lcot.launcher_supervisor",
-                             "--leftover-grace-seconds", "5", sys.executable, "-c", LEAVES_AN_ORPHAN],
-                            capture_output=True, text=True,
-                            timeout=60, env=script_env({"PYTHONPATH": os.path.dirname(EXAMPLES)}))
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_lcot.launcher_supervisor",
+            "--leftover-grace-seconds",
+            "5",
+            sys.executable,
+            "-c",
+            LEAVES_AN_ORPHAN,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=script_env({"PYTHONPATH": os.path.dirname(EXAMPLES)}),
+    )
     orphan = int(result.stdout.split()[0])
     assert result.returncode == 0, result.stderr
     assert f"the launcher exited, leaving [{orphan}]: SIGTERM" in result.stderr
@@ -177,9 +214,22 @@ def test_exit_duration_counts_from_the_process_start(tmp_path, capsys):
     age = time.time() - psutil.Process().create_time()
     time.sleep(max(0.0, 10 - age))  # old enough that the first step cannot take as long
     minutes = (time.time() - psutil.Process().create_time()) / 60 / 2
-    flags = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "256", "--micro-batch-size", "2",
-             "--train-iters", "6", "--eval-iters", "1", "--save", str(tmp_path / "run"),
-             "--exit-duration-in-mins", str(minutes)]
+    flags = [
+        *TINY_MODEL_FLAGS,
+        "--mock-data",
+        "--vocab-size",
+        "256",
+        "--micro-batch-size",
+        "2",
+        "--train-iters",
+        "6",
+        "--eval-iters",
+        "1",
+        "--save",
+        str(tmp_path / "run"),
+        "--exit-duration-in-mins",
+        str(minutes),
+    ]
     assert pretrain_lcot.main(flags) is None
     out = capsys.readouterr().out
     assert f"exiting at iteration 1: the process ran for --exit-duration-in-mins {minutes}" in out

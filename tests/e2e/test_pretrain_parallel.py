@@ -17,9 +17,29 @@ from tests.conftest import TINY_MODEL_FLAGS, read_metrics, run_pretrain
 pytestmark = pytest.mark.slow
 
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
-FLAGS = [*TINY_MODEL_FLAGS, "--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
-         "--global-batch-size", "8", "--train-iters", "4", "--log-interval", "1", "--eval-interval", "100",
-         "--eval-iters", "1", "--clip-grad", "0", "--lr", "1e-2", "--use-cpu-initialization"]
+FLAGS = [
+    *TINY_MODEL_FLAGS,
+    "--mock-data",
+    "--vocab-size",
+    "200",
+    "--micro-batch-size",
+    "2",
+    "--global-batch-size",
+    "8",
+    "--train-iters",
+    "4",
+    "--log-interval",
+    "1",
+    "--eval-interval",
+    "100",
+    "--eval-iters",
+    "1",
+    "--clip-grad",
+    "0",
+    "--lr",
+    "1e-2",
+    "--use-cpu-initialization",
+]
 
 
 def _train_records(tmp_path, name: str, extra: list, launcher) -> list:

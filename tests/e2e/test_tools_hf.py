@@ -25,8 +25,15 @@ TASK = [
 
 
 def _tool(name: str, *arguments, cwd, timeout: int = 600):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "tools", name), *map(str, arguments)], cwd=cwd,
-                          env=tool_env(), capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "tools", name), *map(str, arguments)],
+        cwd=cwd,
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _last_json(run) -> dict:
@@ -38,8 +45,17 @@ def _last_json(run) -> dict:
 def exports(trained_checkpoints, tmp_path_factory):
     root = tmp_path_factory.mktemp("tool_exports")
     for mode in ("vanilla", "adaptive"):
-        _last_json(_tool("convert_checkpoint.py", "to-hf", "--load", trained_checkpoints[mode],
-                         "--output", root / mode, cwd=root))
+        _last_json(
+            _tool(
+                "convert_checkpoint.py",
+                "to-hf",
+                "--load",
+                trained_checkpoints[mode],
+                "--output",
+                root / mode,
+                cwd=root,
+            )
+        )
     return root
 
 
@@ -55,11 +71,39 @@ def held_out_text(sotu_indexed_dataset, tmp_path_factory) -> str:
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "adaptive"])
-def test_evaluate_perplexity_equals_exported_copy(trained_checkpoints, exports, held_out_text, tmp_path, mode):
-    ours = _last_json(_tool("evaluate.py", "--load", trained_checkpoints[mode], "--input", held_out_text,
-                            "--json-key", "body", "--stride", 48, cwd=tmp_path))
-    theirs = _last_json(_tool("evaluate.py", "--hf", exports / mode, "--input", held_out_text, "--json-key", "body",
-                              "--seq-length", 64, "--stride", 48, cwd=tmp_path))
+def test_evaluate_perplexity_equals_exported_copy(
+    trained_checkpoints, exports, held_out_text, tmp_path, mode
+):
+    ours = _last_json(
+        _tool(
+            "evaluate.py",
+            "--load",
+            trained_checkpoints[mode],
+            "--input",
+            held_out_text,
+            "--json-key",
+            "body",
+            "--stride",
+            48,
+            cwd=tmp_path,
+        )
+    )
+    theirs = _last_json(
+        _tool(
+            "evaluate.py",
+            "--hf",
+            exports / mode,
+            "--input",
+            held_out_text,
+            "--json-key",
+            "body",
+            "--seq-length",
+            64,
+            "--stride",
+            48,
+            cwd=tmp_path,
+        )
+    )
     print(f"{mode}: ppl {ours['perplexity']:.6f} (ours) vs {theirs['perplexity']:.6f} (transformers)")
     assert ours["tokens"] == theirs["tokens"] > 1000
     assert math.isclose(ours["perplexity"], theirs["perplexity"], rel_tol=1e-5)
@@ -74,9 +118,12 @@ def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoint
 
     task = tmp_path / "task.jsonl"
     task.write_text("".join(json.dumps(record) + "\n" for record in TASK))
-    ours = _last_json(_tool("evaluate.py", "--load", trained_checkpoints["adaptive"], "--task", task, cwd=tmp_path))
-    theirs = _last_json(_tool("evaluate.py", "--hf", exports / "adaptive", "--task", task, "--seq-length", 64,
-                              cwd=tmp_path))
+    ours = _last_json(
+        _tool("evaluate.py", "--load", trained_checkpoints["adaptive"], "--task", task, cwd=tmp_path)
+    )
+    theirs = _last_json(
+        _tool("evaluate.py", "--hf", exports / "adaptive", "--task", task, "--seq-length", 64, cwd=tmp_path)
+    )
     for key in ("accuracy", "accuracy_norm", "cloze_accuracy"):
         assert ours[key] == theirs[key]
     assert math.isclose(ours["cloze_target_perplexity"], theirs["cloze_target_perplexity"], rel_tol=1e-5)
@@ -87,9 +134,13 @@ def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoint
     def loglik(context, continuation):
         whole, head = tokenize(context + continuation), tokenize(context)
         with torch.no_grad():
-            logits = trained.model(torch.tensor([whole]), torch.arange(len(whole))[None])[0, :, : trained.vocab_size]
+            logits = trained.model(torch.tensor([whole]), torch.arange(len(whole))[None])[
+                0, :, : trained.vocab_size
+            ]
         logprobs = torch.log_softmax(logits, -1)
-        return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(head), len(whole))), len(whole) - len(head)
+        return sum(float(logprobs[i - 1, whole[i]]) for i in range(len(head), len(whole))), len(whole) - len(
+            head
+        )
 
     correct = correct_norm = 0
     for record in TASK[:2]:
@@ -112,10 +163,24 @@ def test_generate_cli_prints_what_the_api_generates(trained_checkpoints, tmp_pat
 
     prompts = ["The Congress of the United States", "War"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    expected = generate(load_trained_model(trained_checkpoints["stepwise"]), prompts, 8, SamplingParams(greedy=True))
+    expected = generate(
+        load_trained_model(trained_checkpoints["stepwise"]), prompts, 8, SamplingParams(greedy=True)
+    )
     for batch_size in (1, 2):
-        run = _tool("generate.py", "--load", trained_checkpoints["stepwise"], "--input-file", tmp_path / "prompts.txt",
-                    "--temperature", 0, "--max-new-tokens", 8, "--batch-size", batch_size, cwd=tmp_path)
+        run = _tool(
+            "generate.py",
+            "--load",
+            trained_checkpoints["stepwise"],
+            "--input-file",
+            tmp_path / "prompts.txt",
+            "--temperature",
+            0,
+            "--max-new-tokens",
+            8,
+            "--batch-size",
+            batch_size,
+            cwd=tmp_path,
+        )
         summary = _last_json(run)
         assert summary["tokens"] == expected.tokens and summary["texts"] == expected.texts
         printed = run.stdout.rstrip("\n").rsplit("\n", 1)[0] + "\n"  # all but the JSON line
@@ -137,22 +202,72 @@ def _fails(run, *phrases):
 def test_bad_input_fails_early_and_writes_nothing(trained_checkpoints, exports, tmp_path):
     import shutil
 
-    _fails(_tool("convert_checkpoint.py", "to-hf", "--load", tmp_path / "nowhere", "--output", tmp_path / "out",
-                 cwd=tmp_path), "convert_checkpoint.py: error:", "--load", "no such directory")
+    _fails(
+        _tool(
+            "convert_checkpoint.py",
+            "to-hf",
+            "--load",
+            tmp_path / "nowhere",
+            "--output",
+            tmp_path / "out",
+            cwd=tmp_path,
+        ),
+        "convert_checkpoint.py: error:",
+        "--load",
+        "no such directory",
+    )
     partial = tmp_path / "partial"
     shutil.copytree(trained_checkpoints["vanilla"], partial)
     (partial / "latest_checkpointed_iteration.txt").write_text("9")
-    _fails(_tool("convert_checkpoint.py", "to-hf", "--load", partial, "--output", tmp_path / "out", cwd=tmp_path),
-           "iteration 9")
+    _fails(
+        _tool(
+            "convert_checkpoint.py", "to-hf", "--load", partial, "--output", tmp_path / "out", cwd=tmp_path
+        ),
+        "iteration 9",
+    )
     assert not os.path.exists(tmp_path / "out")
     before = sorted(os.listdir(exports / "vanilla"))
-    _fails(_tool("convert_checkpoint.py", "to-hf", "--load", trained_checkpoints["vanilla"], "--output",
-                 exports / "vanilla", cwd=tmp_path), "already holds a model")
+    _fails(
+        _tool(
+            "convert_checkpoint.py",
+            "to-hf",
+            "--load",
+            trained_checkpoints["vanilla"],
+            "--output",
+            exports / "vanilla",
+            cwd=tmp_path,
+        ),
+        "already holds a model",
+    )
     assert sorted(os.listdir(exports / "vanilla")) == before
-    _fails(_tool("evaluate.py", "--load", trained_checkpoints["vanilla"], "--task", tmp_path / "missing.jsonl",
-                 cwd=tmp_path), "--task", "no such file")
+    _fails(
+        _tool(
+            "evaluate.py",
+            "--load",
+            trained_checkpoints["vanilla"],
+            "--task",
+            tmp_path / "missing.jsonl",
+            cwd=tmp_path,
+        ),
+        "--task",
+        "no such file",
+    )
     bad_task = tmp_path / "bad.jsonl"
     bad_task.write_text('{"context": "a", "choices": ["b", "c"], "answer": 5}\n')
-    _fails(_tool("evaluate.py", "--load", trained_checkpoints["vanilla"], "--task", bad_task, cwd=tmp_path), "line 1")
-    _fails(_tool("generate.py", "--load", trained_checkpoints["vanilla"], "--prompt", "x", "--top-p", 0,
-                 cwd=tmp_path), "--top-p")
+    _fails(
+        _tool("evaluate.py", "--load", trained_checkpoints["vanilla"], "--task", bad_task, cwd=tmp_path),
+        "line 1",
+    )
+    _fails(
+        _tool(
+            "generate.py",
+            "--load",
+            trained_checkpoints["vanilla"],
+            "--prompt",
+            "x",
+            "--top-p",
+            0,
+            cwd=tmp_path,
+        ),
+        "--top-p",
+    )

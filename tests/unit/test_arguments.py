@@ -18,22 +18,30 @@ def _replace(flags: list, **overrides) -> list:
         flag = "--" + name.replace("_", "-")
         if flag in flags:
             index = flags.index(flag)
-            del flags[index:index + 2]
+            del flags[index : index + 2]
         flags += [flag] if value is None else [flag, str(value)]
     return flags
 
 
 INVALID = {
-    "heads_not_divisible_by_groups": (dict(num_attention_heads=4, num_query_groups=3),
-                                      ["--num-attention-heads 4", "--num-query-groups 3", "divides"]),
+    "heads_not_divisible_by_groups": (
+        dict(num_attention_heads=4, num_query_groups=3),
+        ["--num-attention-heads 4", "--num-query-groups 3", "divides"],
+    ),
     "negative_latent_steps": (dict(latent_steps=-1), ["--latent-steps -1", "negative"]),
-    "adaptive_interleaved": (dict(latent_steps=2, halting="adaptive", latent_layout="interleaved"),
-                             ["--halting adaptive", "--latent-layout stepwise"]),
+    "adaptive_interleaved": (
+        dict(latent_steps=2, halting="adaptive", latent_layout="interleaved"),
+        ["--halting adaptive", "--latent-layout stepwise"],
+    ),
     "adaptive_without_latent_steps": (dict(halting="adaptive"), ["--halting adaptive", "--latent-steps K"]),
-    "global_batch_not_multiple": (dict(micro_batch_size=4, global_batch_size=6),
-                                  ["--global-batch-size 6", "--micro-batch-size 4", "multiple of 4"]),
-    "seq_length_above_max_positions": (dict(seq_length=128, max_position_embeddings=64),
-                                       ["--seq-length 128", "--max-position-embeddings 64"]),
+    "global_batch_not_multiple": (
+        dict(micro_batch_size=4, global_batch_size=6),
+        ["--global-batch-size 6", "--micro-batch-size 4", "multiple of 4"],
+    ),
+    "seq_length_above_max_positions": (
+        dict(seq_length=128, max_position_embeddings=64),
+        ["--seq-length 128", "--max-position-embeddings 64"],
+    ),
     "no_data": (dict(), ["--data-path", "--mock-data"]),
     "bad_jacobi_iters": (dict(jacobi_iters="2,x"), ["--jacobi-iters '2,x'", "e.g. --jacobi-iters 2,3"]),
     "warmup_not_below_train_iters": (dict(lr_warmup_iters=2), ["--lr-warmup-iters 2", "--train-iters 2"]),
@@ -60,12 +68,18 @@ def test_latent_pipeline_needs_micro_batches_in_groups_of_stages(monkeypatch):
     pipeline = dict(pipeline_model_parallel_size=2, micro_batch_size=2)
     assert parse_args(_replace(BASE, **pipeline, global_batch_size=2)).num_microbatches == 1  # vanilla: 1F1B
     for layout in ("stepwise", "interleaved"):
-        args = parse_args(_replace(BASE, **pipeline, global_batch_size=4, latent_steps=2, latent_layout=layout))
+        args = parse_args(
+            _replace(BASE, **pipeline, global_batch_size=4, latent_steps=2, latent_layout=layout)
+        )
         assert args.num_microbatches == 2
     with pytest.raises(ArgumentError) as error:
         parse_args(_replace(BASE, **pipeline, global_batch_size=6, latent_steps=1))
-    for text in ("--pipeline-model-parallel-size 2", "multiple of 2 micro-batches", "got 3",
-                 "use --global-batch-size 4"):
+    for text in (
+        "--pipeline-model-parallel-size 2",
+        "multiple of 2 micro-batches",
+        "got 3",
+        "use --global-batch-size 4",
+    ):
         assert text in str(error.value)
 
 
@@ -89,8 +103,17 @@ def test_valid_flags_give_derived_values(tmp_path, monkeypatch):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     monkeypatch.setenv("WORLD_SIZE", "4")
     flags = [f for f in BASE if f != "--mock-data"]
-    args = parse_args(_replace(flags, tensor_model_parallel_size=2, micro_batch_size=2, global_batch_size=12,
-                               tokenizer_type="NullTokenizer", jacobi_iters="1,3") + ["--data-path", "0.3", a, "0.7", b])
+    args = parse_args(
+        _replace(
+            flags,
+            tensor_model_parallel_size=2,
+            micro_batch_size=2,
+            global_batch_size=12,
+            tokenizer_type="NullTokenizer",
+            jacobi_iters="1,3",
+        )
+        + ["--data-path", "0.3", a, "0.7", b]
+    )
     assert (args.data_parallel_size, args.num_microbatches) == (2, 3)
     assert args.data_blend == ([a, b], [0.3, 0.7])
     assert args.jacobi_iters == (1, 3)
@@ -99,10 +122,13 @@ def test_valid_flags_give_derived_values(tmp_path, monkeypatch):
     assert args.padded_vocab_size == 50432  # next multiple of 128 x TP 2 = 256
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (_replace(BASE, num_query_groups=3), "--num-query-groups 3"),
-    (_replace(BASE, tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model is required"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (_replace(BASE, num_query_groups=3), "--num-query-groups 3"),
+        (_replace(BASE, tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model is required"),
+    ],
+)
 def test_cli_refuses_without_traceback(tmp_path, flags, expected):
     result = run_pretrain(flags, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
@@ -119,10 +145,19 @@ def test_deepspeed_refuses_latent_pipeline_with_the_alternative(monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     zero1 = os.path.join(REPO_ROOT, "examples", "ds_configs", "zero1.json")
-    flags = _replace(BASE, pipeline_model_parallel_size=2, micro_batch_size=2, global_batch_size=4,
-                     latent_steps=1, deepspeed=None, deepspeed_config=zero1)
+    flags = _replace(
+        BASE,
+        pipeline_model_parallel_size=2,
+        micro_batch_size=2,
+        global_batch_size=4,
+        latent_steps=1,
+        deepspeed=None,
+        deepspeed_config=zero1,
+    )
     with pytest.raises(ArgumentError) as error:
         parse_args(flags)
-    for text in ("--deepspeed with --pipeline-model-parallel-size > 1 runs vanilla models only",
-                 "--use-distributed-optimizer"):
+    for text in (
+        "--deepspeed with --pipeline-model-parallel-size > 1 runs vanilla models only",
+        "--use-distributed-optimizer",
+    ):
         assert text in str(error.value)

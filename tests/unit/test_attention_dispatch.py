@@ -18,14 +18,22 @@ from megatron_lcot.model.attention_pass import AttentionPass
 from megatron_lcot.model.causal_blocks import causal_blocks_attention
 from megatron_lcot.model.masking import stepwise_pass_mask
 from tests.reference.helpers import single_thread_fixture
-from tests.unit.test_equivalence_model import GRAD_PARAMS, positions
-from tests.unit.test_equivalence_model import batch  # noqa: F401  (fixture)
+from tests.unit.test_equivalence_model import (
+    GRAD_PARAMS,
+    batch,  # noqa: F401  (fixture)
+    positions,
+)
 from tests.unit.test_fast_paths import MODE_FIELDS, _backend_model, decisive_router
 
 _single_thread = single_thread_fixture()
 
-PASSES = [AttentionPass("causal"), AttentionPass("full"), AttentionPass("step_blocks", 2),
-          AttentionPass("step_blocks", 3), AttentionPass("masked")]
+PASSES = [
+    AttentionPass("causal"),
+    AttentionPass("full"),
+    AttentionPass("step_blocks", 2),
+    AttentionPass("step_blocks", 3),
+    AttentionPass("masked"),
+]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
@@ -52,10 +60,16 @@ def test_dispatch_table_per_device():
     }
     for kind, calls in want.items():
         described = AttentionPass(kind, 3 if kind == "step_blocks" else 1)
-        got = (attention_call("auto", "cuda", described, bf16), attention_call("auto", "cuda", described, fp32),
-               attention_call("auto", "cpu", described, fp32))
+        got = (
+            attention_call("auto", "cuda", described, bf16),
+            attention_call("auto", "cuda", described, fp32),
+            attention_call("auto", "cpu", described, fp32),
+        )
         assert got == calls, kind
-    assert attention_call("auto", "cuda", AttentionPass("step_blocks", 2), bf16, dropout_p=0.1) == "masked_expanded"
+    assert (
+        attention_call("auto", "cuda", AttentionPass("step_blocks", 2), bf16, dropout_p=0.1)
+        == "masked_expanded"
+    )
     assert attention_call("flex", "cuda", AttentionPass("masked"), bf16) == "flex"
     assert attention_call("dense", "cpu", AttentionPass("causal"), fp32) == "dense"
 
@@ -86,14 +100,20 @@ def test_causal_blocks_equal_the_stepwise_mask(num_blocks):
     gen = torch.Generator().manual_seed(3)
     b, heads, groups, tokens, dim = 2, 8, 2, 11, 16
     query = torch.randn(b, heads, tokens, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(b, groups, num_blocks * tokens, dim, generator=gen, dtype=torch.float64, requires_grad=True)
-    value = torch.randn(b, groups, num_blocks * tokens, dim, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(
+        b, groups, num_blocks * tokens, dim, generator=gen, dtype=torch.float64, requires_grad=True
+    )
+    value = torch.randn(
+        b, groups, num_blocks * tokens, dim, generator=gen, dtype=torch.float64, requires_grad=True
+    )
     grad_out = torch.randn(b, heads, tokens, dim, generator=gen, dtype=torch.float64)
     got = causal_blocks_attention(query, key, value, num_blocks, 0.3)
     want = dense_attention(query, key, value, stepwise_pass_mask(tokens, num_blocks - 1), False, 0.3)
     assert (got - want).abs().max() < 1e-6
-    for g, w in zip(torch.autograd.grad(got, (query, key, value), grad_out),
-                    torch.autograd.grad(want, (query, key, value), grad_out)):
+    for g, w in zip(
+        torch.autograd.grad(got, (query, key, value), grad_out),
+        torch.autograd.grad(want, (query, key, value), grad_out),
+    ):
         assert (g - w).abs().max() < 1e-6
 
 
@@ -130,9 +150,12 @@ def test_cuda_plan_equals_dense_reference(batch, mode, monkeypatch):  # noqa: F8
         loss = model(ids, positions(), labels=labels).loss.mean()
         params = [dict(model.named_parameters())[param] for param in GRAD_PARAMS]
         losses[name], grads[name] = loss.item(), torch.autograd.grad(loss, params)
-    want_calls = {"vanilla": {"flash_gqa"}, "interleaved": {"flash_gqa"},
-                  "stepwise": {"flash_gqa", "causal_blocks"},
-                  "adaptive": {"flash_gqa", "masked_expanded"}}[mode]  # its router halts some at every step
+    want_calls = {
+        "vanilla": {"flash_gqa"},
+        "interleaved": {"flash_gqa"},
+        "stepwise": {"flash_gqa", "causal_blocks"},
+        "adaptive": {"flash_gqa", "masked_expanded"},
+    }[mode]  # its router halts some at every step
     assert calls == want_calls
     assert abs(losses["fused"] - losses["dense"]) < 1e-5
     for name, got, want in zip(GRAD_PARAMS, grads["fused"], grads["dense"]):

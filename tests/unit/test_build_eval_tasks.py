@@ -17,7 +17,8 @@ TOOL = os.path.join(REPO_ROOT, "tools", "build_eval_tasks.py")
 
 # Shaped like BIG-bench's task.json (hyperbaton's fields), two examples, one with a tie.
 TASK = {
-    "name": "hyperbaton", "task_prefix": "Which sentence has the correct adjective order?",
+    "name": "hyperbaton",
+    "task_prefix": "Which sentence has the correct adjective order?",
     "examples": [
         {"input": "a) big red car b) red big car", "target_scores": {"a": 1, "b": 0}},
         {"input": "a) x b) y", "target_scores": {"a": 1, "b": 1}},
@@ -31,10 +32,16 @@ def test_multiple_choice_items_follow_bigbench_prefixes_and_scores():
 
     items = multiple_choice_items(TASK)
     assert items == [
-        {"context": "Which sentence has the correct adjective order?\nQ: a) big red car b) red big car\nA: ",
-         "choices": [" a", " b"], "answer": 0},
-        {"context": "Which sentence has the correct adjective order?\nQ: a) old wooden box b) wooden old box\nA: ",
-         "choices": [" a", " b"], "answer": 1},
+        {
+            "context": "Which sentence has the correct adjective order?\nQ: a) big red car b) red big car\nA: ",
+            "choices": [" a", " b"],
+            "answer": 0,
+        },
+        {
+            "context": "Which sentence has the correct adjective order?\nQ: a) old wooden box b) wooden old box\nA: ",
+            "choices": [" a", " b"],
+            "answer": 1,
+        },
     ]  # the tied example is dropped: no unique gold
 
 
@@ -56,17 +63,36 @@ def test_cli_reads_the_sdist_and_writes_files_evaluate_accepts(tmp_path):
         archive.add(source, arcname="bigbench-1.0.0")
     out = tmp_path / "tasks"
     env = {**os.environ, "PYTHONPATH": REPO_ROOT}
-    result = subprocess.run([sys.executable, TOOL, "--output-dir", out, "--bigbench", sdist, "--tasks", "hyperbaton",
-                             "--cloze-items", "40"], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--output-dir",
+            out,
+            "--bigbench",
+            sdist,
+            "--tasks",
+            "hyperbaton",
+            "--cloze-items",
+            "40",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout.splitlines()[-1])["items"] == {"bigbench_hyperbaton.jsonl": 2,
-                                                                   "cloze_heldout.jsonl": 40}
+    assert json.loads(result.stdout.splitlines()[-1])["items"] == {
+        "bigbench_hyperbaton.jsonl": 2,
+        "cloze_heldout.jsonl": 40,
+    }
     from evaluate import read_task
 
     assert len(read_task(str(out / "bigbench_hyperbaton.jsonl"))) == 2
     cloze = read_task(str(out / "cloze_heldout.jsonl"))
 
     from build_eval_tasks import held_out_documents
+
     from megatron_lcot.data.default_corpus import default_documents
 
     held_out = [" ".join(d.split()) for d in held_out_documents("98,2,0")]
@@ -77,8 +103,26 @@ def test_cli_reads_the_sdist_and_writes_files_evaluate_accepts(tmp_path):
         passage = item["context"] + item["target"]
         home = [d for d in held_out if passage in d]
         assert home and home[0] not in training
-        assert item["target"][0] == " " and item["target"][1:].isalpha() and len(item["context"].split()) >= 20
+        assert (
+            item["target"][0] == " " and item["target"][1:].isalpha() and len(item["context"].split()) >= 20
+        )
 
-    wrong = subprocess.run([sys.executable, TOOL, "--output-dir", out, "--bigbench", sdist, "--tasks", "nonesuch",
-                            "--cloze-items", "0"], env=env, capture_output=True, text=True, timeout=300)
+    wrong = subprocess.run(
+        [
+            sys.executable,
+            TOOL,
+            "--output-dir",
+            out,
+            "--bigbench",
+            sdist,
+            "--tasks",
+            "nonesuch",
+            "--cloze-items",
+            "0",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert wrong.returncode == 2 and "build_eval_tasks.py: error: --tasks: nonesuch not found" in wrong.stderr

@@ -31,8 +31,9 @@ def test_statistics_live_on_the_loss_device_and_reach_the_collective_there(world
     """Losses on the 'meta' device stand in for GPU tensors: the statistics vector must follow
     them (a CPU-built vector is what broke NCCL runs), and the reduction accepts it."""
     loss = torch.ones(2, 3, device="meta")
-    output = LcotOutput(loss=loss, lm_loss=loss, latent_steps=torch.zeros(2, 3, device="meta"),
-                        expected_latent_steps=loss)
+    output = LcotOutput(
+        loss=loss, lm_loss=loss, latent_steps=torch.zeros(2, 3, device="meta"), expected_latent_steps=loss
+    )
     stats = token_statistics(output, torch.ones(2, 3, device="meta"), max_latent_steps=2)
     assert stats.device.type == "meta"
     monkeypatch.setattr(parallel, "device", lambda: torch.device("meta"))

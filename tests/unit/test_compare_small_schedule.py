@@ -26,20 +26,35 @@ def _recorder(calls: list, lock: threading.Lock):
     def run_model(name, seed, scale, common, iters, out_dir, tasks, held_out, log_file):
         with lock:
             calls.append((name, seed, iters, log_file))
-        return {"model": name, "seed": seed, "iters": iters, "train_flops": TRAIN_FLOPS.get((name, seed), iters)}
+        return {
+            "model": name,
+            "seed": seed,
+            "iters": iters,
+            "train_flops": TRAIN_FLOPS.get((name, seed), iters),
+        }
+
     return run_model
 
 
-def test_equal_flops_vanilla_gets_the_adaptive_runs_flops_and_reruns_skip_recorded_runs(tmp_path, monkeypatch):
+def test_equal_flops_vanilla_gets_the_adaptive_runs_flops_and_reruns_skip_recorded_runs(
+    tmp_path, monkeypatch
+):
     calls, lock = [], threading.Lock()
     monkeypatch.setattr(compare_small, "run_model", _recorder(calls, lock))
     models = ["vanilla", "adaptive_k3", "vanilla_eq_flops"]
 
     runs = compare_small.run_all(models, 2, SCALE, [], str(tmp_path), [], "", jobs=2)
 
-    assert sorted(calls) == sorted([("vanilla", 1, 100, True), ("adaptive_k3", 1, 100, True),
-                                    ("vanilla", 2, 100, True), ("adaptive_k3", 2, 100, True),
-                                    ("vanilla_eq_flops", 1, 250, True), ("vanilla_eq_flops", 2, 150, True)])
+    assert sorted(calls) == sorted(
+        [
+            ("vanilla", 1, 100, True),
+            ("adaptive_k3", 1, 100, True),
+            ("vanilla", 2, 100, True),
+            ("adaptive_k3", 2, 100, True),
+            ("vanilla_eq_flops", 1, 250, True),
+            ("vanilla_eq_flops", 2, 150, True),
+        ]
+    )
     assert [(r["model"], r["seed"]) for r in runs] == [(m, s) for s in (1, 2) for m in models]
     with open(tmp_path / "results.json") as f:
         assert json.load(f) == runs

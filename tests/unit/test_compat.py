@@ -24,9 +24,11 @@ def test_the_pinned_versions_pass_silently():
 
 def test_another_megatron_core_minor_is_refused(monkeypatch):
     _installed(monkeypatch, **{"megatron-core": "0.17.0"})
-    with pytest.raises(compat.IncompatibleVersionError,
-                       match=r"megatron-core 0.17.0 is installed; megatron_lcot was written for 0.16.1 .*"
-                             r"pip install 'megatron-core==0.16.1'"):
+    with pytest.raises(
+        compat.IncompatibleVersionError,
+        match=r"megatron-core 0.17.0 is installed; megatron_lcot was written for 0.16.1 .*"
+        r"pip install 'megatron-core==0.16.1'",
+    ):
         compat.check_versions()
 
 
@@ -35,7 +37,10 @@ def test_other_differences_warn(monkeypatch):
     with pytest.warns(UserWarning) as record:
         compat.check_versions()
     assert [str(w.message).split(" is installed")[0] for w in record] == [
-        "megatron-core 0.16.2", "deepspeed 0.20.0", "torch 2.14.0+cu128"]
+        "megatron-core 0.16.2",
+        "deepspeed 0.20.0",
+        "torch 2.14.0+cu128",
+    ]
     _installed(monkeypatch, torch="2.13.1+cu128")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

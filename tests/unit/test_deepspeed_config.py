@@ -28,8 +28,22 @@ def two_ranks(monkeypatch):
 
 
 def test_effective_config_takes_batch_clipping_and_stage_from_the_flags(two_ranks):
-    args = parse_args([*BASE, "--micro-batch-size", "2", "--global-batch-size", "8", "--clip-grad", "0",
-                       "--deepspeed", "--deepspeed_config", ZERO2, "--zero-stage", "3"])
+    args = parse_args(
+        [
+            *BASE,
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "8",
+            "--clip-grad",
+            "0",
+            "--deepspeed",
+            "--deepspeed_config",
+            ZERO2,
+            "--zero-stage",
+            "3",
+        ]
+    )
     config = effective_config(args)
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is True
     assert config["gradient_clipping"] == 0.0  # not DeepSpeed's default 1.0
@@ -43,7 +57,11 @@ def test_stage_override_below_2_turns_off_overlap_comm(two_ranks):
     """zero2.json's overlap_comm with --zero-stage 1: DeepSpeed refuses overlap_comm below stage
     2 without managed accumulation ("supports ZeRO overlap_comm only with ZeRO stage 2")."""
     args = parse_args([*BASE, "--deepspeed", "--deepspeed_config", ZERO2, "--zero-stage", "1"])
-    assert effective_config(args)["zero_optimization"] == {**_file_zero(ZERO2), "stage": 1, "overlap_comm": False}
+    assert effective_config(args)["zero_optimization"] == {
+        **_file_zero(ZERO2),
+        "stage": 1,
+        "overlap_comm": False,
+    }
 
 
 def _file_zero(path: str) -> dict:
@@ -54,21 +72,50 @@ def _file_zero(path: str) -> dict:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_pipeline_parallel_with_zero_2_or_3_is_refused(two_ranks, stage):
     with pytest.raises(ArgumentError) as error:
-        parse_args([*BASE, "--pipeline-model-parallel-size", "2", "--deepspeed", "--deepspeed_config", ZERO2,
-                    "--zero-stage", str(stage)])
-    for text in (f"ZeRO stage {stage}", "--pipeline-model-parallel-size 2", "--zero-stage 1",
-                 "--use-distributed-optimizer"):
+        parse_args(
+            [
+                *BASE,
+                "--pipeline-model-parallel-size",
+                "2",
+                "--deepspeed",
+                "--deepspeed_config",
+                ZERO2,
+                "--zero-stage",
+                str(stage),
+            ]
+        )
+    for text in (
+        f"ZeRO stage {stage}",
+        "--pipeline-model-parallel-size 2",
+        "--zero-stage 1",
+        "--use-distributed-optimizer",
+    ):
         assert text in str(error.value)
 
 
 REFUSED = {
     "zero_stage_0": (["--deepspeed_config", ZERO2, "--zero-stage", "0"], "drop --deepspeed"),
-    "pipeline_with_latent_steps": (["--deepspeed_config", ZERO2, "--zero-stage", "1", "--latent-steps", "1",
-                                    "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"], "vanilla models only"),
+    "pipeline_with_latent_steps": (
+        [
+            "--deepspeed_config",
+            ZERO2,
+            "--zero-stage",
+            "1",
+            "--latent-steps",
+            "1",
+            "--pipeline-model-parallel-size",
+            "2",
+            "--global-batch-size",
+            "4",
+        ],
+        "vanilla models only",
+    ),
     "no_config": ([], "--deepspeed needs --deepspeed_config FILE"),
     "missing_file": (["--deepspeed_config", "/nonexistent/ds.json"], "no such file"),
-    "with_distributed_optimizer": (["--deepspeed_config", ZERO2, "--use-distributed-optimizer"],
-                                   "use --zero-stage 1"),
+    "with_distributed_optimizer": (
+        ["--deepspeed_config", ZERO2, "--use-distributed-optimizer"],
+        "use --zero-stage 1",
+    ),
 }
 
 
@@ -89,13 +136,18 @@ BAD_FILES = {
     "other_clipping": ({"gradient_clipping": 1.0}, "sets gradient_clipping 1.0 but --clip-grad is 0.5"),
     "accumulation": ({"gradient_accumulation_steps": 4}, "drop gradient_accumulation_steps"),
     "bf16_without_flag": ({"bf16": {"enabled": True}}, "enables bf16; pass --bf16"),
-    "no_grad_norm": ({"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
-                     "drop zero_optimization.compute_grad_norm false"),
-    "bf16_accumulation": ({"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}},
-                          "sets data_types.grad_accum_dtype 'bf16'; under --bf16 gradients are accumulated and "
-                          "reduced in fp32"),
-    "bf16_reduction": ({"bf16": {"enabled": True}, "communication_data_type": "bf16"},
-                       "sets communication_data_type 'bf16'"),
+    "no_grad_norm": (
+        {"zero_optimization": {"stage": 2, "compute_grad_norm": False}},
+        "drop zero_optimization.compute_grad_norm false",
+    ),
+    "bf16_accumulation": (
+        {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "bf16"}},
+        "sets data_types.grad_accum_dtype 'bf16'; under --bf16 gradients are accumulated and reduced in fp32",
+    ),
+    "bf16_reduction": (
+        {"bf16": {"enabled": True}, "communication_data_type": "bf16"},
+        "sets communication_data_type 'bf16'",
+    ),
 }
 
 
@@ -104,8 +156,17 @@ def test_configs_that_contradict_the_flags_are_refused(tmp_path, case):
     config, message = BAD_FILES[case]
     with pytest.raises(ArgumentError, match=message):
         precision = ["--bf16"] if case in ("bf16_accumulation", "bf16_reduction") else []
-        parse_args([*BASE, *precision, "--clip-grad", "0.5", "--deepspeed", "--deepspeed_config",
-                    _config_file(tmp_path, config)])
+        parse_args(
+            [
+                *BASE,
+                *precision,
+                "--clip-grad",
+                "0.5",
+                "--deepspeed",
+                "--deepspeed_config",
+                _config_file(tmp_path, config),
+            ]
+        )
 
 
 @pytest.mark.parametrize("name", ["zero1.json", "zero2.json", "zero3.json", "zero3_offload.json"])
@@ -115,7 +176,9 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(two_ranks, name):
     path = os.path.join(REPO_ROOT, "examples", "ds_configs", name)
     with open(path) as f:
         shipped = json.load(f)
-    assert shipped["data_types"] == {"grad_accum_dtype": "fp32"} and shipped["communication_data_type"] == "fp32"
+    assert (
+        shipped["data_types"] == {"grad_accum_dtype": "fp32"} and shipped["communication_data_type"] == "fp32"
+    )
     config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
     assert config["data_types"]["grad_accum_dtype"] == config["communication_data_type"] == "fp32"
     assert config["bf16"]["enabled"] is True
@@ -124,7 +187,9 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(two_ranks, name):
 def test_bf16_without_accumulation_keys_in_the_file_gets_fp32_accumulation(two_ranks, tmp_path):
     path = _config_file(tmp_path, {"zero_optimization": {"stage": 2}})
     config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
-    assert config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
+    assert (
+        config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
+    )
 
 
 def test_unreadable_config_is_refused_by_the_flag_check(tmp_path):

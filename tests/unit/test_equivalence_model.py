@@ -12,7 +12,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 from tests.reference import naive_lm as ref
 from tests.reference.helpers import (
     build_gpt_model,
@@ -74,7 +73,9 @@ def adaptive_model(**overrides):
     )
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
-        model.halting_router.weight.copy_(a["router_std"] * torch.randn(model.halting_router.weight.shape, generator=gen))
+        model.halting_router.weight.copy_(
+            a["router_std"] * torch.randn(model.halting_router.weight.shape, generator=gen)
+        )
         model.halting_router.bias.fill_(a["router_bias"])
     return model
 
@@ -219,7 +220,9 @@ def test_interleaved_converged_equals_sequential_decoding(batch):
     model = build(lcot_config(latent_steps=K, latent_layout="interleaved"))
     with torch.no_grad():
         logits = model(ids, positions(), jacobi_iters=T * (K + 1))
-        want = ref.interleaved_sequential_logits(ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale)
+        want = ref.interleaved_sequential_logits(
+            ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale
+        )
     assert max_abs(logits, want) < 1e-4
 
 
@@ -274,7 +277,10 @@ def test_adaptive_gradients_equal_reference(batch):
     want = ref_adaptive(model, ids, labels)
     assert_real_halting_mix(want, model.config.halting_threshold)
     _assert_grads_close(
-        model, out.loss.mean(), want.loss.mean(), GRAD_PARAMS + ["halting_router.weight", "halting_router.bias"]
+        model,
+        out.loss.mean(),
+        want.loss.mean(),
+        GRAD_PARAMS + ["halting_router.weight", "halting_router.bias"],
     )
 
 
@@ -285,7 +291,9 @@ def test_interleaved_gradients_equal_reference(batch):
     model = build(lcot_config(latent_steps=K, latent_layout="interleaved")).train()
     loss = model(ids, positions(), labels=labels, jacobi_iters=1).loss.mean()
     want = ref.per_token_ce(
-        ref.interleaved_jacobi_logits(ref.NaiveWeights.from_model(model), ids, K, 1, model.config.embedding_scale),
+        ref.interleaved_jacobi_logits(
+            ref.NaiveWeights.from_model(model), ids, K, 1, model.config.embedding_scale
+        ),
         labels,
     ).mean()
     _assert_grads_close(model, loss, want, GRAD_PARAMS)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-
 from tests.reference import naive_lm as ref
 from tests.reference.helpers import (
     build_gpt_model,

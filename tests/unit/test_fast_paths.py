@@ -21,12 +21,12 @@ from tests.unit.test_equivalence_model import (
     GRAD_PARAMS,
     _assert_grads_close,
     adaptive_model,
+    batch,  # noqa: F401  (fixture)
     build,
     lcot_config,
     positions,
     ref_adaptive,
 )
-from tests.unit.test_equivalence_model import batch  # noqa: F401  (fixture)
 
 _single_thread = single_thread_fixture()
 
@@ -36,9 +36,12 @@ MOSTLY_HALTED = dict(router_bias=-1.6)
 
 
 # LcotConfig fields of the four modes these tests compare (adaptive halts with a decisive router).
-MODE_FIELDS = {"vanilla": {}, "stepwise": {"latent_steps": 2},
-               "interleaved": {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (1,)},
-               "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4}}
+MODE_FIELDS = {
+    "vanilla": {},
+    "stepwise": {"latent_steps": 2},
+    "interleaved": {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (1,)},
+    "adaptive": {"latent_steps": 3, "halting": "adaptive", "halting_threshold": 0.4},
+}
 
 
 def decisive_router(model) -> None:
@@ -92,8 +95,12 @@ def test_mostly_halted_adaptive_equals_naive_reference(batch):  # noqa: F811
     model.train()
     out = model(ids, positions(), labels=labels)
     want = ref_adaptive(model, ids, labels)
-    _assert_grads_close(model, out.loss.mean(), want.loss.mean(),
-                        GRAD_PARAMS + ["halting_router.weight", "halting_router.bias"])
+    _assert_grads_close(
+        model,
+        out.loss.mean(),
+        want.loss.mean(),
+        GRAD_PARAMS + ["halting_router.weight", "halting_router.bias"],
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,8 +151,19 @@ def test_flex_backend_forward_equals_dense_reference(batch, mode):  # noqa: F811
     assert max_abs(got, want) < 1e-4
 
 
-FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
-         "--train-iters", "1", "--mock-data"]
+FLAGS = [
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "64",
+    "--num-attention-heads",
+    "4",
+    "--seq-length",
+    "16",
+    "--train-iters",
+    "1",
+    "--mock-data",
+]
 
 
 def test_attention_and_recompute_flags_reach_the_config(capsys, monkeypatch):
@@ -156,14 +174,36 @@ def test_attention_and_recompute_flags_reach_the_config(capsys, monkeypatch):
     from megatron_lcot.run_config import RunConfig
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    args = parse_args(FLAGS + ["--attention-backend", "dense", "--recompute-granularity", "selective",
-                               "--latent-steps", "2", "--vocab-size", "128"])
+    args = parse_args(
+        FLAGS
+        + [
+            "--attention-backend",
+            "dense",
+            "--recompute-granularity",
+            "selective",
+            "--latent-steps",
+            "2",
+            "--vocab-size",
+            "128",
+        ]
+    )
     config = RunConfig.from_values(args).model.lcot_config()
     assert (config.core_attention_backend, config.latent_recompute) == ("dense", "selective")
     assert config.recompute_granularity is None
     with pytest.raises(ArgumentError, match="--recompute-granularity full is not supported yet with latent"):
-        parse_args(FLAGS + ["--recompute-granularity", "full", "--latent-steps", "1",
-                            "--pipeline-model-parallel-size", "2", "--global-batch-size", "4"])
+        parse_args(
+            FLAGS
+            + [
+                "--recompute-granularity",
+                "full",
+                "--latent-steps",
+                "1",
+                "--pipeline-model-parallel-size",
+                "2",
+                "--global-batch-size",
+                "4",
+            ]
+        )
     with pytest.raises(SystemExit):
         parse_args(FLAGS + ["--attention-backend", "flash3"])
     assert "--attention-backend: invalid choice: 'flash3'" in capsys.readouterr().err
@@ -196,7 +236,9 @@ def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # no
     assert grads["plain"][0] == pytest.approx(grads["recomputed"][0], rel=1e-6)
     for name in names:
         want, got = grads["plain"][1][name], grads["recomputed"][1][name]
-        assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, f"{name}: {(got - want).norm() / want.norm():.2e}"
+        assert (got - want).norm() <= 1e-6 * want.norm() + 1e-12, (
+            f"{name}: {(got - want).norm() / want.norm():.2e}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,17 +249,42 @@ def test_train_throughput_benchmark_smoke():
     """The benchmark runs end to end at a tiny size (no timing asserted) and its last line is the
     JSON summary with a ratio for every target of docs/benchmarks.md."""
     result = subprocess.run(
-        [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "train_throughput.py"), "--size", "tiny",
-         "--num-layers", "1", "--seq-length", "32", "--micro-batch-size", "2", "--repeats", "1", "--threads", "1"],
-        capture_output=True, text=True, timeout=600, env={**{k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE",
-                                                                "LOCAL_RANK")},
-             "PYTHONPATH": REPO_ROOT, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "benchmarks", "train_throughput.py"),
+            "--size",
+            "tiny",
+            "--num-layers",
+            "1",
+            "--seq-length",
+            "32",
+            "--micro-batch-size",
+            "2",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={
+            **{
+                k: v
+                for k, v in os.environ.items()
+                if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+            },
+            "PYTHONPATH": REPO_ROOT,
+            "OMP_NUM_THREADS": "1",
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["vanilla_vs_baseline"] > 0
     assert set(summary["fixed_k_vs_ideal"]) == {"stepwise K=1", "stepwise K=2", "interleaved K=1 J=2"}
-    assert {"adaptive K=2 50%", "adaptive K=2 80%", "adaptive K=3 80%"} <= set(summary["adaptive_saving_vs_flop_saving"])
+    assert {"adaptive K=2 50%", "adaptive K=2 80%", "adaptive K=3 80%"} <= set(
+        summary["adaptive_saving_vs_flop_saving"]
+    )
     rows = summary["rows"]
     assert rows["adaptive K=3 80%"]["step_shares"][1] == pytest.approx(0.2, abs=0.1)
     assert all(row["memory_mib"] > 0 for row in rows.values())

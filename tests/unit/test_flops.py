@@ -23,8 +23,9 @@ _single_thread = single_thread_fixture()
 
 def hand_config(**fields):
     """1 layer, h 4, 2 heads of 2 channels, 1 KV group, SwiGLU 8: small enough to count by hand."""
-    return llama_config(num_layers=1, hidden_size=4, num_attention_heads=2, num_query_groups=1,
-                        ffn_hidden_size=8, **fields)
+    return llama_config(
+        num_layers=1, hidden_size=4, num_attention_heads=2, num_query_groups=1, ffn_hidden_size=8, **fields
+    )
 
 
 # Per slot: QKV 2*4*(4+4) = 64, proj 2*4*4 = 32, SwiGLU 2*(4*16 + 8*4) = 192 -> 288.
@@ -108,8 +109,14 @@ def test_training_count_matches_flop_counter_on_the_model(mode):
     from megatron_lcot.model import build_lcot_model
 
     vocab, seq, batch = 320, 16, 2
-    config = llama_config(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                          num_query_groups=2, **MODES[mode])
+    config = llama_config(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        num_query_groups=2,
+        **MODES[mode],
+    )
     init_megatron(7)
     model = build_lcot_model(config, vocab_size=vocab, max_sequence_length=64).train()
     ids, labels = real_token_batch(batch, seq, vocab)

@@ -46,8 +46,14 @@ def test_generation_applies_the_penalty_to_prompt_and_generated_ids(stepwise):
 
     prompt = stepwise.tokenizer.tokenize(PROMPTS[0])
     plain = generate_ids(stepwise, [prompt], 16, SamplingParams(greedy=True), stop_at_eod=False)
-    penalized = generate_ids(stepwise, [prompt], 16, SamplingParams(temperature=0, repetition_penalty=0.5),
-                             keep_logits=True, stop_at_eod=False)
+    penalized = generate_ids(
+        stepwise,
+        [prompt],
+        16,
+        SamplingParams(temperature=0, repetition_penalty=0.5),
+        keep_logits=True,
+        stop_at_eod=False,
+    )
     assert penalized.tokens != plain.tokens  # the penalty changes what is generated
     processor = RepetitionPenaltyLogitsProcessor(0.5)
     tokens = penalized.tokens[0]
@@ -82,7 +88,9 @@ def test_streamed_pieces_are_the_texts_as_tokens_come(stepwise):
         assert streamed.tokens[row] == quiet.tokens[row]
         assert "".join(pieces[row]) == streamed.texts[row] == quiet.texts[row]
         prompt = stepwise.tokenizer.tokenize(PROMPTS[row])
-        assert PROMPTS[row] + quiet.texts[row] == detokenize(prompt + [t for t in quiet.tokens[row] if t != eod])
+        assert PROMPTS[row] + quiet.texts[row] == detokenize(
+            prompt + [t for t in quiet.tokens[row] if t != eod]
+        )
         assert len(pieces[row]) >= len(streamed.tokens[row]) // 2  # streamed, not handed out at the end
 
 
@@ -97,8 +105,14 @@ def test_stop_string_cuts_the_text_and_ends_the_sequence(stepwise):
     cut = text.find(stop)
     assert len(stop) == 3 and cut > 0
     pieces = []
-    stopped = generate(stepwise, PROMPTS[:1], 24, greedy, stop=("never appears", stop),
-                       on_text=lambda row, piece: pieces.append(piece))
+    stopped = generate(
+        stepwise,
+        PROMPTS[:1],
+        24,
+        greedy,
+        stop=("never appears", stop),
+        on_text=lambda row, piece: pieces.append(piece),
+    )
     assert stopped.texts[0] == "".join(pieces) == text[:cut]
     ended = stopped.tokens[0]  # ends with the token that completed the stop string
     assert ended == tokens[: len(ended)] and len(ended) < len(tokens)
@@ -120,14 +134,17 @@ def test_stop_string_split_across_tokens_is_never_streamed():
     assert "".join(handed) == "Hello and more" and not stream.finished
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
-    (["--repetition-penalty", "0"], "--repetition-penalty 0.0 must be > 0"),
-    (["--top-k", "-2"], "--top-k -2 must be >= 0"),
-    (["--stop", ""], "--stop '' is empty"),
-    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be positive"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--top-p", "1.5"], "--top-p 1.5 must be in (0, 1]"),
+        (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+        (["--repetition-penalty", "0"], "--repetition-penalty 0.0 must be > 0"),
+        (["--top-k", "-2"], "--top-k -2 must be >= 0"),
+        (["--stop", ""], "--stop '' is empty"),
+        (["--max-new-tokens", "0"], "--max-new-tokens 0 must be positive"),
+    ],
+)
 def test_bad_flags_fail_before_the_checkpoint_is_read(tmp_path, capsys, flags, message):
     from tools.generate import main
 

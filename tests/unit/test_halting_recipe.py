@@ -22,10 +22,20 @@ def adaptive_model(warmup: int, threshold: float = 0.85, loss_weight: float = 0.
     (reach 0.81) unless the warm-up keeps every step."""
     from megatron_lcot.model import build_lcot_model, llama_config
 
-    config = llama_config(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
-                          num_query_groups=2, latent_steps=K, halting="adaptive", halting_threshold=threshold,
-                          halting_loss_weight=loss_weight, halting_correctness_exponent=0.5,
-                          halting_warmup_iters=warmup, **fields)
+    config = llama_config(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        ffn_hidden_size=128,
+        num_query_groups=2,
+        latent_steps=K,
+        halting="adaptive",
+        halting_threshold=threshold,
+        halting_loss_weight=loss_weight,
+        halting_correctness_exponent=0.5,
+        halting_warmup_iters=warmup,
+        **fields,
+    )
     init_megatron(5)
     return build_lcot_model(config, vocab_size=VOCAB, max_sequence_length=64)
 
@@ -56,7 +66,9 @@ def test_penalty_weight_ramps_linearly_during_warmup(iteration):
     assert torch.equal(ramped.lm_loss, full.lm_loss)
     penalty_full = full.loss - full.lm_loss
     assert penalty_full.abs().min() > 1e-2  # the penalty is really there (ulp of the loss: 5e-7)
-    torch.testing.assert_close(ramped.loss - ramped.lm_loss, penalty_full * iteration / 4, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        ramped.loss - ramped.lm_loss, penalty_full * iteration / 4, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_router_is_fp32_under_bf16_weights():
@@ -67,7 +79,9 @@ def test_router_is_fp32_under_bf16_weights():
     assert router.weight.dtype == torch.float32 and router.bias.dtype == torch.float32
     assert model.decoder.layers[0].mlp.linear_fc1.weight.dtype == torch.bfloat16
     with torch.no_grad():
-        router.weight.copy_(0.3 * torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3)))
+        router.weight.copy_(
+            0.3 * torch.randn(router.weight.shape, generator=torch.Generator().manual_seed(3))
+        )
     state = torch.randn(T, B, 64, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
     gate = router(state, 1)
     assert gate.dtype == torch.float32
@@ -85,10 +99,25 @@ def test_router_parameters_get_their_own_group():
     assert names == ["halting_router.weight", "halting_router.bias"]
     assert is_router_param("module.halting_router.weight", None)
     assert not is_router_param("decoder.layers.0.mlp.linear_fc1.weight", None)
-    args = argparse.Namespace(lr=1e-3, min_lr=1e-4, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
-                              adam_eps=1e-8, clip_grad=1.0, halting_router_lr_mult=0.1, lr_warmup_iters=0,
-                              train_iters=10, lr_decay_style="cosine", bf16=False, fp16=False, loss_scale=None,
-                              initial_loss_scale=2.0**32, use_distributed_optimizer=False, deepspeed=False)
+    args = argparse.Namespace(
+        lr=1e-3,
+        min_lr=1e-4,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=1.0,
+        halting_router_lr_mult=0.1,
+        lr_warmup_iters=0,
+        train_iters=10,
+        lr_decay_style="cosine",
+        bf16=False,
+        fp16=False,
+        loss_scale=None,
+        initial_loss_scale=2.0**32,
+        use_distributed_optimizer=False,
+        deepspeed=False,
+    )
     optimizer = build_optimizer([model], args)
     scheduler = build_lr_scheduler(optimizer, args)
     scheduler.step(1)

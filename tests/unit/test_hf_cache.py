@@ -14,8 +14,9 @@ import torch
 from tests.unit.hf_fixtures import halting_shares, held_out_ids
 
 
-def test_halting_checkpoint_halts_at_every_step_count(halting_checkpoint, trained_checkpoints,
-                                                      sotu_indexed_dataset):
+def test_halting_checkpoint_halts_at_every_step_count(
+    halting_checkpoint, trained_checkpoints, sotu_indexed_dataset
+):
     from megatron_lcot.inference.loading import load_trained_model
 
     torch.set_num_threads(1)
@@ -89,10 +90,19 @@ class ForwardLog:
 
 def _generate(model, ids, mask, use_cache, new_tokens=NEW_TOKENS, **options):
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, use_cache=use_cache, output_logits=True,
-                             return_dict_in_generate=True, pad_token_id=0, **options)
-    return out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=use_cache,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            **options,
+        )
+    return out.sequences[:, ids.shape[1] :], torch.stack(out.logits, dim=1)
 
 
 @pytest.mark.parametrize("mode", ["vanilla", "stepwise", "adaptive", "interleaved"])
@@ -106,8 +116,10 @@ def test_cached_generate_equals_uncached(exports, mode):
     tokens, logits = _generate(model, ids, mask, use_cache=False)
     difference = (cached_logits - logits).abs().max().item()
     same = torch.equal(cached_tokens, tokens)
-    print(f"{mode}: {NEW_TOKENS} new tokens, cached == uncached tokens: {same}, "
-          f"max |logit difference| {difference:.3g}")
+    print(
+        f"{mode}: {NEW_TOKENS} new tokens, cached == uncached tokens: {same}, "
+        f"max |logit difference| {difference:.3g}"
+    )
     assert torch.equal(cached_tokens, tokens)
     assert difference < 1e-5
     # the prefill gets the prompt; every later forward only the newest token, and each of its
@@ -124,8 +136,7 @@ def test_cached_generate_equals_uncached(exports, mode):
 
 
 @pytest.mark.parametrize("mode", ["stepwise", "adaptive", "interleaved"])
-def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint,
-                                            mode):
+def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, halting_checkpoint, mode):
     from megatron_lcot.inference.generation import generate_ids
     from megatron_lcot.inference.loading import load_trained_model
     from megatron_lcot.inference.sampling import SamplingParams
@@ -133,8 +144,9 @@ def test_cached_generate_equals_our_decoder(exports, trained_checkpoints, haltin
     checkpoint = halting_checkpoint if mode == "adaptive" else trained_checkpoints[mode]
     trained = load_trained_model(checkpoint)
     ids, mask = _prompt_ids(exports[mode], PROMPTS[2:])
-    ours = generate_ids(trained, [ids[0].tolist()], 32, SamplingParams(greedy=True), keep_logits=True,
-                        stop_at_eod=False)
+    ours = generate_ids(
+        trained, [ids[0].tolist()], 32, SamplingParams(greedy=True), keep_logits=True, stop_at_eod=False
+    )
     model = _hf_model(exports[mode])
     log = ForwardLog(model)
     tokens, logits = _generate(model, ids, mask, use_cache=True, new_tokens=32)
@@ -161,8 +173,10 @@ def test_left_padded_batch_equals_one_at_a_time(exports, mode):
 def test_beam_search_with_cache_equals_without(exports):
     model = _hf_model(exports["adaptive"])
     ids, mask = _prompt_ids(exports["adaptive"], PROMPTS[:2])
-    runs = [_generate(model, ids, mask, use_cache=use_cache, new_tokens=12, num_beams=3)[0]
-            for use_cache in (True, False)]
+    runs = [
+        _generate(model, ids, mask, use_cache=use_cache, new_tokens=12, num_beams=3)[0]
+        for use_cache in (True, False)
+    ]
     assert torch.equal(runs[0], runs[1])
 
 
@@ -188,8 +202,11 @@ def test_long_prompt_cached_equals_uncached(exports, sotu_indexed_dataset, mode,
 
     model = _hf_model(exports[mode])
     tokenizer = AutoTokenizer.from_pretrained(exports[mode], trust_remote_code=True)
-    prompt = held_out_ids(sotu_indexed_dataset,
-                          lambda text: tokenizer(text, add_special_tokens=False)["input_ids"], prompt_tokens)
+    prompt = held_out_ids(
+        sotu_indexed_dataset,
+        lambda text: tokenizer(text, add_special_tokens=False)["input_ids"],
+        prompt_tokens,
+    )
     ids = torch.tensor([prompt])
     cached, cached_logits = _generate(model, ids, torch.ones_like(ids), use_cache=True, new_tokens=new_tokens)
     full, full_logits = _generate(model, ids, torch.ones_like(ids), use_cache=False, new_tokens=new_tokens)
@@ -208,12 +225,29 @@ def test_decode_benchmark_runs(trained_checkpoints):
 
     from tests.conftest import REPO_ROOT, tool_env
 
-    result = subprocess.run([sys.executable, os.path.join(REPO_ROOT, "benchmarks", "hf_decode.py"), "--load",
-                             trained_checkpoints["adaptive"], "--decisive-router", "--totals", "24", "96",
-                             "--new-tokens", "4", "--repeats", "1"], env=tool_env(), capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(REPO_ROOT, "benchmarks", "hf_decode.py"),
+            "--load",
+            trained_checkpoints["adaptive"],
+            "--decisive-router",
+            "--totals",
+            "24",
+            "96",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+        ],
+        env=tool_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {(r["decoder"], r["total_positions"]) for r in lines[:-1]} == {
-        (d, t) for d in ("hf_cached", "hf_uncached", "ours") for t in (24, 96)}
+        (d, t) for d in ("hf_cached", "hf_uncached", "ours") for t in (24, 96)
+    }
     assert set(lines[-1]["per_token_time_ratio_96_vs_24"]) == {"hf_cached", "hf_uncached", "ours"}

@@ -68,11 +68,18 @@ def exported(trained_checkpoints, tmp_path_factory, sotu_indexed_dataset):
         ids = trained.tokenizer.tokenize(text)[:WINDOW]
         with torch.no_grad():
             logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])
-        greedy = generate_ids(trained, [trained.tokenizer.tokenize(PROMPT)], NEW_TOKENS, SamplingParams(greedy=True))
-        ours[mode] = {"logits": logits, "text_ids": trained.tokenizer.tokenize(text), "vocab": trained.vocab_size,
-                      "padded_vocab": trained.config.model.padded_vocab_size,
-                      "prompt_ids": trained.tokenizer.tokenize(PROMPT),
-                      "generated": greedy.tokens[0], "latent_steps": greedy.latent_steps[0]}
+        greedy = generate_ids(
+            trained, [trained.tokenizer.tokenize(PROMPT)], NEW_TOKENS, SamplingParams(greedy=True)
+        )
+        ours[mode] = {
+            "logits": logits,
+            "text_ids": trained.tokenizer.tokenize(text),
+            "vocab": trained.vocab_size,
+            "padded_vocab": trained.config.model.padded_vocab_size,
+            "prompt_ids": trained.tokenizer.tokenize(PROMPT),
+            "generated": greedy.tokens[0],
+            "latent_steps": greedy.latent_steps[0],
+        }
         job[mode] = {"dir": directory, "ids": ids, "text": text, "prompt": PROMPT, "new_tokens": NEW_TOKENS}
     work = root / "hf_side"
     work.mkdir()

@@ -35,7 +35,9 @@ def _full_logits(trained, ids):
     if trained.config.model.latent_layout == "interleaved" and trained.config.model.latent_steps > 0:
         kwargs["jacobi_iters"] = len(ids) * (trained.config.model.latent_steps + 1)  # the exact fixed point
     with torch.no_grad():
-        return trained.model(torch.tensor([ids]), torch.arange(len(ids))[None], **kwargs)[0, -1, : trained.vocab_size]
+        return trained.model(torch.tensor([ids]), torch.arange(len(ids))[None], **kwargs)[
+            0, -1, : trained.vocab_size
+        ]
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -45,7 +47,9 @@ def test_cached_decoding_equals_full_recomputation(checkpoints, mode):
 
     trained = _loaded(checkpoints, mode)
     prompt = trained.tokenizer.tokenize(PROMPTS[0])
-    result = generate_ids(trained, [prompt], 16, SamplingParams(greedy=True), keep_logits=True, stop_at_eod=False)
+    result = generate_ids(
+        trained, [prompt], 16, SamplingParams(greedy=True), keep_logits=True, stop_at_eod=False
+    )
     tokens, logits = result.tokens[0], result.step_logits[0]
     worst = 0.0
     for step in range(len(tokens)):

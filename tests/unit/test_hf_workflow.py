@@ -91,13 +91,21 @@ def workflow(halting_checkpoint, trained_checkpoints, sotu_indexed_dataset, tmp_
         ids = held_out_ids(sotu_indexed_dataset, trained.tokenizer.tokenize, WINDOW)
         log_probs, steps = CheckpointScorer(trained)(torch.tensor([ids]))
         with torch.no_grad():
-            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])[0, :, : trained.vocab_size]
+            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])[
+                0, :, : trained.vocab_size
+            ]
         completion = generate(trained, [PROMPT], NEW_TOKENS, SamplingParams(greedy=True))
-        ours[name] = {"ids": ids, "logits": logits, "log_probs": log_probs, "latent_steps": steps.tolist(),
-                      "export": result, "text": completion.texts[0],
-                      "completion": trained.tokenizer.tokenize(PROMPT) + completion.tokens[0],
-                      "shares": halting_shares(trained, ids),
-                      "card": open(os.path.join(directory, "README.md"), encoding="utf-8").read()}
+        ours[name] = {
+            "ids": ids,
+            "logits": logits,
+            "log_probs": log_probs,
+            "latent_steps": steps.tolist(),
+            "export": result,
+            "text": completion.texts[0],
+            "completion": trained.tokenizer.tokenize(PROMPT) + completion.tokens[0],
+            "shares": halting_shares(trained, ids),
+            "card": open(os.path.join(directory, "README.md"), encoding="utf-8").read(),
+        }
         job[name] = {"dir": directory, "ids": ids, "prompt": PROMPT, "new_tokens": NEW_TOKENS}
     work = root / "hf_side"
     work.mkdir()
@@ -171,8 +179,15 @@ def test_imported_halting_export_gives_our_scorer(workflow, halting_checkpoint, 
     from megatron_lcot.inference.scoring import CheckpointScorer
 
     ours, _ = workflow
-    options = argparse.Namespace(latent_steps=None, latent_layout=None, halting=None, halting_threshold=None,
-                                 seq_length=64, target_tensor_parallel_size=1, target_pipeline_model_parallel_size=1)
+    options = argparse.Namespace(
+        latent_steps=None,
+        latent_layout=None,
+        halting=None,
+        halting_threshold=None,
+        seq_length=64,
+        target_tensor_parallel_size=1,
+        target_pipeline_model_parallel_size=1,
+    )
     import_llama(ours["halting"]["export"]["output"], str(tmp_path / "back"), options)
     back = load_trained_model(str(tmp_path / "back"))
     log_probs, steps = CheckpointScorer(back)(torch.tensor([ours["halting"]["ids"]]))
@@ -185,11 +200,15 @@ def test_imported_halting_export_gives_our_scorer(workflow, halting_checkpoint, 
 def test_model_card_states_the_checkpoint(workflow):
     ours, _ = workflow
     card = ours["halting"]["card"]
-    for phrase in ("pipeline_tag: text-generation", "| latent steps K | 3 |",
-                   "3 latent thoughts per token, stepwise layout, adaptive halting",
-                   "threshold tau 0.4, loss weight 0.1, warm-up 0 iterations",
-                   "| training tokens | not recorded (a weights-only checkpoint) |",
-                   "trust_remote_code=True", 'pipeline("text-generation"'):
+    for phrase in (
+        "pipeline_tag: text-generation",
+        "| latent steps K | 3 |",
+        "3 latent thoughts per token, stepwise layout, adaptive halting",
+        "threshold tau 0.4, loss weight 0.1, warm-up 0 iterations",
+        "| training tokens | not recorded (a weights-only checkpoint) |",
+        "trust_remote_code=True",
+        'pipeline("text-generation"',
+    ):
         assert phrase in card, phrase
     assert "| halting recipe | none |" in ours["vanilla"]["card"]
     assert "trust_remote_code" not in ours["vanilla"]["card"]
@@ -204,23 +223,35 @@ def test_model_card_takes_tokens_flops_and_perplexity_from_the_run(trained_check
     metrics = tmp_path / "metrics.jsonl"
     records = [{"split": "train", "iteration": 6, "loss": 5.0}] + [
         {"split": "valid", "iteration": it, "lm_loss": loss, "ppl": ppl, "final": False}
-        for it, loss, ppl in ((3, 6.1, 445.86), (6, 5.9, 365.04), (9, 5.5, 244.69))]  # 9: after the export's
+        for it, loss, ppl in ((3, 6.1, 445.86), (6, 5.9, 365.04), (9, 5.5, 244.69))
+    ]  # 9: after the export's
     metrics.write_text("".join(json.dumps(r) + "\n" for r in records))
     export(checkpoint, str(tmp_path / "from_metrics"), metrics_file=str(metrics))
     card = (tmp_path / "from_metrics" / "README.md").read_text()
     trained = load_trained_model(checkpoint)
-    flops = training_flops_per_token(trained.model.config, 64, trained.config.model.padded_vocab_size) * 6 * 4 * 64
+    flops = (
+        training_flops_per_token(trained.model.config, 64, trained.config.model.padded_vocab_size)
+        * 6
+        * 4
+        * 64
+    )
     assert "| training tokens | 1,536 (24 sequences of 64) |" in card
     assert f"| training FLOPs | {flops:.4g} |" in card
     assert "| held-out perplexity | 365 (validation split at iteration 6, lm loss 5.9000) |" in card
     assert "| halting recipe | none |" in card and "2 latent thoughts per token" in card
 
     evaluation = tmp_path / "eval.json"
-    evaluation.write_text("[evaluate] progress\n" + json.dumps({"perplexity": 412.25, "tokens": 1023,
-                                                               "seq_length": 64, "stride": 64}) + "\n")
+    evaluation.write_text(
+        "[evaluate] progress\n"
+        + json.dumps({"perplexity": 412.25, "tokens": 1023, "seq_length": 64, "stride": 64})
+        + "\n"
+    )
     export(checkpoint, str(tmp_path / "from_eval"), metrics_file=str(metrics), eval_result=str(evaluation))
     card = (tmp_path / "from_eval" / "README.md").read_text()
-    assert "| held-out perplexity | 412.2 (tools/evaluate.py: 1023 held-out tokens, windows of 64, stride 64) |" in card
+    assert (
+        "| held-out perplexity | 412.2 (tools/evaluate.py: 1023 held-out tokens, windows of 64, stride 64) |"
+        in card
+    )
 
 
 def test_bad_shard_size_and_eval_result_fail_before_writing(trained_checkpoints, tmp_path, capsys):
@@ -230,11 +261,29 @@ def test_bad_shard_size_and_eval_result_fail_before_writing(trained_checkpoints,
     from convert_checkpoint import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["to-hf", "--load", trained_checkpoints["vanilla"], "--output", str(tmp_path / "out"),
-              "--max-shard-size", "5XB"])
+        main(
+            [
+                "to-hf",
+                "--load",
+                trained_checkpoints["vanilla"],
+                "--output",
+                str(tmp_path / "out"),
+                "--max-shard-size",
+                "5XB",
+            ]
+        )
     assert exit_info.value.code == 2 and "--max-shard-size: '5XB' is not a size" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exit_info:
-        main(["to-hf", "--load", trained_checkpoints["vanilla"], "--output", str(tmp_path / "out"),
-              "--eval-result", str(tmp_path / "missing.json")])
+        main(
+            [
+                "to-hf",
+                "--load",
+                trained_checkpoints["vanilla"],
+                "--output",
+                str(tmp_path / "out"),
+                "--eval-result",
+                str(tmp_path / "missing.json"),
+            ]
+        )
     assert exit_info.value.code == 2 and "--eval-result" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "out")

@@ -13,8 +13,7 @@ import sys
 import pytest
 import torch
 
-from megatron_lcot.model.memory import (TrainingShape, activation_bytes, model_state_bytes,
-                                        parameter_count)
+from megatron_lcot.model.memory import TrainingShape, activation_bytes, model_state_bytes, parameter_count
 from tests.reference.helpers import init_megatron, single_thread_fixture
 
 _single_thread = single_thread_fixture()
@@ -26,8 +25,10 @@ TOKENS, BATCH, VOCAB = 64, 2, 512
 MODES = {
     "vanilla": ({}, {}),
     "stepwise": ({"latent_steps": 2}, {"latent_steps": 2}),
-    "interleaved": ({"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (2,)},
-                    {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": 2}),
+    "interleaved": (
+        {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": (2,)},
+        {"latent_steps": 1, "latent_layout": "interleaved", "jacobi_iters": 2},
+    ),
     "adaptive": ({"latent_steps": 2, "halting": "adaptive", "halting_threshold": 0.0}, {"latent_steps": 2}),
 }
 
@@ -42,8 +43,9 @@ def _small_model(fields):
 
 
 def _small_shape(**fields) -> TrainingShape:
-    return TrainingShape(**SMALL, seq_length=TOKENS, micro_batch_size=BATCH, vocab_size=VOCAB, device="cpu",
-                         **fields)
+    return TrainingShape(
+        **SMALL, seq_length=TOKENS, micro_batch_size=BATCH, vocab_size=VOCAB, device="cpu", **fields
+    )
 
 
 def saved_activation_bytes(model) -> int:
@@ -78,7 +80,9 @@ def test_parameter_count_matches_the_model():
     layer, router) equals the built model's parameter count exactly."""
     model = _small_model({"latent_steps": 2, "halting": "adaptive"})
     counts = parameter_count(_small_shape(latent_steps=2, halting="adaptive"))
-    assert counts["layers"] + counts["embedding"] + counts["router"] == sum(p.numel() for p in model.parameters())
+    assert counts["layers"] + counts["embedding"] + counts["router"] == sum(
+        p.numel() for p in model.parameters()
+    )
 
 
 def test_model_states_follow_the_zero_accounting():
@@ -105,8 +109,22 @@ def test_example_defaults_fit_an_80gb_gpu():
     """Proves examples/pretrain_common.sh's defaults fit 80 GB by the model, on one GPU and on
     the single-node script's 8 (ZeRO-2), through the command-line tool."""
     for gpus in (1, 8):
-        out = subprocess.run([sys.executable, "-m", "megatron_lcot.training.memory_estimate", "--example", "--gpus", str(gpus),
-                              "--json"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, check=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_lcot.training.memory_estimate",
+                "--example",
+                "--gpus",
+                str(gpus),
+                "--json",
+            ],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
         estimate = json.loads(out.stdout.strip().splitlines()[-1])
         assert estimate["shape"]["zero_stage"] == 2 and estimate["shape"]["data_parallel"] == gpus
         assert estimate["shape"]["latent_steps"] == 2 and estimate["shape"]["bf16"]

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lcot.model.pipeline_passes import InjectGrads, hand_over, halting_rows, pack_payload, unpack_payload
+from megatron_lcot.model.pipeline_passes import (
+    InjectGrads,
+    halting_rows,
+    hand_over,
+    pack_payload,
+    unpack_payload,
+)
 
 
 def test_payload_round_trip_keeps_hidden_rows_and_decision():

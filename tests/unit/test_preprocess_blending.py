@@ -13,8 +13,13 @@ NULL = {"tokenizer_type": "NullTokenizer", "vocab_size": 100}
 
 def _null_corpus(path, low: int, high: int, documents: int, seed: int) -> str:
     rng = np.random.default_rng(seed)
-    return write_jsonl(path, [{"text": " ".join(map(str, rng.integers(low, high, rng.integers(5, 40))))}
-                              for _ in range(documents)])
+    return write_jsonl(
+        path,
+        [
+            {"text": " ".join(map(str, rng.integers(low, high, rng.integers(5, 40))))}
+            for _ in range(documents)
+        ],
+    )
 
 
 def test_blend_reads_sources_in_configured_proportions(tmp_path):
@@ -23,11 +28,22 @@ def test_blend_reads_sources_in_configured_proportions(tmp_path):
 
     # Source a holds ids 0..49, source b ids 50..99: every sample tells where it came from.
     run([_null_corpus(tmp_path / "a.jsonl", 0, 50, 400, 0)], tmp_path / "a", NULL, append_eod=True, workers=2)
-    run([_null_corpus(tmp_path / "b.jsonl", 50, 100, 400, 1)], tmp_path / "b", NULL, append_eod=True, workers=2)
+    run(
+        [_null_corpus(tmp_path / "b.jsonl", 50, 100, 400, 1)],
+        tmp_path / "b",
+        NULL,
+        append_eod=True,
+        workers=2,
+    )
     tokenizer = build_tokenizer(**NULL)
     config = GPTDatasetConfig(
-        random_seed=1234, sequence_length=16, tokenizer=tokenizer, reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, split="1,0,0",
+        random_seed=1234,
+        sequence_length=16,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        split="1,0,0",
         blend=([str(tmp_path / "a_text_document"), str(tmp_path / "b_text_document")], [0.7, 0.3]),
     )
     samples = 2000

