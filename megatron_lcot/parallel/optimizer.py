@@ -87,11 +87,18 @@ class MegatronCoreOptimizer:
         # overlap: each gradient bucket is reduced as soon as backward fills it, and with the
         # distributed optimizer each weight bucket is all-gathered in the forward pre-hook of its
         # first module (megatron-core's DDP); the collectives then hide behind compute.
+        # Latent passes under pipeline parallelism run a stage's weights once per pass (virtual
+        # chunks sharing them): a bucket's gradients arrive once per pass, which the overlapped
+        # reduction (one reduction per bucket and backward) cannot follow. Those runs reduce
+        # after the schedule, as with --no-overlap-grad-reduce.
+        overlap = args.overlap_grad_reduce and not (
+            args.pipeline_model_parallel_size > 1 and args.latent_steps > 0
+        )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             use_distributed_optimizer=args.use_distributed_optimizer,
-            overlap_grad_reduce=args.overlap_grad_reduce,
-            overlap_param_gather=args.use_distributed_optimizer and args.overlap_param_gather,
+            overlap_grad_reduce=overlap,
+            overlap_param_gather=overlap and args.use_distributed_optimizer and args.overlap_param_gather,
         )
         dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
         optimizer_config = OptimizerConfig(

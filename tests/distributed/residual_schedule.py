@@ -24,19 +24,27 @@ class ResidualThoughtSchedule(StepwiseSchedule):
 
 
 def residual_model_provider(args, pre_process: bool = True, post_process: bool = True):
+    """model/building.py's model with the residual schedule in its spec."""
     from megatron.core.transformer.spec_utils import build_module
 
+    from megatron_lcot import parallel
     from megatron_lcot.model import get_lcot_model_spec
-    from megatron_lcot.training.providers import lcot_config_from_args
+    from megatron_lcot.run_config import RunConfig
 
-    config = lcot_config_from_args(args)
-    spec = get_lcot_model_spec(config, use_te=args.transformer_impl == "transformer_engine")
+    run_config = RunConfig.from_values(args)
+    model, layout = run_config.model, run_config.parallel
+    config = model.lcot_config(
+        layout.tensor_model_parallel_size,
+        layout.pipeline_model_parallel_size,
+        batch_p2p_comm=parallel.backend() != "gloo",
+    )
+    spec = get_lcot_model_spec(config, use_te=model.transformer_impl == "transformer_engine")
     spec.submodules.latent_schedule = ResidualThoughtSchedule
     return build_module(
         spec,
         config=config,
-        vocab_size=args.padded_vocab_size,
-        max_sequence_length=args.max_position_embeddings,
+        vocab_size=model.padded_vocab_size,
+        max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
     )

@@ -116,6 +116,10 @@ def test_router_parameters_get_their_own_group():
         loss_scale=None,
         initial_loss_scale=2.0**32,
         use_distributed_optimizer=False,
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        pipeline_model_parallel_size=1,
+        latent_steps=model.config.latent_steps,
         deepspeed=False,
     )
     optimizer = build_optimizer([model], args)
