@@ -109,7 +109,21 @@ def build_parser() -> argparse.ArgumentParser:
         latent,
         "--halting-warmup-iters",
         type=int,
-        help="training iterations without pruning while the halting loss weight ramps from 0",
+        help="halting warm-up W: the halting loss weight ramps from 0 to lambda over W iterations, "
+        "without pruning (or see --halting-warmup-ramp-threshold)",
+    )
+    _add(
+        latent,
+        "--halting-warmup-ramp-threshold",
+        action="store_true",
+        help="during the warm-up, prune at tau x i / W instead of not pruning (cheaper warm-up)",
+    )
+    _add(
+        latent,
+        "--halting-penalty-fraction",
+        type=float,
+        help="share of executed tokens whose correctness penalty is computed per gated step in "
+        "training (seeded sample, reweighted: same expectation, that share of the penalty's LM head)",
     )
     _add(
         latent,
@@ -409,6 +423,11 @@ def _validate_latent(args) -> None:
     _require(
         args.halting_warmup_iters >= 0,
         f"--halting-warmup-iters {args.halting_warmup_iters} is negative; use 0 (no warm-up) or more.",
+    )
+    _require(
+        0.0 < args.halting_penalty_fraction <= 1.0,
+        f"--halting-penalty-fraction {args.halting_penalty_fraction} must be in (0, 1], e.g. 0.25 "
+        "(1 = the penalty on every executed token).",
     )
     _require(
         args.halting_router_lr_mult > 0,

@@ -75,6 +75,8 @@ class ModelSection:
     halting_loss_weight: float = _lcot_default("halting_loss_weight")
     halting_correctness_exponent: float = _lcot_default("halting_correctness_exponent")
     halting_warmup_iters: int = _lcot_default("halting_warmup_iters")
+    halting_warmup_ramp_threshold: bool = _lcot_default("halting_warmup_ramp_threshold")
+    halting_penalty_fraction: float = _lcot_default("halting_penalty_fraction")
     jacobi_iters: tuple = _lcot_default("jacobi_iters")
     jacobi_eval_iters: int = _lcot_default("jacobi_eval_iters")
 

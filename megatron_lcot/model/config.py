@@ -44,8 +44,18 @@ class LcotConfig(TransformerConfig):
     """beta: the penalty uses sg(p_gold)^beta; larger beta prunes less."""
 
     halting_warmup_iters: int = 0
-    """Training iterations without pruning, with the halting loss weight ramped from 0 to lambda
-    (halting.HaltingRouter). 0 = prune and penalise from the first step."""
+    """Training iterations W of the halting warm-up, over which the halting loss weight ramps from
+    0 to lambda (halting.HaltingRouter). 0 = prune and penalise at full weight from the first step."""
+
+    halting_warmup_ramp_threshold: bool = False
+    """During the warm-up, prune at a threshold ramped from 0 to tau (tau i / W) instead of not
+    pruning at all: the warm-up's cost falls as the router learns to halt (docs/method.md)."""
+
+    halting_penalty_fraction: float = 1.0
+    """Share of each gated step's executed tokens whose gold probability the correctness penalty
+    computes in training: a seeded uniform sample without replacement, its terms scaled by
+    executed / sampled, so the penalty's expectation is unchanged and its forward-only LM head
+    costs this share (loss.py). Evaluation always computes every term."""
 
     halting_init_continue_prob: float = 0.9
     """Initial continue probability of every router gate (bias init), so most tokens think."""

@@ -25,7 +25,9 @@ sequence): a padding query sees k+1 keys against (k+1)(T+1)/2 for a real one and
 counted (`benchmarks/train_throughput.py` checks the count against FlopCounterMode:
 `counted_vs_logged_flops`, docs/benchmarks.md). Adaptive training counts what the schedule computed, adaptive inference what the
 halting rule executed; the router gate after step k (k < K) and, in training, the
-correctness-aware penalty's forward-only LM head on step k are counted for the same share.
+correctness-aware penalty's forward-only LM head on step k are counted for the same share (times
+`halting_penalty_fraction`, the share of those tokens the penalty samples; its rounding up to
+a whole token per step and micro-batch is not counted).
 """
 
 from __future__ import annotations
@@ -88,7 +90,7 @@ def _stepwise_forward(config: LcotConfig, seq_length: int, vocab_size: int, shar
     if config.adaptive:
         gated = sum(shares[:-1])
         graph += gated * 2.0 * config.hidden_size  # router gates
-        penalty_head = gated * head_flops(config, vocab_size)
+        penalty_head = gated * config.halting_penalty_fraction * head_flops(config, vocab_size)
     return graph, penalty_head
 
 

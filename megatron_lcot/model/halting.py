@@ -29,10 +29,12 @@ class HaltingRouter(MegatronModule):
 
     `training_iteration` is set by the training loop before each step
     (`set_training_iteration`); it drives the halting warm-up (`--halting-warmup-iters` W):
-    while a training step's iteration i is below W nothing is pruned (every token runs every
-    step, so each gate gets gradient from every token: a pruned token gives its gate none and
-    could never come back) and the correctness-aware penalty weight ramps linearly, lambda i / W.
-    Evaluation and inference always prune at `halting_threshold` (what decoding does).
+    while a training step's iteration i is below W the correctness-aware penalty weight ramps
+    linearly, lambda i / W, and nothing is pruned (every token runs every step, so each gate gets
+    gradient from every token: a pruned token gives its gate none and could never come back), or,
+    with `--halting-warmup-ramp-threshold`, tokens are pruned at the ramped threshold tau i / W,
+    so the warm-up's cost falls as the router learns to halt. Evaluation and inference always
+    prune at `halting_threshold` (what decoding does).
     """
 
     def __init__(self, config: LcotConfig):
@@ -46,17 +48,34 @@ class HaltingRouter(MegatronModule):
             and self.training_iteration < self.config.halting_warmup_iters
         )
 
+    def _ramped(self, value: float) -> float:
+        """value i / W during the warm-up, value outside it."""
+        if self.in_warmup():
+            return value * self.training_iteration / self.config.halting_warmup_iters
+        return value
+
     def threshold(self) -> float:
-        """tau for this forward: 0 (no pruning) during the warm-up."""
-        return 0.0 if self.in_warmup() else self.config.halting_threshold
+        """tau for this forward: during the warm-up 0 (no pruning), or tau i / W when ramped."""
+        if self.in_warmup() and not self.config.halting_warmup_ramp_threshold:
+            return 0.0
+        return self._ramped(self.config.halting_threshold)
 
     def loss_weight(self) -> float:
         """lambda for this forward: lambda i / W during the warm-up."""
-        if self.in_warmup():
-            return (
-                self.config.halting_loss_weight * self.training_iteration / self.config.halting_warmup_iters
-            )
-        return self.config.halting_loss_weight
+        return self._ramped(self.config.halting_loss_weight)
+
+    def penalty_fraction(self) -> float:
+        """Share of executed tokens whose correctness penalty is computed (loss.py): the
+        configured share in training, every token in evaluation."""
+        return self.config.halting_penalty_fraction if self.training else 1.0
+
+    def penalty_generator(self, device) -> torch.Generator:
+        """The penalty sample's generator, seeded by the run's seed and the training iteration:
+        the same sample on every tensor-parallel rank (the vocab-parallel head needs it) and again
+        after a resume."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(self.config.seed * 1_000_003 + (self.training_iteration or 0))
+        return generator
 
 
 class LinearHaltingRouter(HaltingRouter):

@@ -15,7 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.loss import LcotOutput, correctness_penalty
+from megatron_lcot.model.loss import LcotOutput, correctness_penalty, penalty_samples
 from megatron_lcot.model.seeded_init import seed_model_init
 
 if TYPE_CHECKING:
@@ -118,16 +118,28 @@ class LcotGPTModel(GPTModel):
         lm_loss = self.compute_language_model_loss(labels, logits)  # [b, s]
         loss = lm_loss
         if self.config.adaptive:
-            penalty = correctness_penalty(
-                thoughts,
-                lambda states, gold: self.compute_language_model_loss(gold, self.output_layer(states)[0]),
-                labels,
-                self.config.halting_correctness_exponent,
+            router = self.halting_router
+            samples = penalty_samples(
+                thoughts, router.penalty_fraction(), router.penalty_generator(labels.device)
             )
-            loss = lm_loss + self.halting_router.loss_weight() * penalty
+            penalty = correctness_penalty(thoughts, samples, self.gold_probabilities(thoughts, labels, samples))
+            loss = lm_loss + router.loss_weight() * penalty
         return LcotOutput(
             loss=loss,
             lm_loss=lm_loss,
             latent_steps=thoughts.latent_steps().transpose(0, 1),
             expected_latent_steps=thoughts.expected_latent_steps().transpose(0, 1),
         )
+
+    @torch.no_grad()
+    def gold_probabilities(self, thoughts, labels: torch.Tensor, samples: list) -> list:
+        """sg(p(t,k))^beta for each gated step k's sampled rows (loss.penalty_samples): the LM
+        head and vocab-parallel cross-entropy on those tokens only, forward-only. Returns [m_k]."""
+        flat_labels = labels.t().reshape(-1)  # [s * b], rows t * b + sequence
+        gold_probs = []
+        for step, (rows, _) in enumerate(samples):
+            states = thoughts.step_states[step].flatten(0, 1)[rows].unsqueeze(1)  # [m, 1, h]
+            logits, _ = self.output_layer(states)
+            token_loss = self.compute_language_model_loss(flat_labels[rows].unsqueeze(0), logits)  # [1, m]
+            gold_probs.append(torch.exp(-token_loss[0]) ** self.config.halting_correctness_exponent)
+        return gold_probs

@@ -6,7 +6,7 @@ dataset's loss_mask and averaging happen in the training loop's loss function.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
 from typing import NamedTuple
 
 import torch
@@ -30,35 +30,41 @@ class LcotOutput(NamedTuple):
     expected_latent_steps: torch.Tensor | None = None
 
 
-def correctness_penalty(
-    thoughts: LatentThoughts,
-    token_loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    labels: torch.Tensor,
-    exponent: float,
-) -> torch.Tensor:
-    """[b, s] sum over executed steps k < K of r(t,k+1) * sg(p(t,k))^beta.
+def penalty_samples(thoughts: LatentThoughts, fraction: float, generator: torch.Generator) -> list:
+    """For each gated step k < K: (rows [m], scale), the tokens whose penalty term is computed.
 
-    p(t,k) = exp(-CE) is the probability step k's own output assigns to the gold next token
-    (`token_loss_of(step_state [n,b,h], labels [b,n]) -> CE [b,n]`, vocab-parallel), under
-    stop-gradient: continuing past a step that already predicts the gold token is penalised,
-    and only the reach (hence the router) receives the gradient. The LM head runs only on the
-    tokens that executed step k (packed, as the pass itself ran them): a halted token's term is 0.
+    rows index the flattened [s * b] tokens (row = t * b + sequence, LivePacking's order) that
+    executed step k; with fraction < 1 they are a uniform sample without replacement of
+    m = ceil(fraction n) of the n executed tokens and scale = n / m, so the scaled sum over the
+    sample has the full sum's expectation. fraction 1 keeps every executed token (scale 1).
     """
-    num_gates = thoughts.reach.shape[0] - 1
-    penalty = 0.0
-    for step in range(num_gates):
-        executed = thoughts.executed[step]  # [s, b]
+    samples = []
+    for step in range(thoughts.reach.shape[0] - 1):
         live = thoughts.packing(step)
-        with torch.no_grad():
-            if live is None:  # every token executed step `step`
-                gold_prob = torch.exp(-token_loss_of(thoughts.step_states[step], labels)) ** exponent
-            else:  # the head on the live tokens only, packed as the pass ran them
-                packed_labels = live.gather(labels.t()[..., None])[..., 0].t()  # [1, N]
-                packed_ce = token_loss_of(live.gather(thoughts.step_states[step]), packed_labels)
-                gold_prob = live.scatter(
-                    (torch.exp(-packed_ce) ** exponent).t(), torch.zeros_like(executed, dtype=packed_ce.dtype)
-                )
-                gold_prob = gold_prob.t()
-        continue_reach = (thoughts.reach[step + 1] * executed).transpose(0, 1)
-        penalty = penalty + continue_reach * gold_prob
-    return penalty
+        executed = thoughts.executed[step]
+        rows = torch.arange(executed.numel(), device=executed.device) if live is None else live.rows
+        if fraction < 1.0:
+            count = rows.numel()
+            kept = max(1, math.ceil(fraction * count))
+            rows = rows[torch.randperm(count, generator=generator, device=rows.device)[:kept]]
+            samples.append((rows, count / kept))
+        else:
+            samples.append((rows, 1.0))
+    return samples
+
+
+def correctness_penalty(thoughts: LatentThoughts, samples: list, gold_probs: list) -> torch.Tensor:
+    """[b, s] sum over gated steps k of r(t,k+1) * sg(p(t,k))^beta over the sampled tokens.
+
+    p(t,k) is the probability step k's own output assigns to the gold next token; gold_probs[k]
+    [m] holds sg(p)^beta for samples[k]'s rows (the model's head computes it under
+    stop-gradient): continuing past a step that already predicts the gold token is penalised,
+    and only the reach (hence the router) receives the gradient. A token that did not execute
+    step k (or was not sampled) has no term there.
+    """
+    num_tokens, batch = thoughts.executed.shape[1:]
+    penalty = torch.zeros(num_tokens * batch, dtype=torch.float32, device=thoughts.reach.device)
+    for step, ((rows, scale), gold_prob) in enumerate(zip(samples, gold_probs)):
+        continue_reach = thoughts.reach[step + 1].flatten()[rows]
+        penalty = penalty.index_add(0, rows, continue_reach * gold_prob * scale)
+    return penalty.view(num_tokens, batch).t()

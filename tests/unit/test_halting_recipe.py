@@ -1,6 +1,7 @@
-"""The stable adaptive recipe's choices (docs/method.md), each with a test that can fail:
-no pruning during the halting warm-up, the penalty ramp's value at iteration i, fp32 router
-arithmetic under bf16 weights, and the router's own optimizer group."""
+"""The adaptive recipe's choices (docs/method.md), each with a test that can fail: no pruning
+during the halting warm-up (or pruning at the ramped threshold), the penalty ramp's value at
+iteration i, the sampled penalty's expectation, fp32 router arithmetic under bf16 weights, and
+the router's own optimizer group."""
 
 from __future__ import annotations
 
@@ -53,6 +54,42 @@ def test_no_pruning_during_warmup_then_the_threshold_applies():
     set_training_iteration(model, 0)
     model.eval()  # evaluation and inference prune as decoding does, warm-up or not
     assert forward(model).latent_steps.unique().tolist() == [1.0]
+
+
+def test_ramped_threshold_prunes_at_tau_i_over_w_during_warmup():
+    """Fresh router: reach 0.9 after step 0, 0.81 after step 1. tau 0.95, W 10, ramped: tau_i =
+    0.095 i, so iteration 5 (0.475) runs both steps, 9 (0.855) prunes step 2, and after the
+    warm-up (0.95) no latent step runs; without the ramp iteration 9 runs both."""
+    model = adaptive_model(warmup=10, threshold=0.95, halting_warmup_ramp_threshold=True).train()
+    for iteration, expected_steps in [(0, 2.0), (5, 2.0), (9, 1.0), (10, 0.0)]:
+        set_training_iteration(model, iteration)
+        assert forward(model).latent_steps.unique().tolist() == [expected_steps], iteration
+    model.config.halting_warmup_ramp_threshold = False
+    set_training_iteration(model, 9)
+    assert forward(model).latent_steps.unique().tolist() == [2.0]
+
+
+def test_sampled_penalty_keeps_the_expectation():
+    """--halting-penalty-fraction 0.5: each draw computes the term of exactly half the executed
+    tokens (scaled by 2); over 300 draws (seeded by the iteration) the mean penalty equals the
+    full one, per token within 25% and in total within 3%."""
+    model = adaptive_model(warmup=0, threshold=0.0).train()
+    set_training_iteration(model, 0)
+    full = forward(model)
+    penalty_full = full.loss - full.lm_loss
+    model.config.halting_penalty_fraction = 0.5
+    draws = []
+    for iteration in range(300):
+        set_training_iteration(model, iteration)
+        out = forward(model)
+        assert torch.equal(out.lm_loss, full.lm_loss)
+        draws.append(out.loss - out.lm_loss)
+    # K = 2 gates over B x T tokens, half of them sampled per gate: at most B T terms are nonzero
+    assert int((draws[0] != 0).sum()) <= B * T
+    mean = torch.stack(draws).mean(0)
+    assert abs(mean.sum() / penalty_full.sum() - 1) < 0.03, (mean.sum(), penalty_full.sum())
+    assert ((mean - penalty_full).abs() / penalty_full).max() < 0.25
+    assert not torch.equal(draws[0], draws[1])  # the sample changes with the iteration
 
 
 @pytest.mark.parametrize("iteration", [0, 1, 3])
