@@ -3,6 +3,7 @@ plus two vanilla yardsticks, over several seeds; writes a table and plots.
 
     bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
         [--bigbench bigbench-1.0.0.tar.gz] [--task-items 200]
+    bash examples/compare_small.sh --iso-flops [--budgets 1,2,4] [--seeds 3] [--jobs 2] [--scale cpu|gpu]
 
 Models (the model shape and data of the scale; the same seed list for each):
     vanilla            --latent-steps 0
@@ -21,6 +22,15 @@ inference: `tools/evaluate.py --input` on held-out documents, per token at the h
 decoding does). Output under --out-dir:
 `results.json` (every run), `summary.md` (mean +- std over seeds), `val_loss_vs_train_flops.png`,
 and `tools/analyze_halting.py` plots for the first adaptive seed (against the first vanilla).
+
+`--iso-flops` asks which model is better at equal training FLOPs: vanilla, PonderLM-2 K=1 and
+adaptive K=3 (default --models) each train at `--budgets` B x the training FLOPs of the scale's
+vanilla run. A model's iterations for budget B are B x iters x (vanilla's FLOPs / the model's
+FLOPs), both measured by the model's own run at the scale's iterations (its "pilot", which is also
+a point of the curve; a budget within 5% of the pilot's iterations reuses the pilot). The LR and
+halting warm-ups scale with the iterations. The x axes are the FLOPs each run executed (logged
+`train_flops`; inference FLOPs per token from tools/evaluate.py). Downstream tasks are skipped.
+Output: `iso_flops.md` and `iso_flops_ppl_vs_{train,inference}_flops.png` under --out-dir.
 """
 
 from __future__ import annotations
@@ -125,7 +135,7 @@ def run_model(
         str(max(1, iters // 15)),
         "--eval-interval",
         str(max(1, iters // 5)),
-        *MODES[name].format(warmup=scale["iters"] // 3).split(),
+        *MODES[name].format(warmup=iters // 3).split(),
     ]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
@@ -157,14 +167,48 @@ def run_model(
     }
 
 
+ISO_FLOPS_MODELS = ("vanilla", "ponderlm2_k1", "adaptive_k3")
+
+
+def budget_iters(budget: float, iters: int, vanilla_flops: float, model_flops: float) -> int:
+    """Iterations giving a model `budget` x the vanilla run's training FLOPs, from the FLOPs of
+    both at `iters` iterations (the model's pilot run); within 5% of `iters`, the pilot itself."""
+    target = max(1, round(budget * iters * vanilla_flops / model_flops))
+    return iters if abs(target - iters) <= 0.05 * iters else target
+
+
+def iso_flops_points(runs: list, budgets: list, iters: int) -> list:
+    """(model, seed, budget, run) for every budget point whose run is recorded in `runs`."""
+    pilots = {(r["model"], r["seed"]): r for r in runs if r["iters"] == iters}
+    by_key = {(r["model"], r["seed"], r["iters"]): r for r in runs}
+    points = []
+    for (name, seed), pilot in sorted(pilots.items(), key=lambda item: (item[0][1], item[0][0])):
+        vanilla = pilots.get(("vanilla", seed))
+        for budget in budgets if vanilla else ():
+            key = (name, seed, budget_iters(budget, iters, vanilla["train_flops"], pilot["train_flops"]))
+            if key in by_key:
+                points.append((name, seed, budget, by_key[key]))
+    return points
+
+
 def run_all(
-    models: list, seeds: int, scale: dict, common: list, out_dir: str, tasks: list, held_out: str, jobs: int
+    models: list,
+    seeds: int,
+    scale: dict,
+    common: list,
+    out_dir: str,
+    tasks: list,
+    held_out: str,
+    jobs: int,
+    budgets: list | None = None,
 ) -> list:
     """Every (model, seed) run, `jobs` at a time; `results.json` is rewritten after each run, and
     a run already recorded there (same model, seed and iterations) is not repeated, so an
     interrupted comparison continues where it stopped. vanilla_eq_flops waits for its seed's
     adaptive_k3 and vanilla runs (it matches their FLOPs); it is queued after every other run,
-    so the runs it waits for are already being worked on and a waiting worker cannot deadlock."""
+    so the runs it waits for are already being worked on and a waiting worker cannot deadlock.
+    With `budgets` (--iso-flops) every model's budget runs wait, the same way, for its own and
+    vanilla's run at the scale's iterations (`budget_iters`)."""
     results_path = os.path.join(out_dir, "results.json")
     done = []
     if os.path.exists(results_path):
@@ -173,21 +217,43 @@ def run_all(
     lock = threading.Lock()
     runs = []
 
+    claimed = {}  # (model, seed, iters) -> Future of its record: a run asked for twice runs once
+
     def one(name: str, seed: int, iters: int) -> dict:
-        record = next((r for r in done if (r["model"], r["seed"], r["iters"]) == (name, seed, iters)), None)
-        record = record or run_model(
-            name, seed, scale, common, iters, out_dir, tasks, held_out, log_file=jobs > 1
-        )
+        key = (name, seed, iters)
+        with lock:
+            first = key not in claimed
+            if first:
+                claimed[key] = concurrent.futures.Future()
+        if not first:
+            return claimed[key].result()
+        record = next((r for r in done if (r["model"], r["seed"], r["iters"]) == key), None)
+        try:
+            record = record or run_model(
+                name, seed, scale, common, iters, out_dir, tasks, held_out, log_file=jobs > 1
+            )
+        except BaseException as error:  # sys.exit included: whoever waits for this run fails too
+            claimed[key].set_exception(error)
+            raise
         with lock:
             runs.append(record)
             with open(results_path, "w") as f:
                 json.dump(in_table_order(runs), f, indent=1)
+        claimed[key].set_result(record)
         return record
+
+    def budget_run(name: str, seed: int, budget: float, pilot, vanilla) -> dict:
+        iters = budget_iters(
+            budget, scale["iters"], vanilla.result()["train_flops"], pilot.result()["train_flops"]
+        )
+        return one(name, seed, iters)
 
     def equal_flops(seed: int, adaptive, vanilla) -> dict:
         iters = round(scale["iters"] * adaptive.result()["train_flops"] / vanilla.result()["train_flops"])
         return one("vanilla_eq_flops", seed, iters)
 
+    if budgets and "vanilla" not in models:
+        sys.exit("--iso-flops needs vanilla in --models (the budgets are multiples of its FLOPs)")
     if "vanilla_eq_flops" in models and not {"adaptive_k3", "vanilla"} <= set(models):
         sys.exit("vanilla_eq_flops needs adaptive_k3 and vanilla in --models (it matches their FLOPs)")
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -206,13 +272,20 @@ def run_all(
                     for seed in range(1, seeds + 1)
                 }
             )
-        for future in futures.values():
+        budget_futures = [
+            pool.submit(budget_run, name, seed, budget, futures[name, seed], futures["vanilla", seed])
+            for seed in range(1, seeds + 1)
+            for name in models
+            for budget in budgets or ()
+            if name != "vanilla_eq_flops"
+        ]
+        for future in [*futures.values(), *budget_futures]:
             future.result()  # re-raises a failed run's error
     return in_table_order(runs)
 
 
 def in_table_order(runs: list) -> list:
-    return sorted(runs, key=lambda r: (r["seed"], list(MODES).index(r["model"])))
+    return sorted(runs, key=lambda r: (r["seed"], list(MODES).index(r["model"]), r["iters"]))
 
 
 def mean_std(values: list) -> str:
@@ -251,6 +324,67 @@ def summary_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+def iso_flops_table(points: list, budgets: list) -> str:
+    """Mean +- std over seeds per model and budget; FLOPs as executed, x the 1x vanilla run's."""
+    vanilla_flops = [p[3]["train_flops"] for p in points if p[0] == "vanilla" and p[2] == 1]
+    unit = sum(vanilla_flops) / len(vanilla_flops) if vanilla_flops else 1.0
+    header = "| model | budget | seeds | iterations | held-out ppl | train FLOPs (x vanilla 1x) "
+    header += "| inference FLOPs/token | latent steps |"
+    lines = [header, "|" + "---|" * 8]
+    for name in [n for n in MODES if any(p[0] == n for p in points)]:
+        for budget in budgets:
+            group = [p[3] for p in points if p[0] == name and p[2] == budget]
+            if not group:
+                continue
+            flops = [r["train_flops"] for r in group]
+            cells = [
+                name,
+                f"{budget:g}x",
+                str(len(group)),
+                ", ".join(str(r["iters"]) for r in group),
+                mean_std([r["ppl"] for r in group]),
+                f"{mean_std(flops)} ({sum(flops) / len(flops) / unit:.2f}x)",
+                mean_std([r["inference_flops_per_token"] for r in group]),
+                mean_std([r["mean_latent_steps"] for r in group]),
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_iso_flops(points: list, budgets: list, path_prefix: str) -> None:
+    """Held-out ppl against training FLOPs and against inference FLOPs per token: a dot per run,
+    the mean over seeds per budget joined by a line per model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in MODES if any(p[0] == n for p in points)]
+    for axis, field in (("train", "train_flops"), ("inference", "inference_flops_per_token")):
+        fig, ax = plt.subplots(figsize=(6.5, 4))
+        for index, name in enumerate(names):
+            runs = [p[3] for p in points if p[0] == name]
+            ax.scatter([r[field] for r in runs], [r["ppl"] for r in runs], color=f"C{index}", s=10, alpha=0.5)
+            means = []
+            for budget in budgets:
+                group = [p[3] for p in points if p[0] == name and p[2] == budget]
+                if group:
+                    means.append(
+                        (sum(r[field] for r in group) / len(group), sum(r["ppl"] for r in group) / len(group))
+                    )
+            ax.plot(*zip(*means), color=f"C{index}", marker="o", label=name)
+        ax.set(
+            xscale="log",
+            xlabel=f"{axis} FLOPs" + (" per token" if axis == "inference" else ""),
+            ylabel="held-out perplexity",
+            title=f"Held-out perplexity vs {axis} FLOPs at budgets {', '.join(f'{b:g}x' for b in budgets)}",
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(f"{path_prefix}_ppl_vs_{axis}_flops.png", dpi=120)
+        plt.close(fig)
+
+
 def plot_curves(runs: list, path: str) -> None:
     import matplotlib
 
@@ -281,7 +415,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
     parser.add_argument("--train-iters", type=int, default=None, help="default: the scale's")
-    parser.add_argument("--models", default=",".join(MODES), help="subset of: " + ",".join(MODES))
+    parser.add_argument("--models", default=None, help="subset of: " + ",".join(MODES))
+    parser.add_argument(
+        "--iso-flops",
+        action="store_true",
+        help="train each model at --budgets x vanilla's training FLOPs (default models: "
+        + ",".join(ISO_FLOPS_MODELS)
+        + ")",
+    )
+    parser.add_argument(
+        "--budgets", default="1,2,4", help="--iso-flops budgets, multiples of vanilla's FLOPs"
+    )
     parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
     parser.add_argument(
         "--task-items",
@@ -300,7 +444,8 @@ def main() -> None:
     scale = dict(SCALES[args.scale])
     if args.train_iters:
         scale["iters"] = args.train_iters
-    models = [m for m in args.models.split(",") if m]
+    default_models = ISO_FLOPS_MODELS if args.iso_flops else MODES
+    models = [m for m in (args.models or ",".join(default_models)).split(",") if m]
     unknown = [m for m in models if m not in MODES]
     if unknown or args.seeds < 1 or args.jobs < 1:
         parser.error(
@@ -308,25 +453,45 @@ def main() -> None:
             if unknown
             else "--seeds and --jobs must be >= 1"
         )
+    budgets = None
+    if args.iso_flops:
+        try:
+            budgets = [float(b) for b in args.budgets.split(",")]
+        except ValueError:
+            budgets = []
+        if not budgets or min(budgets) <= 0 or "vanilla_eq_flops" in models:
+            parser.error(
+                f"--budgets {args.budgets!r}: give positive multiples of vanilla's FLOPs, e.g. 1,2,4 "
+                "(and no vanilla_eq_flops in --models: every budget is an equal-FLOPs comparison)"
+            )
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
     corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
     task_dir = os.path.join(args.out_dir, "tasks")
-    build = [
-        sys.executable,
-        os.path.join(REPO, "tools", "build_eval_tasks.py"),
-        "--output-dir",
-        task_dir,
-        "--max-items",
-        str(args.task_items),
-        *(["--bigbench", args.bigbench] if args.bigbench else []),
-    ]
-    if subprocess.run(build).returncode != 0:
+    build = (
+        []
+        if args.iso_flops
+        else [
+            sys.executable,
+            os.path.join(REPO, "tools", "build_eval_tasks.py"),
+            "--output-dir",
+            task_dir,
+            "--max-items",
+            str(args.task_items),
+            *(["--bigbench", args.bigbench] if args.bigbench else []),
+        ]
+    )
+    if build and subprocess.run(build).returncode != 0:
         sys.exit("build_eval_tasks.py failed (its error is printed above)")
-    tasks = sorted(os.path.join(task_dir, f) for f in os.listdir(task_dir) if f.endswith(".jsonl"))
+    tasks = (
+        sorted(os.path.join(task_dir, f) for f in os.listdir(task_dir) if f.endswith(".jsonl"))
+        if build
+        else []
+    )
     from megatron_lcot.data.default_corpus import default_documents
 
+    os.makedirs(args.out_dir, exist_ok=True)
     held_out = os.path.join(args.out_dir, "heldout.txt")
     with open(held_out, "w", encoding="utf-8") as f:  # the last 15 documents: inside the 2% validation share
         f.write("\n\n".join(default_documents()[-15:]))
@@ -347,7 +512,15 @@ def main() -> None:
         corpus.tokenizer_model,
     ]
 
-    runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs)
+    runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs, budgets)
+    if budgets:
+        points = iso_flops_points(runs, budgets, scale["iters"])
+        table = iso_flops_table(points, budgets)
+        with open(os.path.join(args.out_dir, "iso_flops.md"), "w") as f:
+            f.write(f"scale {args.scale}, {args.seeds} seeds, mean +- std over seeds\n\n{table}\n")
+        plot_iso_flops(points, budgets, os.path.join(args.out_dir, "iso_flops"))
+        print(f"\n{table}\n\nresults in {args.out_dir}")
+        return
 
     table = summary_table(runs)
     with open(os.path.join(args.out_dir, "summary.md"), "w") as f:

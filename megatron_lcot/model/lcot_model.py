@@ -122,7 +122,9 @@ class LcotGPTModel(GPTModel):
             samples = penalty_samples(
                 thoughts, router.penalty_fraction(), router.penalty_generator(labels.device)
             )
-            penalty = correctness_penalty(thoughts, samples, self.gold_probabilities(thoughts, labels, samples))
+            penalty = correctness_penalty(
+                thoughts, samples, self.gold_probabilities(thoughts, labels, samples)
+            )
             loss = lm_loss + router.loss_weight() * penalty
         return LcotOutput(
             loss=loss,
