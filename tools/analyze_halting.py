@@ -15,7 +15,8 @@ the halting decisions are exactly those of inference. Every predicted token gets
     reference_nll     -log p(token) under --reference (e.g. a vanilla model), if given
 
 DIR receives `tokens.jsonl` (one record per predicted token), `summary.json` (means, halting
-shares, Spearman rank correlations of steps with each NLL, mean steps per NLL decile),
+shares, Spearman rank correlations of steps with each NLL, mean steps per NLL decile, the share
+of latent steps spent on the hardest NLL quintile),
 `steps_histogram.png`, `steps_by_nll_decile.png` and `sample.html` (the first --sample-tokens
 tokens, each shaded by its latent steps, NLLs in the tooltip). User mistakes print
 `analyze_halting.py: error: ...` and exit 2.
@@ -124,6 +125,16 @@ def steps_by_decile(steps: torch.Tensor, nll: torch.Tensor) -> list:
     """Mean latent steps of the tokens in each NLL decile (easiest first)."""
     order = torch.argsort(nll)
     return [float(chunk.float().mean()) for chunk in torch.tensor_split(steps[order], 10)]
+
+
+def hardest_quintile_share(steps: torch.Tensor, nll: torch.Tensor) -> float | None:
+    """Share of all latent steps spent on the fifth of tokens with the highest NLL (0.2 when
+    spending ignores difficulty, 1 when only the hardest fifth thinks); None without steps."""
+    total = steps.float().sum()
+    if total == 0:
+        return None
+    hardest = torch.argsort(nll, descending=True)[: max(1, len(nll) // 5)]
+    return float(steps[hardest].float().sum() / total)
 
 
 def _plots(output: str, steps: torch.Tensor, max_steps: int, deciles: dict) -> None:
@@ -255,9 +266,14 @@ def analyze(args) -> dict:
         "spearman_steps_vs_first_step_nll": spearman(steps, data["first_step_nll"]),
         "spearman_steps_vs_nll": spearman(steps, data["nll"]),
         "mean_steps_by_nll_decile": deciles,
+        "hardest_quintile_step_share_by_first_step_nll": hardest_quintile_share(steps, data["first_step_nll"]),
+        "hardest_quintile_step_share_by_nll": hardest_quintile_share(steps, data["nll"]),
     }
     if "reference_nll" in data:
         summary["spearman_steps_vs_reference_nll"] = spearman(steps, data["reference_nll"])
+        summary["hardest_quintile_step_share_by_reference_nll"] = hardest_quintile_share(
+            steps, data["reference_nll"]
+        )
         summary["mean_reference_nll"] = float(data["reference_nll"].mean())
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
         json.dump(summary, f, indent=1)

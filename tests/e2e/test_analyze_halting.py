@@ -19,7 +19,7 @@ TOOL = os.path.join(REPO_ROOT, "tools", "analyze_halting.py")
 
 def test_spearman_with_ties_matches_hand_count():
     sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
-    from analyze_halting import spearman, steps_by_decile
+    from analyze_halting import hardest_quintile_share, spearman, steps_by_decile
 
     # x ranks (ties averaged): [1.5, 1.5, 3, 4]; y ranks: [1, 2, 4, 3]  -> Pearson of the ranks
     x, y = torch.tensor([0.0, 0.0, 1.0, 2.0]), torch.tensor([0.1, 0.5, 0.9, 0.7])
@@ -29,6 +29,11 @@ def test_spearman_with_ties_matches_hand_count():
     assert spearman(torch.zeros(4), y) is None  # constant steps: no correlation, valid JSON
     steps = torch.arange(20) % 3
     assert steps_by_decile(steps, -steps.float())[0] == 2.0  # NLL = -steps: the easiest decile ran 2 steps
+    # 10 tokens, steps 0..9 (45 in all); the hardest fifth by NLL: the tokens with steps 9 and 0
+    steps, nll = torch.arange(10), torch.tensor([9.0, 1, 2, 3, 4, 5, 6, 7, 8, 10])
+    assert hardest_quintile_share(steps, nll) == pytest.approx(9 / 45)
+    assert hardest_quintile_share(steps, steps.float()) == pytest.approx((9 + 8) / 45)
+    assert hardest_quintile_share(torch.zeros(10), nll) is None
 
 
 def _train(tmp_path, dataset, name, *extra):
