@@ -9,7 +9,7 @@ Models (the model shape and data of the scale; the same seed list for each):
     vanilla            --latent-steps 0
     ponderlm2_k1       --latent-steps 1 --latent-layout interleaved (Jacobi, J in {2,3})
     stepwise_k2        --latent-steps 2 (fixed K, exact passes)
-    adaptive_k3        --latent-steps 3 --halting adaptive + the stable recipe (docs/method.md)
+    adaptive_k3        --latent-steps 3 --halting adaptive + the recipe (runs.adaptive_recipe, docs/method.md)
     vanilla_eq_flops   vanilla trained on more tokens: the adaptive run's measured training FLOPs
     vanilla_2x         twice the layers (~2x the non-embedding parameters): about PonderLM-2 K=1's
                        inference FLOPs per token (PonderLM-2's "beats a 2x vanilla" claim)
@@ -48,9 +48,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
-from megatron_lcot.runs import read_metrics, train_and_report  # noqa: E402
+from megatron_lcot.runs import adaptive_recipe, read_metrics, train_and_report  # noqa: E402
 
-RECIPE = "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2"  # docs/method.md
 SCALES = {
     # Runs on a 2-core CPU in minutes per model (docs/results.md states the measured time).
     "cpu": dict(
@@ -77,7 +76,7 @@ MODES = {
     "vanilla": "--latent-steps 0",
     "ponderlm2_k1": "--latent-steps 1 --latent-layout interleaved",
     "stepwise_k2": "--latent-steps 2",
-    "adaptive_k3": "--latent-steps 3 --halting adaptive " + RECIPE,
+    "adaptive_k3": "--latent-steps 3 --halting adaptive {recipe}",  # runs.adaptive_recipe
     "vanilla_eq_flops": "--latent-steps 0",
     "vanilla_2x": "--latent-steps 0",
 }
@@ -135,7 +134,7 @@ def run_model(
         str(max(1, iters // 15)),
         "--eval-interval",
         str(max(1, iters // 5)),
-        *MODES[name].format(warmup=iters // 3).split(),
+        *MODES[name].format(recipe=adaptive_recipe(iters)).split(),
     ]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins

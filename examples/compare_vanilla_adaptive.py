@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
-from megatron_lcot.runs import train_and_report  # noqa: E402
+from megatron_lcot.runs import adaptive_recipe, train_and_report  # noqa: E402
 
 MODEL = (
     "--num-layers 4 --hidden-size 256 --ffn-hidden-size 688 --num-attention-heads 4 "
@@ -35,10 +35,8 @@ TRAINING = (
 )
 RUNS = {
     "vanilla": "--latent-steps 0",
-    # the stable adaptive recipe (docs/method.md): no pruning and a ramped halting penalty for the
-    # first third of training, then pruning at reach < 0.2 with the penalty at 0.3
-    "adaptive": "--latent-steps 2 --latent-layout stepwise --halting adaptive "
-    "--halting-warmup-iters {warmup} --halting-loss-weight 0.3 --halting-threshold 0.2",
+    # the adaptive recipe (runs.adaptive_recipe, docs/method.md)
+    "adaptive": "--latent-steps 2 --latent-layout stepwise --halting adaptive {recipe}",
 }
 # What the printed table can and cannot show, checked against several seeds (docs/results.md).
 CAVEAT = (
@@ -80,7 +78,9 @@ def main() -> None:
         *extra,
     ]
     results = {
-        name: train_and_report(name, run_args.format(warmup=args.train_iters // 3), common, args.out_dir)
+        name: train_and_report(
+            name, run_args.format(recipe=adaptive_recipe(args.train_iters)), common, args.out_dir
+        )
         for name, run_args in RUNS.items()
     }
 
