@@ -224,7 +224,8 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     """--halting-warmup-iters 4 with tau 0.85 (a fresh router reaches step 2 with 0.81): every
     token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
     resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
-    iteration, not a counter of this process's steps)."""
+    iteration, not a counter of this process's steps). The correctness penalty is sampled on half
+    the tokens: the sample follows the iteration too, and the logged FLOPs count half its head."""
     flags = _flags(
         "--mock-data",
         "--vocab-size",
@@ -247,6 +248,8 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
         0.85,
         "--halting-warmup-iters",
         4,
+        "--halting-penalty-fraction",
+        0.5,
         "--halting-router-lr-mult",
         0.1,
         "--save-interval",
