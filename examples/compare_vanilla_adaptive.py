@@ -87,14 +87,23 @@ def main() -> None:
     print("\n=== held-out results (same shape, same seed, same tokens)")
     print(
         f"{'model':<10} {'valid loss':>10} {'valid ppl':>10} {'latent steps':>13} {'train FLOPs':>12} "
-        f"{'train time':>11}  halted at step k"
+        f"{'x vanilla':>10} {'train time':>11}  halted at step k"
     )
+    vanilla_flops = results["vanilla"]["train_flops"]
     for name, r in results.items():
         halted = " ".join(f"{k}:{share:.2f}" for k, share in enumerate(r.get("halted_share", [])))
         print(
             f"{name:<10} {r['lm_loss']:>10.4f} {r['ppl']:>10.2f} {r['mean_latent_steps']:>13.2f} "
-            f"{r['train_flops']:>12.3g} {r['wall_s']:>10.0f}s  {halted}"
+            f"{r['train_flops']:>12.3g} {r['train_flops'] / vanilla_flops:>9.2f}x {r['wall_s']:>10.0f}s  {halted}"
         )
+    adaptive = results["adaptive"]
+    bound = 1 + adaptive["mean_latent_steps"] + 0.15
+    ratio = adaptive["train_flops"] / vanilla_flops
+    print(
+        f"adaptive pays for its thinking: training FLOPs {ratio:.2f}x vanilla's, within 1 + latent steps "
+        f"+ 0.15 = {bound:.2f}x: {'yes' if ratio <= bound else 'NO'}; held-out ppl below vanilla's: "
+        f"{'yes' if adaptive['ppl'] < results['vanilla']['ppl'] else 'NO'}"
+    )
     print(f"total wall time {time.time() - start:.0f}s; checkpoints and metrics in {args.out_dir}")
     print(CAVEAT)
 
