@@ -23,7 +23,7 @@ What is here, and why:
 * `use_in_process_results_queue`: dist_checkpointing's module-level `_results_queue`.
 * `step_unless_nonfinite`: megatron-core's optimizer step written out with a NaN/inf check.
 * `lm_eval_cli`: lm-eval's `_cli.HarnessCLI` (0.4.13 has no plugin mechanism).
-The pipeline passes read TransformerBlock internals too (`model/pipeline_passes.py`).
+The pipeline passes read TransformerBlock internals too (`parallel/pipeline_passes.py`).
 """
 
 from __future__ import annotations

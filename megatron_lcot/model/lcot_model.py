@@ -28,7 +28,7 @@ class LcotGPTModel(GPTModel):
 
     Args beyond GPTModel's: `submodules` (LcotSubmodules: decoder layer spec, latent_schedule,
     halting_router). On a pipeline stage (not both pre_process and post_process) the latent
-    passes run as virtual pipeline chunks (pipeline_passes.py), not through `forward`; the
+    passes run as virtual pipeline chunks (parallel/pipeline_passes.py), not through `forward`; the
     router lives on the last stage.
     """
 
@@ -62,7 +62,7 @@ class LcotGPTModel(GPTModel):
         self.halting_router = None
         if config.latent_steps > 0:
             self.latent_schedule = build_module(submodules.latent_schedule, config=config)
-            if post_process:  # the last pipeline stage decides and mixes (pipeline_passes.py)
+            if post_process:  # the last pipeline stage decides and mixes (parallel/pipeline_passes.py)
                 self.halting_router = build_module(submodules.halting_router, config=config)
                 for param in self.halting_router.parameters():
                     # Replicated on tensor-parallel ranks: averaged there like megatron-core's
@@ -115,7 +115,7 @@ class LcotGPTModel(GPTModel):
         """Exit-mass mixture -> head -> LcotOutput: logits [b, s, vocab/tp] (no labels) or losses.
 
         Shared by the one-stage forward and the last pipeline stage's last pass
-        (pipeline_passes.py), so both compute the same loss from the same step states.
+        (parallel/pipeline_passes.py), so both compute the same loss from the same step states.
         """
         logits, _ = self.output_layer(thoughts.output_states())  # [s, b, vocab/tp]
         if labels is None:

@@ -4,7 +4,7 @@ pretrain_lcot.py runs 10 iterations (fp32, gloo, SOTU token ids, 4 micro-batches
 one process and under torchrun; the losses, grad norms and latent-step statistics must agree
 within 1e-5 relative. `--use-cpu-initialization` makes the initial weights independent of the
 layout (model/seeded_init.py); latent modes cross the stages as virtual pipeline chunks
-(model/pipeline_passes.py), so any lost gradient path or a wrong last-to-first hand-over shows
+(parallel/pipeline_passes.py), so any lost gradient path or a wrong last-to-first hand-over shows
 here as a loss or grad-norm difference.
 """
 
