@@ -284,7 +284,7 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
     """
     iteration, optimizer = train_state.iteration, components.optimizer
     staging_dir = _prepare_staging(root, iteration)
-    getattr(optimizer, "sync_params", lambda: None)()  # weights still being gathered (overlap)
+    optimizer.sync_params()  # weights still being gathered (overlapped parameter gathering)
     own_files = optimizer.save if optimizer.saves_own_files else None
 
     def write() -> None:

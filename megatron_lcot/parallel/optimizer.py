@@ -197,34 +197,14 @@ class MegatronCoreOptimizer:
     @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load(self, directory: str) -> None:
         """Read what `save(directory)` wrote, into an optimizer of the same layout (collective).
-
-        megatron-core 0.16.1 on torch's AdamW (no Apex / TE) needs the Adam state allocated
-        before it describes what to load (it reads the step from it), gives every parameter one
-        shared `step` tensor from the param groups, then copies the local (not loaded) step
-        over it with the shards: allocate the state, then give every parameter its own copy of
-        the saved step."""
-        path = os.path.join(directory, OPTIMIZER_DIRNAME)
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        for distributed in chained:
-            adam = distributed.optimizer
-            for param in (param for group in adam.param_groups for param in group["params"]):
-                if not adam.state[param]:
-                    adam.state[param].update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param),
-                        exp_avg_sq=torch.zeros_like(param),
-                    )
+        megatron-core 0.16.1 needs the Adam state prepared around the load
+        (`compat.load_distributed_optimizer`)."""
         with parallel.schedule_device_context():
-            loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), path)
-            self.optimizer.load_state_dict(loaded)
-        saved = loaded if len(chained) == 1 and "optimizer" in loaded else None
-        for index, distributed in enumerate(chained):
-            groups = (saved or loaded[index])["optimizer"]["param_groups"]
-            steps = {group["step"] for group in groups if "step" in group}
-            if len(steps) == 1:
-                step = steps.pop()
-                for entry in distributed.optimizer.state.values():
-                    entry["step"] = torch.tensor(float(step))
+            compat.load_distributed_optimizer(
+                self.optimizer,
+                lambda: self._sharded_state_dict(is_loading=True),
+                os.path.join(directory, OPTIMIZER_DIRNAME),
+            )
 
 
 def build_optimizer(model_parts: list, args):
