@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, read_metrics, run_pretrain
+from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, corpus_flags, read_metrics, run_pretrain
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node")
 TRAIN_ITERS = 10
@@ -24,16 +24,7 @@ TRAIN_ITERS = 10
 def _flags(dataset: dict, tmp_path) -> list:
     return [
         *TINY_MODEL_FLAGS,
-        "--data-path",
-        dataset["prefix"],
-        "--split",
-        "98,2,0",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        dataset["tokenizer_model"],
-        "--data-cache-path",
-        tmp_path / "cache",
+        *corpus_flags(dataset, tmp_path),
         "--micro-batch-size",
         "2",
         "--global-batch-size",
