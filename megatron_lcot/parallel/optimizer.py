@@ -39,6 +39,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from megatron_lcot import compat, parallel
 from megatron_lcot.model.halting import is_router_param
+from megatron_lcot.run_config import OptimizerSection
 
 OPTIMIZER_DIRNAME = "optimizer"
 
@@ -217,19 +218,19 @@ def build_optimizer(model_parts: list, args):
     return MegatronCoreOptimizer(model_parts, args)
 
 
-def build_lr_scheduler(optimizer, args) -> OptimizerParamScheduler:
-    """Linear warm-up from 0 over `--lr-warmup-iters`, then `--lr-decay-style` down to
-    `--min-lr` at `--train-iters`; constant weight decay. Stepped once per iteration."""
+def build_lr_scheduler(optimizer, schedule: OptimizerSection, train_iters: int) -> OptimizerParamScheduler:
+    """Linear warm-up from 0 over `schedule.lr_warmup_iters`, then `lr_decay_style` down to
+    `min_lr` at `train_iters`; constant weight decay. Stepped once per iteration."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_iters,
+        lr_decay_steps=train_iters,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=schedule.weight_decay,
+        end_wd=schedule.weight_decay,
+        wd_incr_steps=train_iters,
         wd_incr_style="constant",
     )
