@@ -22,8 +22,10 @@ What is here, and why:
   CPU does not JIT-compile a shared-memory all-reduce we never use.
 * `use_in_process_results_queue`: dist_checkpointing's module-level `_results_queue`.
 * `step_unless_nonfinite`: megatron-core's optimizer step written out with a NaN/inf check.
+* `load_distributed_optimizer`: the distributed optimizer's load with the inner Adam state
+  allocated before it and every parameter's `step` replaced after it.
 * `lm_eval_cli`: lm-eval's `_cli.HarnessCLI` (0.4.13 has no plugin mechanism).
-The pipeline passes read TransformerBlock internals too (`model/pipeline_passes.py`).
+The pipeline passes read TransformerBlock internals too (`parallel/pipeline_passes.py`).
 """
 
 from __future__ import annotations
@@ -159,6 +161,38 @@ def step_unless_nonfinite(megatron_optimizer) -> float:
             )
     megatron_optimizer.step_with_ready_grads()
     return grad_norm
+
+
+def load_distributed_optimizer(megatron_optimizer, sharded_state_dict, path: str) -> None:
+    """Load the distributed optimizer's shards at `path` into `megatron_optimizer`.
+
+    megatron-core 0.16.1 on torch's AdamW (no Apex / TE) needs the Adam state allocated before
+    it describes what to load (`sharded_state_dict()` reads the step from it), gives every
+    parameter one shared `step` tensor from the param groups, then copies the local (not
+    loaded) step over it with the shards: so the inner torch optimizer's state is allocated
+    first, and every parameter gets its own copy of the saved step afterwards."""
+    from megatron.core import dist_checkpointing
+
+    chained = getattr(megatron_optimizer, "chained_optimizers", [megatron_optimizer])
+    for distributed in chained:
+        adam = distributed.optimizer
+        for param in (param for group in adam.param_groups for param in group["params"]):
+            if not adam.state[param]:
+                adam.state[param].update(
+                    step=torch.tensor(0.0),
+                    exp_avg=torch.zeros_like(param),
+                    exp_avg_sq=torch.zeros_like(param),
+                )
+    loaded = dist_checkpointing.load(sharded_state_dict(), path)
+    megatron_optimizer.load_state_dict(loaded)
+    saved = loaded if len(chained) == 1 and "optimizer" in loaded else None
+    for index, distributed in enumerate(chained):
+        groups = (saved or loaded[index])["optimizer"]["param_groups"]
+        steps = {group["step"] for group in groups if "step" in group}
+        if len(steps) == 1:
+            step = steps.pop()
+            for entry in distributed.optimizer.state.values():
+                entry["step"] = torch.tensor(float(step))
 
 
 def lm_eval_cli():

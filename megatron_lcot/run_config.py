@@ -233,6 +233,15 @@ def _tupled(value):
     return tuple(_tupled(v) for v in value) if isinstance(value, list) else value
 
 
+def section_from_values(section: type, values):
+    """One section (a dataclass type of SECTIONS) with its fields read by name from `values`
+    (flags or a dict, as in `RunConfig.from_values`); a field `values` lacks keeps its default."""
+    get = values.get if isinstance(values, dict) else lambda name, default: getattr(values, name, default)
+    missing = object()
+    given = {f.name: _tupled(get(f.name, missing)) for f in dataclasses.fields(section)}
+    return section(**{k: v for k, v in given.items() if v is not missing})
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelSection
@@ -249,13 +258,7 @@ class RunConfig:
         """Each section's fields read by name from `values`: the validated flags (an
         `argparse.Namespace`) or the flags a checkpoint written before the RunConfig stored (a
         dict). A field that `values` lacks keeps its default; a required one raises TypeError."""
-        get = values.get if isinstance(values, dict) else lambda name, default: getattr(values, name, default)
-        missing = object()
-        sections = {}
-        for name, section in SECTIONS.items():
-            given = {f.name: _tupled(get(f.name, missing)) for f in dataclasses.fields(section)}
-            sections[name] = section(**{k: v for k, v in given.items() if v is not missing})
-        return cls(**sections)
+        return cls(**{name: section_from_values(section, values) for name, section in SECTIONS.items()})
 
     def to_dict(self) -> dict:
         """Plain values, one dict per section, and the format version."""

@@ -45,6 +45,23 @@ TINY_MODEL_FLAGS = [
 ]
 
 
+def corpus_flags(dataset: dict, tmp_path) -> list:
+    """pretrain_lcot.py's data flags for the `sotu_indexed_dataset` fixture (its prefix and
+    tokenizer, a 98/2/0 split), the index cache under `tmp_path`."""
+    return [
+        "--data-path",
+        dataset["prefix"],
+        "--split",
+        "98,2,0",
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        dataset["tokenizer_model"],
+        "--data-cache-path",
+        str(tmp_path / "cache"),
+    ]
+
+
 def sotu_speeches(count: int) -> list:
     """The first `count` State of the Union addresses (chronological), stage notes removed."""
     from megatron_lcot.data.default_corpus import sotu_speeches as all_speeches

@@ -64,29 +64,20 @@ def build_parser() -> argparse.ArgumentParser:
 def token_nll(model, window: torch.Tensor, vocab_size: int) -> tuple:
     """One forward of `window` [1, s]: (nll [s-1], first_step_nll [s-1] or None, latent_steps
     [s-1] or None) for the targets window[1:], over the real vocabulary (`vocab_size`, padded
-    rows excluded). The step-0 output is read from the schedule's result through a forward
-    hook, so the model runs exactly as at inference."""
-    captured = {}
-    hook = None
-    if model.latent_schedule is not None:
-        hook = model.latent_schedule.register_forward_hook(
-            lambda module, inputs, thoughts: captured.update(thoughts=thoughts)
-        )
-    try:
-        positions = torch.arange(window.shape[1], device=window.device)[None]
-        logits = model(window, positions)[0].float()  # [s, vocab]
-    finally:
-        if hook is not None:
-            hook.remove()
+    rows excluded). The step-0 output is read from the thoughts the forward returns when asked
+    (`return_thoughts`), so the model runs exactly as at inference."""
+    positions = torch.arange(window.shape[1], device=window.device)[None]
+    output = model(window, positions, return_thoughts=True)
+    logits = output.logits[0].float()  # [s, vocab]
     targets = window[0, 1:]
 
     def nll_of(step_logits):  # [s, vocab] -> [s-1]
         logprobs = torch.log_softmax(step_logits[:-1, :vocab_size], dim=-1)
         return -logprobs.gather(-1, targets[:, None])[:, 0]
 
-    if "thoughts" not in captured:
+    if output.thoughts is None:
         return nll_of(logits), None, None
-    thoughts = captured["thoughts"]
+    thoughts = output.thoughts
     first_logits, _ = model.output_layer(thoughts.step_states[0])  # [s, 1, vocab]
     steps = thoughts.latent_steps()[:-1, 0]
     return nll_of(logits), nll_of(first_logits[:, 0].float()), steps

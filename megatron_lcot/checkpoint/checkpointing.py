@@ -243,10 +243,11 @@ def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_
 def _engine_of(args) -> str:
     """The optimizer seam a run trains with, as saved in `run.pt`: its per-rank state only
     resumes under the same one."""
-    if getattr(args, "deepspeed", False):
-        from megatron_lcot.parallel.deepspeed_config import zero_stage_of
+    from megatron_lcot.parallel.deepspeed_config import run_zero_stage
 
-        return f"deepspeed zero-{zero_stage_of(args.deepspeed_config, args.zero_stage)}"
+    zero_stage = run_zero_stage(args)
+    if zero_stage is not None:
+        return f"deepspeed zero-{zero_stage}"
     return "megatron distributed-optimizer" if args.use_distributed_optimizer else "megatron ddp"
 
 
@@ -284,7 +285,7 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
     """
     iteration, optimizer = train_state.iteration, components.optimizer
     staging_dir = _prepare_staging(root, iteration)
-    getattr(optimizer, "sync_params", lambda: None)()  # weights still being gathered (overlap)
+    optimizer.sync_params()  # weights still being gathered (overlapped parameter gathering)
     own_files = optimizer.save if optimizer.saves_own_files else None
 
     def write() -> None:

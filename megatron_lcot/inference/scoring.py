@@ -5,7 +5,7 @@ A *scorer* maps one window of token ids [1, s] to (log-probabilities [s, vocab] 
 vocabulary, executed latent steps [s]); position i predicts token i+1.
 
 * `CheckpointScorer`: the training model's own forward in eval mode (interleaved: Jacobi with
-  the checkpoint's `--jacobi-eval-iters`), latent steps read from its schedule's output.
+  the checkpoint's `--jacobi-eval-iters`), latent steps read from its output.
 * `HFScorer`: `AutoModelForCausalLM` on an exported directory (latent steps from its output).
 
 Perplexity windows (`sliding_window_perplexity`): the file's documents are tokenized as training
@@ -37,26 +37,13 @@ class CheckpointScorer:
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor) -> tuple:
-        """(log-probabilities [s, vocab], latent steps [s]) of one window `ids` [1, s]. The
-        steps are read from the latent schedule's output through a forward hook held for this
-        call only (the model runs exactly as at inference; no hook outlives the call)."""
+        """(log-probabilities [s, vocab], latent steps [s]) of one window `ids` [1, s], both
+        read from the model's output (the model runs exactly as at inference)."""
         ids = ids.to(parallel.device())
         positions = torch.arange(ids.shape[1], device=ids.device)[None]
-        captured = {}
-        schedule = self.trained.model.latent_schedule
-        hook = (
-            None
-            if schedule is None
-            else schedule.register_forward_hook(
-                lambda module, inputs, thoughts: captured.update(steps=thoughts.latent_steps())
-            )
-        )
-        try:
-            logits = self.trained.model(ids, positions)[0, :, : self.trained.vocab_size]
-        finally:
-            if hook is not None:
-                hook.remove()
-        steps = captured["steps"][:, 0] if "steps" in captured else torch.zeros(ids.shape[1])
+        output = self.trained.model(ids, positions)
+        logits = output.logits[0, :, : self.trained.vocab_size]
+        steps = output.latent_steps[0] if output.latent_steps is not None else torch.zeros(ids.shape[1])
         return torch.log_softmax(logits.float(), -1).cpu(), steps.float().cpu()
 
 

@@ -5,7 +5,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron_lcot.model.config import LcotConfig, llama_config
 from megatron_lcot.model.layer_specs import LcotSubmodules, get_lcot_layer_spec, get_lcot_model_spec
 from megatron_lcot.model.lcot_model import LcotGPTModel
-from megatron_lcot.model.loss import LcotOutput
+from megatron_lcot.model.output import LcotOutput
 
 
 def build_lcot_model(

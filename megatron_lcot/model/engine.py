@@ -5,7 +5,7 @@ every pass runs here, whoever calls it:
 
 * single-stage training: `schedule(decoder, token_states, rotary, router)` = the prefill of an
   empty `LatentKVStore`;
-* pipeline stages (pipeline_passes.py): pass k is virtual pipeline chunk k, run on each stage's
+* pipeline stages (parallel/pipeline_passes.py): pass k is virtual pipeline chunk k, run on each stage's
   share of the layers, the halting decision crossing the stages in the payload;
 * cached decoding (inference/decoding.py): the same passes over the new tokens of a batch of
   sequences, appended to a store that persists between calls.

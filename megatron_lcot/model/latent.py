@@ -5,7 +5,7 @@ through the same hooks, and every pass runs through model/engine.py:
 
 * single-stage training calls the schedule as `schedule(decoder, token_states, rotary, router)
   -> LatentThoughts` (`LatentSchedule.forward`: `run_passes` over a fresh `LatentRun`);
-* pipeline stages (pipeline_passes.py) run pass `pass_of_chunk(run, c, V)` as virtual
+* pipeline stages (parallel/pipeline_passes.py) run pass `pass_of_chunk(run, c, V)` as virtual
   pipeline chunk c (`num_passes` chunks), splitting each pass at the stage boundaries:
   `pass_inputs` on the first stage, `run_pass` on every stage, `after_pass` (the halting
   decision, the step states) and `thoughts` on the last;

@@ -15,7 +15,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.loss import LcotOutput, correctness_penalty, penalty_samples
+from megatron_lcot.model.loss import correctness_penalty, penalty_samples
+from megatron_lcot.model.output import LcotOutput
 from megatron_lcot.model.seeded_init import seed_model_init
 
 if TYPE_CHECKING:
@@ -27,7 +28,7 @@ class LcotGPTModel(GPTModel):
 
     Args beyond GPTModel's: `submodules` (LcotSubmodules: decoder layer spec, latent_schedule,
     halting_router). On a pipeline stage (not both pre_process and post_process) the latent
-    passes run as virtual pipeline chunks (pipeline_passes.py), not through `forward`; the
+    passes run as virtual pipeline chunks (parallel/pipeline_passes.py), not through `forward`; the
     router lives on the last stage.
     """
 
@@ -61,7 +62,7 @@ class LcotGPTModel(GPTModel):
         self.halting_router = None
         if config.latent_steps > 0:
             self.latent_schedule = build_module(submodules.latent_schedule, config=config)
-            if post_process:  # the last pipeline stage decides and mixes (pipeline_passes.py)
+            if post_process:  # the last pipeline stage decides and mixes (parallel/pipeline_passes.py)
                 self.halting_router = build_module(submodules.halting_router, config=config)
                 for param in self.halting_router.parameters():
                     # Replicated on tensor-parallel ranks: averaged there like megatron-core's
@@ -75,10 +76,12 @@ class LcotGPTModel(GPTModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         jacobi_iters: int | None = None,
+        return_thoughts: bool = False,
         **gpt_forward_kwargs,
     ):
-        """input_ids, position_ids, labels: [b, s]. Returns logits [b, s, vocab/tp] without
-        labels, an LcotOutput with them, and hidden states on a non-last pipeline stage.
+        """input_ids, position_ids, labels: [b, s]. Returns an LcotOutput (model/output.py):
+        logits without labels, losses with them, latent steps in latent modes, the latent
+        thoughts when `return_thoughts`; a non-last pipeline stage returns its hidden states.
 
         Latent modes build their own masks and slot positions (every slot of token t sits at
         position t); `attention_mask` must be None (causal) there.
@@ -87,8 +90,10 @@ class LcotGPTModel(GPTModel):
             result = super().forward(
                 input_ids, position_ids, attention_mask, labels=labels, **gpt_forward_kwargs
             )
-            if labels is None or not self.post_process:
-                return result
+            if not self.post_process:
+                return result  # [s, b, h]: megatron-core's schedule sends it to the next stage
+            if labels is None:
+                return LcotOutput(logits=result)
             return LcotOutput(loss=result, lm_loss=result)
         if attention_mask is not None or gpt_forward_kwargs:
             raise ValueError("latent modes take no attention_mask or extra GPTModel arguments")
@@ -98,7 +103,8 @@ class LcotGPTModel(GPTModel):
         thoughts = self.latent_schedule(
             self.decoder, token_states, self.rotary_pos_emb, self.halting_router, **schedule_kwargs
         )
-        return self.language_model_output(thoughts, labels)
+        output = self.language_model_output(thoughts, labels)
+        return output._replace(thoughts=thoughts) if return_thoughts else output
 
     def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """[b, s] token ids -> [s, b, h] scaled token embeddings, the input of latent step 0."""
@@ -106,14 +112,18 @@ class LcotGPTModel(GPTModel):
         return token_states * self.config.embedding_scale
 
     def language_model_output(self, thoughts, labels: torch.Tensor | None):
-        """Exit-mass mixture -> head -> logits [b, s, vocab/tp] (no labels) or LcotOutput.
+        """Exit-mass mixture -> head -> LcotOutput: logits [b, s, vocab/tp] (no labels) or losses.
 
         Shared by the one-stage forward and the last pipeline stage's last pass
-        (pipeline_passes.py), so both compute the same loss from the same step states.
+        (parallel/pipeline_passes.py), so both compute the same loss from the same step states.
         """
         logits, _ = self.output_layer(thoughts.output_states())  # [s, b, vocab/tp]
         if labels is None:
-            return logits.transpose(0, 1).contiguous()
+            return LcotOutput(
+                logits=logits.transpose(0, 1).contiguous(),
+                latent_steps=thoughts.latent_steps().transpose(0, 1),
+                expected_latent_steps=thoughts.expected_latent_steps().transpose(0, 1),
+            )
 
         lm_loss = self.compute_language_model_loss(labels, logits)  # [b, s]
         loss = lm_loss

@@ -7,27 +7,10 @@ dataset's loss_mask and averaging happen in the training loop's loss function.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 
 from megatron_lcot.model.halting import LatentThoughts
-
-
-class LcotOutput(NamedTuple):
-    """The model's output when labels are given.
-
-    loss: [b, s] training loss = lm_loss + halting_loss_weight * correctness penalty.
-    lm_loss: [b, s] next-token cross-entropy of the model's output (perplexity uses this).
-    latent_steps: [b, s] executed latent steps per token (None in vanilla mode).
-    expected_latent_steps: [b, s] soft ponder cost, reach summed over executed steps (None in
-        vanilla mode).
-    """
-
-    loss: torch.Tensor
-    lm_loss: torch.Tensor
-    latent_steps: torch.Tensor | None = None
-    expected_latent_steps: torch.Tensor | None = None
 
 
 def penalty_samples(thoughts: LatentThoughts, fraction: float, generator: torch.Generator) -> list:

@@ -50,6 +50,16 @@ def read_config(path: str) -> dict:
     return config
 
 
+def run_zero_stage(parallel_flags) -> int | None:
+    """The ZeRO stage of a run (None without `--deepspeed`: megatron-core DDP), the one reading
+    of it for the engine config, the checkpoint's engine name and the memory estimate.
+    `parallel_flags`: the parsed flags or the RunConfig's parallel section (`deepspeed`,
+    `deepspeed_config`, `zero_stage`)."""
+    if not getattr(parallel_flags, "deepspeed", False):
+        return None
+    return zero_stage_of(parallel_flags.deepspeed_config, parallel_flags.zero_stage)
+
+
 def zero_stage_of(path: str, override: int | None) -> int:
     """The ZeRO stage a run will use: `--zero-stage` when given, else the file's (default 0)."""
     stage = read_config(path).get("zero_optimization", {}).get("stage", 0) if override is None else override
@@ -119,7 +129,7 @@ def effective_config(args) -> dict:
     if args.fp16 and args.loss_scale is not None:
         config["fp16"]["loss_scale"] = args.loss_scale
     config.setdefault("steps_per_print", 2**31 - 1)  # our logger prints; DeepSpeed's would repeat it
-    zero = {**config.get("zero_optimization", {}), "stage": zero_stage_of(path, args.zero_stage)}
+    zero = {**config.get("zero_optimization", {}), "stage": run_zero_stage(args)}
     if zero["stage"] < 2:
         # overlap_comm overlaps the gradient reduce-scatter of stages 2/3; below stage 2 DeepSpeed
         # refuses it without managed accumulation (zero2.json run with --zero-stage 1).

@@ -120,6 +120,10 @@ class DeepSpeedOptimizer:
     def param_groups(self) -> list:
         return self.optimizer.param_groups
 
+    def sync_params(self) -> None:
+        """Nothing to finish: the engine's weights are complete (or, under ZeRO-3, saved as
+        partitions) when `step()` returns."""
+
     def zero_grad(self) -> None:
         self.engine.zero_grad()
 

@@ -39,6 +39,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from megatron_lcot import compat, parallel
 from megatron_lcot.model.halting import is_router_param
+from megatron_lcot.run_config import OptimizerSection
 
 OPTIMIZER_DIRNAME = "optimizer"
 
@@ -197,34 +198,14 @@ class MegatronCoreOptimizer:
     @torch.no_grad()  # the distributed optimizer copies into views of leaf parameters
     def load(self, directory: str) -> None:
         """Read what `save(directory)` wrote, into an optimizer of the same layout (collective).
-
-        megatron-core 0.16.1 on torch's AdamW (no Apex / TE) needs the Adam state allocated
-        before it describes what to load (it reads the step from it), gives every parameter one
-        shared `step` tensor from the param groups, then copies the local (not loaded) step
-        over it with the shards: allocate the state, then give every parameter its own copy of
-        the saved step."""
-        path = os.path.join(directory, OPTIMIZER_DIRNAME)
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        for distributed in chained:
-            adam = distributed.optimizer
-            for param in (param for group in adam.param_groups for param in group["params"]):
-                if not adam.state[param]:
-                    adam.state[param].update(
-                        step=torch.tensor(0.0),
-                        exp_avg=torch.zeros_like(param),
-                        exp_avg_sq=torch.zeros_like(param),
-                    )
+        megatron-core 0.16.1 needs the Adam state prepared around the load
+        (`compat.load_distributed_optimizer`)."""
         with parallel.schedule_device_context():
-            loaded = dist_checkpointing.load(self._sharded_state_dict(is_loading=True), path)
-            self.optimizer.load_state_dict(loaded)
-        saved = loaded if len(chained) == 1 and "optimizer" in loaded else None
-        for index, distributed in enumerate(chained):
-            groups = (saved or loaded[index])["optimizer"]["param_groups"]
-            steps = {group["step"] for group in groups if "step" in group}
-            if len(steps) == 1:
-                step = steps.pop()
-                for entry in distributed.optimizer.state.values():
-                    entry["step"] = torch.tensor(float(step))
+            compat.load_distributed_optimizer(
+                self.optimizer,
+                lambda: self._sharded_state_dict(is_loading=True),
+                os.path.join(directory, OPTIMIZER_DIRNAME),
+            )
 
 
 def build_optimizer(model_parts: list, args):
@@ -237,19 +218,19 @@ def build_optimizer(model_parts: list, args):
     return MegatronCoreOptimizer(model_parts, args)
 
 
-def build_lr_scheduler(optimizer, args) -> OptimizerParamScheduler:
-    """Linear warm-up from 0 over `--lr-warmup-iters`, then `--lr-decay-style` down to
-    `--min-lr` at `--train-iters`; constant weight decay. Stepped once per iteration."""
+def build_lr_scheduler(optimizer, schedule: OptimizerSection, train_iters: int) -> OptimizerParamScheduler:
+    """Linear warm-up from 0 over `schedule.lr_warmup_iters`, then `lr_decay_style` down to
+    `min_lr` at `train_iters`; constant weight decay. Stepped once per iteration."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.train_iters,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        max_lr=schedule.lr,
+        min_lr=schedule.min_lr,
+        lr_warmup_steps=schedule.lr_warmup_iters,
+        lr_decay_steps=train_iters,
+        lr_decay_style=schedule.lr_decay_style,
+        start_wd=schedule.weight_decay,
+        end_wd=schedule.weight_decay,
+        wd_incr_steps=train_iters,
         wd_incr_style="constant",
     )

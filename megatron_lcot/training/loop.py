@@ -40,7 +40,7 @@ from megatron_lcot.checkpoint.checkpointing import (
 )
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
-from megatron_lcot.model.pipeline_passes import pipeline_schedule
+from megatron_lcot.parallel.pipeline_passes import pipeline_schedule
 from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
@@ -202,11 +202,12 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     model_parts = [model]
     if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
         load_model_weights(args.load, model_parts)
+    run_config = RunConfig.from_values(args)
     optimizer = build_optimizer(model_parts, args)
     components = TrainComponents(
         model_parts=model_parts,
         optimizer=optimizer,
-        scheduler=build_lr_scheduler(optimizer, args),
+        scheduler=build_lr_scheduler(optimizer, run_config.optimizer, run_config.training.train_iters),
         forward_step_func=forward_step_func,
     )
     if args.skip_train:
@@ -218,7 +219,6 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
     train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
     if state.iteration < args.train_iters:
         components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
-    run_config = RunConfig.from_values(args)
     components.logger = MetricsLogger(
         run_config.logging,
         run_config.training.train_iters,

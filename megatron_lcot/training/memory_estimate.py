@@ -19,17 +19,13 @@ from dataclasses import asdict
 
 from megatron_lcot.arguments import parse_args, set_padded_vocab_size
 from megatron_lcot.model.memory import DEFAULT_VOCAB_SIZE, TrainingShape, memory_estimate
+from megatron_lcot.parallel.deepspeed_config import run_zero_stage
 
 
 def shape_from_args(args, gpus: int, vocab_size: int, device: str = "cuda") -> TrainingShape:
     """The TrainingShape of parsed pretrain_lcot.py flags on `gpus` GPUs."""
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     dp = max(1, gpus // (tp * pp))
-    zero_stage = None
-    if args.deepspeed:
-        from megatron_lcot.parallel.deepspeed_config import zero_stage_of
-
-        zero_stage = zero_stage_of(args.deepspeed_config, args.zero_stage)
     global_batch = args.global_batch_size or args.micro_batch_size * dp
     return TrainingShape(
         num_layers=args.num_layers,
@@ -49,7 +45,7 @@ def shape_from_args(args, gpus: int, vocab_size: int, device: str = "cuda") -> T
         pipeline_parallel=pp,
         data_parallel=dp,
         num_microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
-        zero_stage=zero_stage,
+        zero_stage=run_zero_stage(args),
         distributed_optimizer=args.use_distributed_optimizer,
         recompute=args.latent_recompute,
         attention_backend=args.core_attention_backend,

@@ -29,6 +29,7 @@ import torch
 from tests.conftest import (
     REPO_ROOT,
     TINY_MODEL_FLAGS,
+    corpus_flags,
     read_checkpoint_weights,
     read_metrics,
     run_pretrain,
@@ -74,16 +75,7 @@ def _flags(dataset: dict, tmp_path) -> list:
         str(f)
         for f in (
             *TINY_MODEL_FLAGS,
-            "--data-path",
-            dataset["prefix"],
-            "--split",
-            "98,2,0",
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            dataset["tokenizer_model"],
-            "--data-cache-path",
-            tmp_path / "cache",
+            *corpus_flags(dataset, tmp_path),
             "--micro-batch-size",
             2,
             "--global-batch-size",

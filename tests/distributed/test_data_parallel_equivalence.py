@@ -21,7 +21,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, read_metrics, run_pretrain
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, corpus_flags, read_metrics, run_pretrain
 from tests.distributed.test_pipeline_equivalence import ADAPTIVE_2, assert_same_run
 
 TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2")
@@ -45,16 +45,7 @@ def _flags(dataset: dict, tmp_path) -> list:
     return [
         *TINY_MODEL_FLAGS,
         *ADAPTIVE_2,
-        "--data-path",
-        dataset["prefix"],
-        "--split",
-        "98,2,0",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        dataset["tokenizer_model"],
-        "--data-cache-path",
-        tmp_path / "cache",
+        *corpus_flags(dataset, tmp_path),
         "--micro-batch-size",
         "2",
         "--global-batch-size",

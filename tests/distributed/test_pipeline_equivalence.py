@@ -4,7 +4,7 @@ pretrain_lcot.py runs 10 iterations (fp32, gloo, SOTU token ids, 4 micro-batches
 one process and under torchrun; the losses, grad norms and latent-step statistics must agree
 within 1e-5 relative. `--use-cpu-initialization` makes the initial weights independent of the
 layout (model/seeded_init.py); latent modes cross the stages as virtual pipeline chunks
-(model/pipeline_passes.py), so any lost gradient path or a wrong last-to-first hand-over shows
+(parallel/pipeline_passes.py), so any lost gradient path or a wrong last-to-first hand-over shows
 here as a loss or grad-norm difference.
 """
 
@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, read_metrics, run_pretrain
+from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, corpus_flags, read_metrics, run_pretrain
 
 TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node")
 TRAIN_ITERS = 10
@@ -24,16 +24,7 @@ TRAIN_ITERS = 10
 def _flags(dataset: dict, tmp_path) -> list:
     return [
         *TINY_MODEL_FLAGS,
-        "--data-path",
-        dataset["prefix"],
-        "--split",
-        "98,2,0",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        dataset["tokenizer_model"],
-        "--data-cache-path",
-        tmp_path / "cache",
+        *corpus_flags(dataset, tmp_path),
         "--micro-batch-size",
         "2",
         "--global-batch-size",

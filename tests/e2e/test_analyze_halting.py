@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, run_pretrain, tool_env
+from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS, corpus_flags, run_pretrain, tool_env
 
 TOOL = os.path.join(REPO_ROOT, "tools", "analyze_halting.py")
 
@@ -39,16 +39,7 @@ def test_spearman_with_ties_matches_hand_count():
 def _train(tmp_path, dataset, name, *extra):
     flags = [
         *TINY_MODEL_FLAGS,
-        "--data-path",
-        dataset["prefix"],
-        "--split",
-        "98,2,0",
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        dataset["tokenizer_model"],
-        "--data-cache-path",
-        str(tmp_path / "cache"),
+        *corpus_flags(dataset, tmp_path),
         "--micro-batch-size",
         "4",
         "--train-iters",

@@ -163,13 +163,9 @@ def _last_json(run) -> dict:
 def _halt_half_the_tokens(model, others: list, ids: list, monkeypatch) -> None:
     """Set --halting-threshold of `model` and `others` to the median reach of the last latent step
     on `ids`, so that about half the tokens stop before it (evaluation prunes at the threshold)."""
-    reach = []
-    hook = model.latent_schedule.register_forward_hook(
-        lambda module, inputs, thoughts: reach.append(thoughts.reach)
-    )
     with torch.no_grad():
-        model(torch.tensor([ids]), torch.arange(len(ids))[None])
-    hook.remove()
+        output = model(torch.tensor([ids]), torch.arange(len(ids))[None], return_thoughts=True)
+    reach = [output.thoughts.reach]
     for each in (model, *others):
         monkeypatch.setattr(each.config, "halting_threshold", float(reach[0][-1].median()))
 
@@ -264,7 +260,7 @@ def test_loglikelihood_rolling_equals_evaluate_input(
     begin = next(w * stride for w in range(n) if w * stride + seq > n)  # the window that scores target n
     with torch.no_grad():
         window = torch.tensor([stream[begin:]])
-        logits = adapter.trained.model(window, torch.arange(window.shape[1])[None])[
+        logits = adapter.trained.model(window, torch.arange(window.shape[1])[None]).logits[
             0, -1, : adapter.trained.vocab_size
         ]
     eod_nll = -float(torch.log_softmax(logits.float(), -1)[adapter.eod])

@@ -134,7 +134,7 @@ def test_task_scores_match_hand_computation_and_exported_copy(trained_checkpoint
     def loglik(context, continuation):
         whole, head = tokenize(context + continuation), tokenize(context)
         with torch.no_grad():
-            logits = trained.model(torch.tensor([whole]), torch.arange(len(whole))[None])[
+            logits = trained.model(torch.tensor([whole]), torch.arange(len(whole))[None]).logits[
                 0, :, : trained.vocab_size
             ]
         logprobs = torch.log_softmax(logits, -1)

@@ -117,7 +117,7 @@ def test_vanilla_equals_megatron_gptmodel(batch):
     gpt.load_state_dict(model.state_dict(), strict=True)
     gpt.eval()
     with torch.no_grad():
-        logits = model(ids, positions(), attention_mask=None)
+        logits = model(ids, positions(), attention_mask=None).logits
         want = gpt(ids, positions(), attention_mask=None)
         out = model(ids, positions(), attention_mask=None, labels=labels)
         want_loss = gpt(ids, positions(), attention_mask=None, labels=labels)
@@ -137,7 +137,7 @@ def test_stepwise_fixed_k_equals_naive_reference(batch):
     K = 2
     model = build(lcot_config(latent_steps=K, latent_layout="stepwise", halting="none"))
     with torch.no_grad():
-        logits = model(ids, positions())
+        logits = model(ids, positions()).logits
         out = model(ids, positions(), labels=labels)
         want = ref.stepwise_logits(ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale)
     assert max_abs(logits, want) < 1e-4
@@ -157,7 +157,7 @@ def test_adaptive_equals_naive_reference(batch):
     with torch.no_grad():
         want = ref_adaptive(model, ids, labels)
         assert_real_halting_mix(want, model.config.halting_threshold)
-        logits = model(ids, positions())
+        logits = model(ids, positions()).logits
         out = model(ids, positions(), labels=labels)
     assert max_abs(logits, want.logits) < 1e-4
     assert torch.equal(out.latent_steps.long(), want.latent_steps)
@@ -179,7 +179,7 @@ def test_adaptive_extremes(batch, router_bias):
     c = model.config
     with torch.no_grad():
         out = model(ids, positions(), labels=labels)
-        logits = model(ids, positions())
+        logits = model(ids, positions()).logits
         want = ref_adaptive(model, ids, labels)
         w = ref.NaiveWeights.from_model(model)
         if router_bias < 0:
@@ -203,7 +203,7 @@ def test_interleaved_jacobi_equals_naive_jacobi(batch, jacobi_iters):
     K = 2
     model = build(lcot_config(latent_steps=K, latent_layout="interleaved"))
     with torch.no_grad():
-        logits = model(ids, positions(), jacobi_iters=jacobi_iters)
+        logits = model(ids, positions(), jacobi_iters=jacobi_iters).logits
         out = model(ids, positions(), labels=labels, jacobi_iters=jacobi_iters)
         want = ref.interleaved_jacobi_logits(
             ref.NaiveWeights.from_model(model), ids, K, jacobi_iters, model.config.embedding_scale
@@ -219,7 +219,7 @@ def test_interleaved_converged_equals_sequential_decoding(batch):
     K = 2
     model = build(lcot_config(latent_steps=K, latent_layout="interleaved"))
     with torch.no_grad():
-        logits = model(ids, positions(), jacobi_iters=T * (K + 1))
+        logits = model(ids, positions(), jacobi_iters=T * (K + 1)).logits
         want = ref.interleaved_sequential_logits(
             ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale
         )

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from megatron_lcot.model.halting import is_router_param, set_training_iteration
+from megatron_lcot.run_config import OptimizerSection, section_from_values
 from tests.reference.helpers import init_megatron, real_token_batch, single_thread_fixture
 
 _single_thread = single_thread_fixture()
@@ -160,7 +161,7 @@ def test_router_parameters_get_their_own_group():
         deepspeed=False,
     )
     optimizer = build_optimizer([model], args)
-    scheduler = build_lr_scheduler(optimizer, args)
+    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
     scheduler.step(1)
     router_params = [model.halting_router.weight, model.halting_router.bias]
     (router,) = [g for g in optimizer.param_groups if any(p is router_params[0] for p in g["params"])]

@@ -67,7 +67,7 @@ def exported(trained_checkpoints, tmp_path_factory, sotu_indexed_dataset):
         trained = load_trained_model(checkpoint)
         ids = trained.tokenizer.tokenize(text)[:WINDOW]
         with torch.no_grad():
-            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])
+            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None]).logits
         greedy = generate_ids(
             trained, [trained.tokenizer.tokenize(PROMPT)], NEW_TOKENS, SamplingParams(greedy=True)
         )

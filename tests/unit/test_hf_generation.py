@@ -35,7 +35,7 @@ def _full_logits(trained, ids):
     if trained.config.model.latent_layout == "interleaved" and trained.config.model.latent_steps > 0:
         kwargs["jacobi_iters"] = len(ids) * (trained.config.model.latent_steps + 1)  # the exact fixed point
     with torch.no_grad():
-        return trained.model(torch.tensor([ids]), torch.arange(len(ids))[None], **kwargs)[
+        return trained.model(torch.tensor([ids]), torch.arange(len(ids))[None], **kwargs).logits[
             0, -1, : trained.vocab_size
         ]
 

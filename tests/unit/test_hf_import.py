@@ -69,7 +69,7 @@ def _our_logits(checkpoint, ids):
 
     trained = load_trained_model(str(checkpoint))
     with torch.no_grad():
-        return trained.model(ids, torch.arange(ids.shape[1])[None])[..., : trained.vocab_size], trained
+        return trained.model(ids, torch.arange(ids.shape[1])[None]).logits[..., : trained.vocab_size], trained
 
 
 @pytest.mark.parametrize("latent", [{}, {"latent_steps": 2, "halting": "adaptive"}])

@@ -91,7 +91,7 @@ def workflow(halting_checkpoint, trained_checkpoints, sotu_indexed_dataset, tmp_
         ids = held_out_ids(sotu_indexed_dataset, trained.tokenizer.tokenize, WINDOW)
         log_probs, steps = CheckpointScorer(trained)(torch.tensor([ids]))
         with torch.no_grad():
-            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None])[
+            logits = trained.model(torch.tensor([ids]), torch.arange(WINDOW)[None]).logits[
                 0, :, : trained.vocab_size
             ]
         completion = generate(trained, [PROMPT], NEW_TOKENS, SamplingParams(greedy=True))

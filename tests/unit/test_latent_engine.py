@@ -56,7 +56,7 @@ def test_custom_schedule_trains_single_stage_as_the_naive_reference():
     assert isinstance(model.latent_schedule, ResidualThoughtSchedule)
     ids = torch.randint(0, VOCAB, (batch, tokens), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        logits = model(ids, torch.arange(tokens).expand(batch, tokens))
+        logits = model(ids, torch.arange(tokens).expand(batch, tokens)).logits
         want = naive_residual_logits(ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale)
         plain = ref.stepwise_logits(ref.NaiveWeights.from_model(model), ids, K, model.config.embedding_scale)
     assert max_abs(logits, want) < 1e-4
@@ -86,7 +86,7 @@ def test_custom_schedule_decodes_with_the_cache_as_its_full_forward():
         for t in range(prompt, ids.shape[1] + 1):
             for row, start in ((0, 0), (1, 2)):
                 prefix = ids[row : row + 1, start:t]
-                full = model(prefix, torch.arange(prefix.shape[1])[None])[0, -1]
+                full = model(prefix, torch.arange(prefix.shape[1])[None]).logits[0, -1]
                 assert max_abs(logits[row, -1], full) < 1e-4, (t, row)
             steps_seen.update((steps[valid] if t == prompt else steps.flatten()).tolist())
             if t < ids.shape[1]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_lcot.model.pipeline_passes import (
+from megatron_lcot.parallel.pipeline_passes import (
     InjectGrads,
     halting_rows,
     hand_over,

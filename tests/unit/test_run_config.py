@@ -79,7 +79,7 @@ def test_from_values_reads_every_section_by_name_and_sections_are_frozen():
 def _logits(trained) -> torch.Tensor:
     tokens = (torch.arange(16) % 60).view(1, 16)
     with torch.no_grad():
-        return trained.model(tokens, torch.arange(16).view(1, 16), attention_mask=None)
+        return trained.model(tokens, torch.arange(16).view(1, 16), attention_mask=None).logits
 
 
 def test_a_checkpoint_of_flags_only_loads_and_is_saved_again_with_its_run_config(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from megatron_lcot.data.datasets import PretrainingSampler
 from megatron_lcot.model import LcotOutput
+from megatron_lcot.run_config import OptimizerSection, section_from_values
 from megatron_lcot.training.metrics import summarize, token_statistics
 from megatron_lcot.training.state import TrainState
 
@@ -96,7 +97,8 @@ def tiny_training_state():
         llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
     )
     optimizer = build_optimizer([model], args)
-    return args, model, optimizer, build_lr_scheduler(optimizer, args)
+    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
+    return args, model, optimizer, scheduler
 
 
 def _components(model, optimizer, scheduler):
@@ -162,7 +164,8 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
     assert checkpointing.latest_iteration(str(tmp_path)) == 1
     assert not os.path.exists(tmp_path / "iter_0000002")
 
-    fresh_scheduler = build_lr_scheduler(optimizer, args)  # as a new process has
+    schedule = section_from_values(OptimizerSection, args)
+    fresh_scheduler = build_lr_scheduler(optimizer, schedule, args.train_iters)  # as a new process has
     restored = _components(model, optimizer, fresh_scheduler)
     loaded = checkpointing.load_checkpoint(str(tmp_path), restored, args, TrainState())
     assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
@@ -278,7 +281,7 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
         return [main for opt in inner for group in opt.fp32_from_float16_groups for main in group]
 
     model, optimizer = build()
-    scheduler = build_lr_scheduler(optimizer, args)
+    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
     before = main_weights(optimizer)[0].clone()
     for _ in range(3):
         _train_one_step(model, optimizer, scheduler)
@@ -308,7 +311,8 @@ def test_distributed_optimizer_state_round_trips(tiny_training_state, tmp_path):
             llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
         )
         optimizer = build_optimizer([model], args)
-        return model, optimizer, build_lr_scheduler(optimizer, args)
+        schedule = section_from_values(OptimizerSection, args)
+        return model, optimizer, build_lr_scheduler(optimizer, schedule, args.train_iters)
 
     model, optimizer, scheduler = build()
     for _ in range(2):
