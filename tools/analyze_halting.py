@@ -257,7 +257,9 @@ def analyze(args) -> dict:
         "spearman_steps_vs_first_step_nll": spearman(steps, data["first_step_nll"]),
         "spearman_steps_vs_nll": spearman(steps, data["nll"]),
         "mean_steps_by_nll_decile": deciles,
-        "hardest_quintile_step_share_by_first_step_nll": hardest_quintile_share(steps, data["first_step_nll"]),
+        "hardest_quintile_step_share_by_first_step_nll": hardest_quintile_share(
+            steps, data["first_step_nll"]
+        ),
         "hardest_quintile_step_share_by_nll": hardest_quintile_share(steps, data["nll"]),
     }
     if "reference_nll" in data:

@@ -40,8 +40,8 @@ from megatron_lcot.checkpoint.checkpointing import (
 )
 from megatron_lcot.data.datasets import build_data_iterator
 from megatron_lcot.model.halting import set_training_iteration
-from megatron_lcot.parallel.pipeline_passes import pipeline_schedule
 from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
+from megatron_lcot.parallel.pipeline_passes import pipeline_schedule
 from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
