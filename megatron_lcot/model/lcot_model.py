@@ -82,8 +82,8 @@ class LcotGPTModel(GPTModel):
         """input_ids, position_ids, labels: [b, s]. Returns logits [b, s, vocab/tp] without
         labels, an LcotOutput with them, and hidden states on a non-last pipeline stage.
 
-        halting: the training iteration's halting settings (`HaltingSchedule.at`, handed by the
-        training loop); ignored in eval mode and None otherwise: the final settings.
+        halting: the training iteration's HaltingSettings (`HaltingSchedule.at`), handed by the
+        training loop; in eval mode, or when None, the final settings (`HaltingSchedule.final`).
 
         Latent modes build their own masks and slot positions (every slot of token t sits at
         position t); `attention_mask` must be None (causal) there.
