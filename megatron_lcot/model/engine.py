@@ -217,11 +217,12 @@ class LatentRun:
     _table: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
-    def start(cls, token_states, rotary, positions, batch: int, store=None, valid=None):
-        """A run over the new tokens at positions [n] or [n, b]; valid [b, n] (decoding's padding)."""
+    def start(cls, token_states, rotary, positions, batch: int, store=None, valid=None, threshold=None):
+        """A run over the new tokens at positions [n] or [n, b]; valid [b, n] (decoding's padding);
+        threshold: the halting tau of this forward (None: the configured one)."""
         store = LatentKVStore() if store is None else store
         valid_tokens = None if valid is None else valid.t()
-        halting = HaltingState((positions.shape[0], batch), positions.device, valid_tokens)
+        halting = HaltingState((positions.shape[0], batch), positions.device, valid_tokens, threshold)
         return cls(token_states, rotary, positions, store, halting, valid)
 
     @property

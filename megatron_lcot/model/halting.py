@@ -2,9 +2,8 @@
 
 A router is a spec'd submodule (`LcotSubmodules.halting_router`), a `HaltingRouter` with one
 method: `router(step_state [s, b, h], step k) -> continue_prob [s, b]` (fp32), the probability
-g(t, k) that token t runs step k+1 given the final-normed output of its step k; the base class
-adds the training recipe's warm-up (`threshold()`, `loss_weight()`). Swapping the spec swaps the
-rule. What follows from the gates is written once here, for every schedule and consumer
+g(t, k) that token t runs step k+1 given the final-normed output of its step k. Swapping the
+spec swaps the rule. What follows from the gates is written once here, for every schedule and consumer
 (model/engine.py): `HaltingState` (reach, executed steps, the decision and its tensor-parallel
 agreement, the live tokens of the next pass), `LatentThoughts` (the exit-mass mixture) and
 `LivePacking` (the live tokens packed across the micro-batch) (docs/method.md).
@@ -25,57 +24,8 @@ from megatron_lcot.model.config import LcotConfig
 
 
 class HaltingRouter(MegatronModule):
-    """Base of every router: what the halting recipe needs beside the gates.
-
-    `training_iteration` is set by the training loop before each step
-    (`set_training_iteration`); it drives the halting warm-up (`--halting-warmup-iters` W):
-    while a training step's iteration i is below W the correctness-aware penalty weight ramps
-    linearly, lambda i / W, and nothing is pruned (every token runs every step, so each gate gets
-    gradient from every token: a pruned token gives its gate none and could never come back), or,
-    with `--halting-warmup-ramp-threshold`, tokens are pruned at the ramped threshold tau i / W,
-    so the warm-up's cost falls as the router learns to halt. Evaluation and inference always
-    prune at `halting_threshold` (what decoding does).
-    """
-
-    def __init__(self, config: LcotConfig):
-        super().__init__(config=config)
-        self.training_iteration = None  # None: not under the training loop (tools, tests)
-
-    def in_warmup(self) -> bool:
-        return (
-            self.training
-            and self.training_iteration is not None
-            and self.training_iteration < self.config.halting_warmup_iters
-        )
-
-    def _ramped(self, value: float) -> float:
-        """value i / W during the warm-up, value outside it."""
-        if self.in_warmup():
-            return value * self.training_iteration / self.config.halting_warmup_iters
-        return value
-
-    def threshold(self) -> float:
-        """tau for this forward: during the warm-up 0 (no pruning), or tau i / W when ramped."""
-        if self.in_warmup() and not self.config.halting_warmup_ramp_threshold:
-            return 0.0
-        return self._ramped(self.config.halting_threshold)
-
-    def loss_weight(self) -> float:
-        """lambda for this forward: lambda i / W during the warm-up."""
-        return self._ramped(self.config.halting_loss_weight)
-
-    def penalty_fraction(self) -> float:
-        """Share of executed tokens whose correctness penalty is computed (loss.py): the
-        configured share in training, every token in evaluation."""
-        return self.config.halting_penalty_fraction if self.training else 1.0
-
-    def penalty_generator(self, device) -> torch.Generator:
-        """The penalty sample's generator, seeded by the run's seed and the training iteration:
-        the same sample on every tensor-parallel rank (the vocab-parallel head needs it) and again
-        after a resume."""
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.config.seed * 1_000_003 + (self.training_iteration or 0))
-        return generator
+    """Base of every router. The halting recipe's iteration-dependent settings (warm-up, penalty
+    sample) are not the router's: the model's forward takes them (halting_schedule.py)."""
 
 
 class LinearHaltingRouter(HaltingRouter):
@@ -109,14 +59,6 @@ class NoHalting(HaltingRouter):
 
     def forward(self, step_state: torch.Tensor, step: int) -> torch.Tensor:
         return step_state.new_ones(step_state.shape[:-1], dtype=torch.float32)
-
-
-def set_training_iteration(model: torch.nn.Module, iteration: int) -> None:
-    """The training loop's one call per step: tell every router which iteration runs next
-    (0-based), so the halting warm-up follows the loop's own counter (and a resumed run)."""
-    for module in model.modules():
-        if isinstance(module, HaltingRouter):
-            module.training_iteration = iteration
 
 
 def is_router_param(name: str, param: torch.nn.Parameter) -> bool:
@@ -227,13 +169,16 @@ class HaltingState:
     """Reach, executed steps and the next pass's live tokens of one forward (one micro-batch).
 
     shape: (n, b) tokens; valid: [n, b] bool real tokens (decoding's padding; None: all): a
-    padded token never executes a latent step. Pass 0 runs every token. After pass k the last
-    pipeline stage (or the one process) calls `decide`; other stages `receive` the decision.
+    padded token never executes a latent step; threshold: this forward's tau (the training
+    iteration's, halting_schedule.py; None: `halting_threshold`). Pass 0 runs every token.
+    After pass k the last pipeline stage (or the one process) calls `decide`; other stages
+    `receive` the decision.
     Each decision costs one host synchronisation (the live counts that size the next pass) and
     one collective (the tensor-parallel agreement).
     """
 
-    def __init__(self, shape: tuple, device, valid: torch.Tensor | None = None):
+    def __init__(self, shape: tuple, device, valid: torch.Tensor | None = None, threshold=None):
+        self.threshold = threshold  # tau of this forward (HaltingSettings); None: the configured one
         everyone = torch.ones(shape, dtype=torch.bool, device=device)
         self.reach = [everyone.float()]  # reach and exit mass in fp32
         self.executed = [everyone]
@@ -250,7 +195,8 @@ class HaltingState:
         into different executed steps (different KV per head shard, mismatched collectives), so a
         token executes only where every tensor-parallel rank says so (a MIN all-reduce)."""
         self.reach.append(self.reach[-1] * router(step_state, step))
-        executing = self.executed[-1] & (self.reach[-1].detach() >= router.threshold())
+        threshold = router.config.halting_threshold if self.threshold is None else self.threshold
+        executing = self.executed[-1] & (self.reach[-1].detach() >= threshold)
         if self.valid is not None:
             executing = executing & self.valid
         if parallel_state.model_parallel_is_initialized():

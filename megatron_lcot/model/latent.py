@@ -46,10 +46,11 @@ class LatentSchedule(MegatronModule):
     def __init__(self, config: LcotConfig):
         super().__init__(config=config)
 
-    def forward(self, decoder, token_states, rotary, router, **start) -> LatentThoughts:
-        """token_states [T, b, h] scaled embeddings; rotary: the model's RotaryEmbedding."""
+    def forward(self, decoder, token_states, rotary, router, threshold=None, **start) -> LatentThoughts:
+        """token_states [T, b, h] scaled embeddings; rotary: the model's RotaryEmbedding;
+        threshold: this forward's halting tau (HaltingSettings)."""
         positions = torch.arange(token_states.shape[0], device=token_states.device)
-        run = LatentRun.start(token_states, rotary, positions, token_states.shape[1])
+        run = LatentRun.start(token_states, rotary, positions, token_states.shape[1], threshold=threshold)
         self.start(run, **start)
         return self.run_passes(run, decoder, router)
 

@@ -15,6 +15,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_lcot.model.config import LcotConfig
+from megatron_lcot.model.halting_schedule import HaltingSchedule, HaltingSettings
 from megatron_lcot.model.loss import correctness_penalty, penalty_samples
 from megatron_lcot.model.output import LcotOutput
 from megatron_lcot.model.seeded_init import seed_model_init
@@ -77,11 +78,15 @@ class LcotGPTModel(GPTModel):
         labels: torch.Tensor | None = None,
         jacobi_iters: int | None = None,
         return_thoughts: bool = False,
+        halting: HaltingSettings | None = None,
         **gpt_forward_kwargs,
     ):
         """input_ids, position_ids, labels: [b, s]. Returns an LcotOutput (model/output.py):
         logits without labels, losses with them, latent steps in latent modes, the latent
         thoughts when `return_thoughts`; a non-last pipeline stage returns its hidden states.
+
+        halting: the training iteration's HaltingSettings (`HaltingSchedule.at`), handed by the
+        training loop; in eval mode, or when None, the final settings (`HaltingSchedule.final`).
 
         Latent modes build their own masks and slot positions (every slot of token t sits at
         position t); `attention_mask` must be None (causal) there.
@@ -100,19 +105,33 @@ class LcotGPTModel(GPTModel):
 
         token_states = self.embed_tokens(input_ids, position_ids)
         schedule_kwargs = {} if jacobi_iters is None else {"jacobi_iters": jacobi_iters}
+        halting = self.halting_settings(halting)
         thoughts = self.latent_schedule(
-            self.decoder, token_states, self.rotary_pos_emb, self.halting_router, **schedule_kwargs
+            self.decoder,
+            token_states,
+            self.rotary_pos_emb,
+            self.halting_router,
+            threshold=halting.threshold,
+            **schedule_kwargs,
         )
-        output = self.language_model_output(thoughts, labels)
+        output = self.language_model_output(thoughts, labels, halting)
         return output._replace(thoughts=thoughts) if return_thoughts else output
+
+    def halting_settings(self, halting: HaltingSettings | None) -> HaltingSettings:
+        """The settings a forward uses: the training iteration's in training mode when handed,
+        the final ones otherwise (evaluation and inference prune as decoding does)."""
+        if halting is not None and self.training:
+            return halting
+        return HaltingSchedule(self.config).final()
 
     def embed_tokens(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """[b, s] token ids -> [s, b, h] scaled token embeddings, the input of latent step 0."""
         token_states = self.embedding(input_ids=input_ids, position_ids=position_ids)
         return token_states * self.config.embedding_scale
 
-    def language_model_output(self, thoughts, labels: torch.Tensor | None):
-        """Exit-mass mixture -> head -> LcotOutput: logits [b, s, vocab/tp] (no labels) or losses.
+    def language_model_output(self, thoughts, labels: torch.Tensor | None, halting: HaltingSettings):
+        """Exit-mass mixture -> head -> LcotOutput: logits [b, s, vocab/tp] (no labels) or losses;
+        the adaptive loss adds the penalty weighted and sampled as `halting` says.
 
         Shared by the one-stage forward and the last pipeline stage's last pass
         (parallel/pipeline_passes.py), so both compute the same loss from the same step states.
@@ -128,14 +147,13 @@ class LcotGPTModel(GPTModel):
         lm_loss = self.compute_language_model_loss(labels, logits)  # [b, s]
         loss = lm_loss
         if self.config.adaptive:
-            router = self.halting_router
             samples = penalty_samples(
-                thoughts, router.penalty_fraction(), router.penalty_generator(labels.device)
+                thoughts, halting.penalty_fraction, halting.penalty_generator(labels.device)
             )
             penalty = correctness_penalty(
                 thoughts, samples, self.gold_probabilities(thoughts, labels, samples)
             )
-            loss = lm_loss + router.loss_weight() * penalty
+            loss = lm_loss + halting.loss_weight * penalty
         return LcotOutput(
             loss=loss,
             lm_loss=lm_loss,

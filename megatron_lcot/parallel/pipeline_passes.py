@@ -147,21 +147,24 @@ class StagePasses:
         self.micro_batches: dict = {}
         self.chunks = [PassChunk(self, index) for index in range(num_passes)]
 
-    def _run(self, index: int, input_ids) -> LatentRun:
+    def _run(self, index: int, input_ids, threshold: float) -> LatentRun:
         micro_batch = self.forwards[index]
         self.forwards[index] += 1
         if index == 0:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-            run = LatentRun.start(None, self.model.rotary_pos_emb, positions, input_ids.shape[0])
+            run = LatentRun.start(
+                None, self.model.rotary_pos_emb, positions, input_ids.shape[0], threshold=threshold
+            )
             self.schedule.start(run)
             self.micro_batches[micro_batch] = run
         if index == self.num_passes - 1:
             return self.micro_batches.pop(micro_batch)
         return self.micro_batches[micro_batch]
 
-    def forward(self, index: int, received, input_ids, position_ids, labels):
+    def forward(self, index: int, received, input_ids, position_ids, labels, halting):
         model, schedule = self.model, self.schedule
-        run = self._run(index, input_ids)
+        halting = model.halting_settings(halting)
+        run = self._run(index, input_ids, halting.threshold)
         step = schedule.pass_of_chunk(run, index, self.num_passes)
         if step is None:  # a pass this micro-batch did not draw: its payload passes through
             return received.clone()
@@ -182,7 +185,7 @@ class StagePasses:
         last_chunk = index == self.num_passes - 1
         if model.post_process and last_chunk:
             schedule.after_pass(run, step, outputs, model.halting_router)
-            output = model.language_model_output(schedule.thoughts(run), labels)
+            output = model.language_model_output(schedule.thoughts(run), labels, halting)
             if received is None or labels is None or not torch.is_grad_enabled():
                 return output
             return output._replace(loss=KeepInputGradient.apply(output.loss, received))
@@ -214,8 +217,8 @@ class PassChunk(torch.nn.Module):
     def set_input_tensor(self, input_tensor) -> None:
         self.received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
-    def forward(self, input_ids, position_ids, attention_mask=None, labels=None):
-        return self.passes.forward(self.index, self.received, input_ids, position_ids, labels)
+    def forward(self, input_ids, position_ids, attention_mask=None, labels=None, halting=None):
+        return self.passes.forward(self.index, self.received, input_ids, position_ids, labels, halting)
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ from megatron_lcot.checkpoint.checkpointing import (
     save_checkpoint,
 )
 from megatron_lcot.data.datasets import build_data_iterator
-from megatron_lcot.model.halting import set_training_iteration
+from megatron_lcot.model.halting_schedule import HaltingSchedule, HaltingSettings
 from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.parallel.pipeline_passes import pipeline_schedule
 from megatron_lcot.run_config import RunConfig
@@ -53,9 +54,12 @@ def _is_logging_rank() -> bool:
     return dist.get_rank() == dist.get_world_size() - 1
 
 
-def _run_schedule(components: TrainComponents, data_iterator, args, forward_only: bool):
+def _run_schedule(
+    components: TrainComponents, data_iterator, args, forward_only: bool, halting: HaltingSettings | None
+):
     """One global batch through the pipeline schedule; the statistics summed over this
-    rank's micro-batches and the data-parallel group (None off the last pipeline stage)."""
+    rank's micro-batches and the data-parallel group (None off the last pipeline stage).
+    halting: the training iteration's settings, handed to every micro-batch's forward."""
     with (
         parallel.schedule_device_context(),
         pipeline_schedule(
@@ -63,7 +67,7 @@ def _run_schedule(components: TrainComponents, data_iterator, args, forward_only
         ) as schedule,
     ):
         per_microbatch = schedule.forward_backward_func(
-            forward_step_func=components.forward_step_func,
+            forward_step_func=partial(components.forward_step_func, halting=halting),
             data_iterator=schedule.data_iterator,
             model=schedule.model,
             num_microbatches=args.num_microbatches,
@@ -95,19 +99,21 @@ def evaluate(components: TrainComponents, args) -> dict | None:
     total = None
     with torch.no_grad():
         for _ in range(args.eval_iters):
-            stats = _run_schedule(components, data_iterator, args, forward_only=True)
+            stats = _run_schedule(components, data_iterator, args, forward_only=True, halting=None)
             total = stats if total is None else total + stats
     components.train(True)
     return summarize(total) if total is not None else None
 
 
-def train_step(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> tuple:
-    """One optimizer step on one global batch: (summed statistics or None, grad norm, lr used,
-    the ranks' StepVerdict). No update and no LR step when the loss or grad norm is not
-    finite; `state` counts those steps."""
+def train_step(
+    state: TrainState, components: TrainComponents, guard: RunGuard, args, halting: HaltingSettings
+) -> tuple:
+    """One optimizer step on one global batch at the halting settings `halting`: (summed
+    statistics or None, grad norm, lr used, the ranks' StepVerdict). No update and no LR step
+    when the loss or grad norm is not finite; `state` counts those steps."""
     optimizer = components.optimizer
     optimizer.zero_grad()
-    stats = _run_schedule(components, components.train_iterator, args, forward_only=False)
+    stats = _run_schedule(components, components.train_iterator, args, forward_only=False, halting=halting)
     lr = optimizer.param_groups[0]["lr"]
     verdict = guard.agree(summarize(stats)["loss"] if stats is not None else None)
     grad_norm = optimizer.step() if verdict.loss_is_finite else math.nan
@@ -140,12 +146,13 @@ def train(state: TrainState, components: TrainComponents, guard: RunGuard, args)
     tokens_per_iteration = args.global_batch_size * args.seq_length
     flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
+    # the halting settings follow the loop's own counter (also right after a resume)
+    halting_schedule = HaltingSchedule(components.model_parts[0].config)
     run_start = time.perf_counter()
     while state.iteration < args.train_iters:
         step_start = time.perf_counter()
-        for part in components.model_parts:  # halting warm-up (also right after a resume)
-            set_training_iteration(part, state.iteration)
-        stats, grad_norm, lr, verdict = train_step(state, components, guard, args)
+        halting = halting_schedule.at(state.iteration)
+        stats, grad_norm, lr, verdict = train_step(state, components, guard, args, halting)
         state.iteration += 1
         state.consumed_train_samples += args.global_batch_size
         interval_seconds += time.perf_counter() - step_start

@@ -54,10 +54,13 @@ def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
     return loss_sum, num_tokens, {"stats": token_statistics(output, loss_mask, max_latent_steps)}
 
 
-def forward_step(args, data_iterator, model):
-    """Run one micro-batch: (LcotOutput or stage output, loss_func)."""
+def forward_step(args, data_iterator, model, halting=None):
+    """Run one micro-batch: (LcotOutput or stage output, loss_func). halting: the training
+    iteration's HaltingSettings (the loop's HaltingSchedule; None in evaluation)."""
     batch = {
         key: value.to(parallel.device(), non_blocking=True) for key, value in next(data_iterator).items()
     }
-    output = model(batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"])
+    output = model(
+        batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"], halting=halting
+    )
     return output, partial(loss_func, args.latent_steps, batch["loss_mask"])

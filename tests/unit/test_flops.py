@@ -109,6 +109,7 @@ def test_training_count_matches_flop_counter_on_the_model(mode):
     """fwd + bwd of the real model under FlopCounterMode (aten.mm) vs our count without the
     ops it cannot see: equal."""
     from megatron_lcot.model import build_lcot_model
+    from megatron_lcot.model.halting_schedule import HaltingSchedule
 
     vocab, seq, batch = 320, 16, 2
     config = llama_config(
@@ -124,7 +125,8 @@ def test_training_count_matches_flop_counter_on_the_model(mode):
     ids, labels = real_token_batch(batch, seq, vocab)
     counter = FlopCounterMode(display=False)
     with counter:
-        output = model(ids, torch.arange(seq).expand(batch, seq), labels=labels)
+        halting = HaltingSchedule(config).at(0)  # a training step's settings, as the loop hands them
+        output = model(ids, torch.arange(seq).expand(batch, seq), labels=labels, halting=halting)
         output.loss.sum().backward()
         if config.adaptive:  # every token ran every step (fresh router: continue prob 0.9)
             assert output.latent_steps.min().item() == config.latent_steps

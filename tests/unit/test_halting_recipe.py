@@ -10,7 +10,8 @@ import argparse
 import pytest
 import torch
 
-from megatron_lcot.model.halting import is_router_param, set_training_iteration
+from megatron_lcot.model.halting import is_router_param
+from megatron_lcot.model.halting_schedule import HaltingSchedule
 from megatron_lcot.run_config import OptimizerSection, section_from_values
 from tests.reference.helpers import init_megatron, real_token_batch, single_thread_fixture
 
@@ -42,18 +43,20 @@ def adaptive_model(warmup: int, threshold: float = 0.85, loss_weight: float = 0.
     return build_lcot_model(config, vocab_size=VOCAB, max_sequence_length=64)
 
 
-def forward(model):
+def forward(model, iteration=None):
+    """The model's forward as the training loop calls it at `iteration` (None: as evaluation and
+    tools call it, no settings handed)."""
+    halting = None if iteration is None else HaltingSchedule(model.config).at(iteration)
     ids, labels = real_token_batch(B, T, VOCAB)
-    return model(ids, torch.arange(T).expand(B, T), labels=labels)
+    return model(ids, torch.arange(T).expand(B, T), labels=labels, halting=halting)
 
 
 def test_no_pruning_during_warmup_then_the_threshold_applies():
     model = adaptive_model(warmup=4).train()
     for iteration, expected_steps in [(0, 2.0), (3, 2.0), (4, 1.0), (50, 1.0)]:
-        set_training_iteration(model, iteration)
-        assert forward(model).latent_steps.unique().tolist() == [expected_steps], iteration
-    set_training_iteration(model, 0)
+        assert forward(model, iteration).latent_steps.unique().tolist() == [expected_steps], iteration
     model.eval()  # evaluation and inference prune as decoding does, warm-up or not
+    assert forward(model, 0).latent_steps.unique().tolist() == [1.0]
     assert forward(model).latent_steps.unique().tolist() == [1.0]
 
 
@@ -63,11 +66,9 @@ def test_ramped_threshold_prunes_at_tau_i_over_w_during_warmup():
     warm-up (0.95) no latent step runs; without the ramp iteration 9 runs both."""
     model = adaptive_model(warmup=10, threshold=0.95, halting_warmup_ramp_threshold=True).train()
     for iteration, expected_steps in [(0, 2.0), (5, 2.0), (9, 1.0), (10, 0.0)]:
-        set_training_iteration(model, iteration)
-        assert forward(model).latent_steps.unique().tolist() == [expected_steps], iteration
+        assert forward(model, iteration).latent_steps.unique().tolist() == [expected_steps], iteration
     model.config.halting_warmup_ramp_threshold = False
-    set_training_iteration(model, 9)
-    assert forward(model).latent_steps.unique().tolist() == [2.0]
+    assert forward(model, 9).latent_steps.unique().tolist() == [2.0]
 
 
 def test_sampled_penalty_keeps_the_expectation():
@@ -75,14 +76,12 @@ def test_sampled_penalty_keeps_the_expectation():
     tokens (scaled by 2); over 300 draws (seeded by the iteration) the mean penalty equals the
     full one, per token within 25% and in total within 3%."""
     model = adaptive_model(warmup=0, threshold=0.0).train()
-    set_training_iteration(model, 0)
-    full = forward(model)
+    full = forward(model, 0)
     penalty_full = full.loss - full.lm_loss
     model.config.halting_penalty_fraction = 0.5
     draws = []
     for iteration in range(300):
-        set_training_iteration(model, iteration)
-        out = forward(model)
+        out = forward(model, iteration)
         assert torch.equal(out.lm_loss, full.lm_loss)
         draws.append(out.loss - out.lm_loss)
     # K = 2 gates over B x T tokens, half of them sampled per gate: at most B T terms are nonzero
@@ -97,10 +96,8 @@ def test_sampled_penalty_keeps_the_expectation():
 def test_penalty_weight_ramps_linearly_during_warmup(iteration):
     """loss - lm_loss = lambda * i / W * penalty during the warm-up (no pruning: tau 0)."""
     model = adaptive_model(warmup=4, threshold=0.0).train()
-    set_training_iteration(model, 4)  # warm-up over: the full weight
-    full = forward(model)
-    set_training_iteration(model, iteration)
-    ramped = forward(model)
+    full = forward(model, 4)  # warm-up over: the full weight
+    ramped = forward(model, iteration)
     assert torch.equal(ramped.lm_loss, full.lm_loss)
     penalty_full = full.loss - full.lm_loss
     assert penalty_full.abs().min() > 1e-2  # the penalty is really there (ulp of the loss: 5e-7)
@@ -125,7 +122,7 @@ def test_router_is_fp32_under_bf16_weights():
     assert gate.dtype == torch.float32
     exact = torch.sigmoid(state.double() @ router.weight[1].double() + router.bias[1].double())
     assert (gate.double() - exact).abs().max() < 1e-6
-    output = forward(model.train())  # the whole adaptive forward runs with bf16 weights
+    output = forward(model.train(), 0)  # the whole adaptive forward runs with bf16 weights
     assert torch.isfinite(output.loss).all()
 
 
@@ -172,3 +169,37 @@ def test_router_parameters_get_their_own_group():
     scheduler.step(20)  # past the decay: min_lr scaled too
     assert router["lr"] == pytest.approx(1e-5) and main["lr"] == pytest.approx(1e-4)
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def test_schedule_values_at_given_iterations():
+    """HaltingSchedule.at(i): W 4, tau 0.2, lambda 0.3: no pruning and lambda i / 4 during the
+    warm-up (tau i / 4 when ramped), the full values from i = W on; final() is evaluation's."""
+    from megatron_lcot.model import llama_config
+
+    def config(**fields):
+        recipe = dict(
+            halting_threshold=0.2,
+            halting_loss_weight=0.3,
+            halting_warmup_iters=4,
+            halting_penalty_fraction=0.25,
+            seed=7,
+        )
+        return llama_config(
+            num_layers=1,
+            hidden_size=64,
+            num_attention_heads=4,
+            latent_steps=2,
+            halting="adaptive",
+            **{**recipe, **fields},
+        )
+
+    plain, ramped = HaltingSchedule(config()), HaltingSchedule(config(halting_warmup_ramp_threshold=True))
+    for i, ramp in [(0, 0.0), (1, 0.25), (3, 0.75), (4, 1.0), (100, 1.0)]:
+        settings = plain.at(i)
+        assert settings.loss_weight == pytest.approx(0.3 * ramp), i
+        assert settings.threshold == pytest.approx(0.2 if ramp == 1.0 else 0.0), i
+        assert ramped.at(i).threshold == pytest.approx(0.2 * ramp), i
+        assert settings.penalty_fraction == 0.25 and settings.penalty_seed == 7 * 1_000_003 + i
+    final = plain.final()
+    assert (final.threshold, final.loss_weight, final.penalty_fraction) == (0.2, 0.3, 1.0)
+    assert HaltingSchedule(config(halting_warmup_iters=0)).at(0).threshold == 0.2
