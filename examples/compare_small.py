@@ -40,6 +40,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -47,7 +48,8 @@ import threading
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
+from megatron_lcot.arguments import parse_args  # noqa: E402
+from megatron_lcot.data.default_corpus import default_corpus_files, prepare_default_corpus  # noqa: E402
 from megatron_lcot.runs import adaptive_recipe, read_metrics, train_and_report  # noqa: E402
 
 SCALES = {
@@ -113,17 +115,11 @@ def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
     return scores
 
 
-def run_model(
-    name: str,
-    seed: int,
-    scale: dict,
-    common: list,
-    iters: int,
-    out_dir: str,
-    tasks: list,
-    held_out: str,
-    log_file: bool,
-) -> dict:
+def run_flags(name: str, seed: int, scale: dict, common: list, iters: int) -> list:
+    """pretrain_lcot.py's flags for one run (less --save/--metrics-file, which train_and_report
+    adds): the scale's `common` flags, the model's mode, and the schedule of `iters` iterations:
+    LR warm-up iters // 15, validation every iters // 5, the adaptive recipe's halting warm-up
+    16% of iters (runs.adaptive_recipe), so every schedule scales with the run's length."""
     flags = [
         *common,
         "--seed",
@@ -138,6 +134,21 @@ def run_model(
     ]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
+    return flags
+
+
+def run_model(
+    name: str,
+    seed: int,
+    scale: dict,
+    common: list,
+    iters: int,
+    out_dir: str,
+    tasks: list,
+    held_out: str,
+    log_file: bool,
+) -> dict:
+    flags = run_flags(name, seed, scale, common, iters)
     record = train_and_report(f"{name}_s{seed}", "", flags, out_dir, log_file)
     checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
     metrics = read_metrics(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl"))
@@ -407,6 +418,34 @@ def plot_curves(runs: list, path: str) -> None:
     plt.close(fig)
 
 
+def common_flags(scale: dict, corpus) -> list:
+    """The flags every run of a scale shares: model shape, optimiser, data split and corpus
+    (`corpus` None: mock data of the scale's vocabulary, for checking flags without the corpus)."""
+    data = (
+        ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(scale["vocab"])]
+        if corpus is None
+        else [
+            "--data-path",
+            corpus.data_prefix,
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            corpus.tokenizer_model,
+        ]
+    )
+    return [
+        *scale["model"].split(),
+        *scale["training"].split(),
+        "--split",
+        "98,2,0",
+        "--eval-iters",
+        "16",
+        "--log-interval",
+        "10",
+        *data,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -424,6 +463,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--budgets", default="1,2,4", help="--iso-flops budgets, multiples of vanilla's FLOPs"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each model's run command at the scale's iterations, checked by pretrain_lcot.py's "
+        "argument validation, and train nothing (the corpus is not built either)",
     )
     parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
     parser.add_argument(
@@ -466,7 +511,17 @@ def main() -> None:
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
-    corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
+    corpus_dir = os.path.join(REPO, "data", "default_corpus")
+    if args.dry_run:
+        corpus = default_corpus_files(corpus_dir, vocab_size=scale["vocab"])
+        for name in models:
+            for seed in range(1, args.seeds + 1):
+                # checked on mock data of the same vocabulary: the scale's corpus may not be built yet
+                parse_args(run_flags(name, seed, scale, common_flags(scale, None), scale["iters"]))
+                flags = run_flags(name, seed, scale, common_flags(scale, corpus), scale["iters"])
+                print(shlex.join(["pretrain_lcot.py", *flags]))
+        return
+    corpus = prepare_default_corpus(corpus_dir, vocab_size=scale["vocab"])
     task_dir = os.path.join(args.out_dir, "tasks")
     build = (
         []
@@ -494,22 +549,7 @@ def main() -> None:
     held_out = os.path.join(args.out_dir, "heldout.txt")
     with open(held_out, "w", encoding="utf-8") as f:  # the last 15 documents: inside the 2% validation share
         f.write("\n\n".join(default_documents()[-15:]))
-    common = [
-        *scale["model"].split(),
-        *scale["training"].split(),
-        "--split",
-        "98,2,0",
-        "--eval-iters",
-        "16",
-        "--log-interval",
-        "10",
-        "--data-path",
-        corpus.data_prefix,
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        corpus.tokenizer_model,
-    ]
+    common = common_flags(scale, corpus)
 
     runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs, budgets)
     if budgets:
