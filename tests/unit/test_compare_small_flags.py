@@ -36,14 +36,14 @@ def test_warmups_scale_with_the_runs_iterations(iters, lr_warmup, eval_interval,
 def test_gpu_scale_iso_flops_command_lines_pass_validation():
     scale = compare_small.SCALES["gpu"]
     for name in compare_small.ISO_FLOPS_MODELS:
-        args = parse_args(compare_small.run_flags(name, 1, scale, compare_small.common_flags(scale, None), 800))
+        args = parse_args(compare_small.run_flags(name, 1, scale, compare_small.common_flags(scale, None), 500))
         assert (args.num_layers, args.hidden_size, args.seq_length, args.bf16) == (12, 768, 1024, True)
         assert args.latent_steps == {"vanilla": 0, "ponderlm2_k1": 1, "adaptive_k3": 3}[name]
-        assert args.train_iters == 800
+        assert args.train_iters == 500
 
 
 def test_a_bad_scale_flag_fails_validation_naming_it():
     scale = dict(compare_small.SCALES["gpu"])
     scale["model"] = scale["model"].replace("--num-attention-heads 12", "--num-attention-heads 7")
     with pytest.raises(ArgumentError, match="--num-attention-heads"):
-        parse_args(compare_small.run_flags("vanilla", 1, scale, compare_small.common_flags(scale, None), 800))
+        parse_args(compare_small.run_flags("vanilla", 1, scale, compare_small.common_flags(scale, None), 500))
