@@ -4,6 +4,7 @@ plus two vanilla yardsticks, over several seeds; writes a table and plots.
     bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
         [--bigbench bigbench-1.0.0.tar.gz] [--task-items 200]
     bash examples/compare_small.sh --iso-flops [--budgets 1,2,4] [--seeds 3] [--jobs 2] [--scale cpu|gpu]
+    bash examples/compare_small.sh --scale gpu --iso-flops --seeds 1 --budgets 1 --train-iters 500 [--dry-run]
 
 Models (the model shape and data of the scale; the same seed list for each):
     vanilla            --latent-steps 0
@@ -31,6 +32,8 @@ a point of the curve; a budget within 5% of the pilot's iterations reuses the pi
 halting warm-ups scale with the iterations. The x axes are the FLOPs each run executed (logged
 `train_flops`; inference FLOPs per token from tools/evaluate.py). Downstream tasks are skipped.
 Output: `iso_flops.md` and `iso_flops_ppl_vs_{train,inference}_flops.png` under --out-dir.
+`--dry-run` prints every model's command line at the scale's iterations, checked by
+pretrain_lcot.py's argument validation, and trains nothing (how the "gpu" scale is checked on a CPU).
 """
 
 from __future__ import annotations

@@ -59,7 +59,12 @@ def test_iso_flops_runs_land_on_their_budgets_and_write_table_and_plots(tmp_path
             assert abs(run["train_flops"] - budget * unit) <= tolerance, (name, budget, run["train_flops"])
             assert run["ppl"] > 1 and run["inference_flops_per_token"] > 0
     table = (tmp_path / "iso_flops.md").read_text()
-    for row in ("| vanilla | 1x | 1 |", "| vanilla | 2x | 1 |", "| ponderlm2_k1 | 1x | 1 |", "| ponderlm2_k1 | 2x | 1 |"):
+    for row in (
+        "| vanilla | 1x | 1 |",
+        "| vanilla | 2x | 1 |",
+        "| ponderlm2_k1 | 1x | 1 |",
+        "| ponderlm2_k1 | 2x | 1 |",
+    ):
         assert row in table
     for axis in ("train", "inference"):
         assert (tmp_path / f"iso_flops_ppl_vs_{axis}_flops.png").stat().st_size > 1000

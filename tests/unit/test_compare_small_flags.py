@@ -22,7 +22,9 @@ def _value(flags: list, name: str) -> str:
     return flags[len(flags) - 1 - flags[::-1].index(name) + 1]  # the last occurrence wins, as in argparse
 
 
-@pytest.mark.parametrize("iters, lr_warmup, eval_interval, halting_warmup", [(150, 10, 30, 24), (600, 40, 120, 96)])
+@pytest.mark.parametrize(
+    "iters, lr_warmup, eval_interval, halting_warmup", [(150, 10, 30, 24), (600, 40, 120, 96)]
+)
 def test_warmups_scale_with_the_runs_iterations(iters, lr_warmup, eval_interval, halting_warmup):
     scale = compare_small.SCALES["cpu"]
     flags = compare_small.run_flags("adaptive_k3", 2, scale, compare_small.common_flags(scale, None), iters)
@@ -36,7 +38,9 @@ def test_warmups_scale_with_the_runs_iterations(iters, lr_warmup, eval_interval,
 def test_gpu_scale_iso_flops_command_lines_pass_validation():
     scale = compare_small.SCALES["gpu"]
     for name in compare_small.ISO_FLOPS_MODELS:
-        args = parse_args(compare_small.run_flags(name, 1, scale, compare_small.common_flags(scale, None), 500))
+        args = parse_args(
+            compare_small.run_flags(name, 1, scale, compare_small.common_flags(scale, None), 500)
+        )
         assert (args.num_layers, args.hidden_size, args.seq_length, args.bf16) == (12, 768, 1024, True)
         assert args.latent_steps == {"vanilla": 0, "ponderlm2_k1": 1, "adaptive_k3": 3}[name]
         assert args.train_iters == 500
