@@ -140,6 +140,13 @@ def run_flags(name: str, seed: int, scale: dict, common: list, iters: int) -> li
     return flags
 
 
+def run_dir_name(name: str, seed: int, iters: int, scale_iters: int) -> str:
+    """A run's directory under --out-dir: `<model>_s<seed>` at the scale's iterations, with
+    `_i<iters>` otherwise, so that runs of one model and seed at different budgets (which may run
+    at the same time with --jobs) never share a metrics file or checkpoint."""
+    return f"{name}_s{seed}" + ("" if iters == scale_iters else f"_i{iters}")
+
+
 def run_model(
     name: str,
     seed: int,
@@ -152,9 +159,10 @@ def run_model(
     log_file: bool,
 ) -> dict:
     flags = run_flags(name, seed, scale, common, iters)
-    record = train_and_report(f"{name}_s{seed}", "", flags, out_dir, log_file)
-    checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
-    metrics = read_metrics(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl"))
+    run_name = run_dir_name(name, seed, iters, scale["iters"])
+    record = train_and_report(run_name, "", flags, out_dir, log_file)
+    checkpoint = os.path.join(out_dir, run_name, "checkpoints")
+    metrics = read_metrics(os.path.join(out_dir, run_name, "metrics.jsonl"))
     train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
     curve = [
         (train_records[r["iteration"]]["train_flops"], r["lm_loss"])

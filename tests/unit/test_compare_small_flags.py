@@ -51,3 +51,8 @@ def test_a_bad_scale_flag_fails_validation_naming_it():
     scale["model"] = scale["model"].replace("--num-attention-heads 12", "--num-attention-heads 7")
     with pytest.raises(ArgumentError, match="--num-attention-heads"):
         parse_args(compare_small.run_flags("vanilla", 1, scale, compare_small.common_flags(scale, None), 500))
+
+
+def test_runs_of_one_model_and_seed_at_different_budgets_get_their_own_directories():
+    names = {compare_small.run_dir_name("vanilla", 1, iters, 150) for iters in (150, 300, 600)}
+    assert names == {"vanilla_s1", "vanilla_s1_i300", "vanilla_s1_i600"}
