@@ -21,6 +21,7 @@ ITERS = 8
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # four training runs and evaluations; ~15 min on a loaded 2-core CPU
 def test_iso_flops_runs_land_on_their_budgets_and_write_table_and_plots(tmp_path):
     out = subprocess.run(
         [
