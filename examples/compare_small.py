@@ -4,6 +4,7 @@ plus two vanilla yardsticks, over several seeds; writes a table and plots.
     bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
         [--bigbench bigbench-1.0.0.tar.gz] [--task-items 200]
     bash examples/compare_small.sh --iso-flops [--budgets 1,2,4] [--seeds 3] [--jobs 2] [--scale cpu|gpu]
+    bash examples/compare_small.sh --scale gpu --iso-flops --seeds 1 --budgets 1 --train-iters 500 [--dry-run]
 
 Models (the model shape and data of the scale; the same seed list for each):
     vanilla            --latent-steps 0
@@ -31,6 +32,8 @@ a point of the curve; a budget within 5% of the pilot's iterations reuses the pi
 halting warm-ups scale with the iterations. The x axes are the FLOPs each run executed (logged
 `train_flops`; inference FLOPs per token from tools/evaluate.py). Downstream tasks are skipped.
 Output: `iso_flops.md` and `iso_flops_ppl_vs_{train,inference}_flops.png` under --out-dir.
+`--dry-run` prints every model's command line at the scale's iterations, checked by
+pretrain_lcot.py's argument validation, and trains nothing (how the "gpu" scale is checked on a CPU).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ import concurrent.futures
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -47,7 +51,8 @@ import threading
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from megatron_lcot.data.default_corpus import prepare_default_corpus  # noqa: E402
+from megatron_lcot.arguments import parse_args  # noqa: E402
+from megatron_lcot.data.default_corpus import default_corpus_files, prepare_default_corpus  # noqa: E402
 from megatron_lcot.runs import adaptive_recipe, read_metrics, train_and_report  # noqa: E402
 
 SCALES = {
@@ -113,17 +118,11 @@ def _evaluate_tasks(checkpoint: str, task_files: list) -> dict:
     return scores
 
 
-def run_model(
-    name: str,
-    seed: int,
-    scale: dict,
-    common: list,
-    iters: int,
-    out_dir: str,
-    tasks: list,
-    held_out: str,
-    log_file: bool,
-) -> dict:
+def run_flags(name: str, seed: int, scale: dict, common: list, iters: int) -> list:
+    """pretrain_lcot.py's flags for one run (less --save/--metrics-file, which train_and_report
+    adds): the scale's `common` flags, the model's mode, and the schedule of `iters` iterations:
+    LR warm-up iters // 15, validation every iters // 5, the adaptive recipe's halting warm-up
+    16% of iters (runs.adaptive_recipe), so every schedule scales with the run's length."""
     flags = [
         *common,
         "--seed",
@@ -138,9 +137,32 @@ def run_model(
     ]
     if name == "vanilla_2x":
         flags += ["--num-layers", str(2 * scale["layers"])]  # argparse: the last value wins
-    record = train_and_report(f"{name}_s{seed}", "", flags, out_dir, log_file)
-    checkpoint = os.path.join(out_dir, f"{name}_s{seed}", "checkpoints")
-    metrics = read_metrics(os.path.join(out_dir, f"{name}_s{seed}", "metrics.jsonl"))
+    return flags
+
+
+def run_dir_name(name: str, seed: int, iters: int, scale_iters: int) -> str:
+    """A run's directory under --out-dir: `<model>_s<seed>` at the scale's iterations, with
+    `_i<iters>` otherwise, so that runs of one model and seed at different budgets (which may run
+    at the same time with --jobs) never share a metrics file or checkpoint."""
+    return f"{name}_s{seed}" + ("" if iters == scale_iters else f"_i{iters}")
+
+
+def run_model(
+    name: str,
+    seed: int,
+    scale: dict,
+    common: list,
+    iters: int,
+    out_dir: str,
+    tasks: list,
+    held_out: str,
+    log_file: bool,
+) -> dict:
+    flags = run_flags(name, seed, scale, common, iters)
+    run_name = run_dir_name(name, seed, iters, scale["iters"])
+    record = train_and_report(run_name, "", flags, out_dir, log_file)
+    checkpoint = os.path.join(out_dir, run_name, "checkpoints")
+    metrics = read_metrics(os.path.join(out_dir, run_name, "metrics.jsonl"))
     train_records = {r["iteration"]: r for r in metrics if r["split"] == "train"}
     curve = [
         (train_records[r["iteration"]]["train_flops"], r["lm_loss"])
@@ -407,6 +429,34 @@ def plot_curves(runs: list, path: str) -> None:
     plt.close(fig)
 
 
+def common_flags(scale: dict, corpus) -> list:
+    """The flags every run of a scale shares: model shape, optimiser, data split and corpus
+    (`corpus` None: mock data of the scale's vocabulary, for checking flags without the corpus)."""
+    data = (
+        ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(scale["vocab"])]
+        if corpus is None
+        else [
+            "--data-path",
+            corpus.data_prefix,
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            corpus.tokenizer_model,
+        ]
+    )
+    return [
+        *scale["model"].split(),
+        *scale["training"].split(),
+        "--split",
+        "98,2,0",
+        "--eval-iters",
+        "16",
+        "--log-interval",
+        "10",
+        *data,
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -424,6 +474,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--budgets", default="1,2,4", help="--iso-flops budgets, multiples of vanilla's FLOPs"
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print each model's run command at the scale's iterations, checked by pretrain_lcot.py's "
+        "argument validation, and train nothing (the corpus is not built either)",
     )
     parser.add_argument("--bigbench", default=None, help="bigbench-1.0.0.tar.gz for BIG-bench task files")
     parser.add_argument(
@@ -466,7 +522,17 @@ def main() -> None:
     if args.jobs > 1:
         os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
 
-    corpus = prepare_default_corpus(os.path.join(REPO, "data", "default_corpus"), vocab_size=scale["vocab"])
+    corpus_dir = os.path.join(REPO, "data", "default_corpus")
+    if args.dry_run:
+        corpus = default_corpus_files(corpus_dir, vocab_size=scale["vocab"])
+        for name in models:
+            for seed in range(1, args.seeds + 1):
+                # checked on mock data of the same vocabulary: the scale's corpus may not be built yet
+                parse_args(run_flags(name, seed, scale, common_flags(scale, None), scale["iters"]))
+                flags = run_flags(name, seed, scale, common_flags(scale, corpus), scale["iters"])
+                print(shlex.join(["pretrain_lcot.py", *flags]))
+        return
+    corpus = prepare_default_corpus(corpus_dir, vocab_size=scale["vocab"])
     task_dir = os.path.join(args.out_dir, "tasks")
     build = (
         []
@@ -494,22 +560,7 @@ def main() -> None:
     held_out = os.path.join(args.out_dir, "heldout.txt")
     with open(held_out, "w", encoding="utf-8") as f:  # the last 15 documents: inside the 2% validation share
         f.write("\n\n".join(default_documents()[-15:]))
-    common = [
-        *scale["model"].split(),
-        *scale["training"].split(),
-        "--split",
-        "98,2,0",
-        "--eval-iters",
-        "16",
-        "--log-interval",
-        "10",
-        "--data-path",
-        corpus.data_prefix,
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        corpus.tokenizer_model,
-    ]
+    common = common_flags(scale, corpus)
 
     runs = run_all(models, args.seeds, scale, common, args.out_dir, tasks, held_out, args.jobs, budgets)
     if budgets:

@@ -3,6 +3,7 @@
 # vanilla at the adaptive run's training FLOPs and a 2x-layer vanilla, over several seeds;
 # held-out perplexity, downstream accuracy, FLOPs, halting plots (docs/results.md).
 #   bash examples/compare_small.sh [--seeds 3] [--jobs 2] [--scale cpu|gpu] [--train-iters N] [--models a,b]
+#   bash examples/compare_small.sh --iso-flops [--budgets 1,2,4] [--seeds 3] [--jobs 2] [--dry-run]  (docs/results.md)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup_venv.sh"

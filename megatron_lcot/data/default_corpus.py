@@ -72,6 +72,15 @@ def default_documents(seed: int = 1234) -> list:
     return documents
 
 
+def default_corpus_files(out_dir: str, vocab_size: int = 8192) -> CorpusFiles:
+    """Where `prepare_default_corpus` puts the tokenizer and dataset (whether built or not: a
+    dry run prints command lines naming them)."""
+    return CorpusFiles(
+        tokenizer_model=os.path.join(out_dir, f"sotu_wiki_sp{vocab_size}.model"),
+        data_prefix=os.path.join(out_dir, f"sotu_wiki_sp{vocab_size}_text_document"),
+    )
+
+
 def prepare_default_corpus(out_dir: str, vocab_size: int = 8192) -> CorpusFiles:
     """Train the tokenizer and write the indexed dataset into `out_dir` (once; reruns reuse).
 
@@ -79,10 +88,7 @@ def prepare_default_corpus(out_dir: str, vocab_size: int = 8192) -> CorpusFiles:
     so an interrupted run never leaves a file that looks finished.
     """
     os.makedirs(out_dir, exist_ok=True)
-    files = CorpusFiles(
-        tokenizer_model=os.path.join(out_dir, f"sotu_wiki_sp{vocab_size}.model"),
-        data_prefix=os.path.join(out_dir, f"sotu_wiki_sp{vocab_size}_text_document"),
-    )
+    files = default_corpus_files(out_dir, vocab_size)
     if os.path.exists(files.data_prefix + ".idx") and os.path.exists(files.tokenizer_model):
         return files
     documents = default_documents()
