@@ -6,6 +6,12 @@ within 1e-5 relative. `--use-cpu-initialization` makes the initial weights indep
 layout (model/seeded_init.py); latent modes cross the stages as virtual pipeline chunks
 (parallel/pipeline_passes.py), so any lost gradient path or a wrong last-to-first hand-over shows
 here as a loss or grad-norm difference.
+
+The one-process run shares the latent engine with the pipeline chunks, so a fault in the engine
+itself (KV reuse for halted tokens, say) would show on both sides alike. The adaptive run is
+therefore also checked against the naive token-by-token reference (tests/reference/naive_lm.py,
+which shares no code with the model): the pipeline run's final validation loss must equal the
+reference's loss on the same validation samples with the weights the pipeline run saved.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import PRETRAIN, TINY_MODEL_FLAGS, corpus_flags, read_metrics, run_pretrain
 
@@ -43,6 +50,49 @@ def _flags(dataset: dict, tmp_path) -> list:
         "--seed",
         "7",
     ]
+
+
+def naive_validation_lm_loss(checkpoint, flags: list) -> tuple:
+    """The naive reference's mean lm loss over the first validation global batch (the samples
+    `--eval-iters 1` evaluates, in order) with `checkpoint`'s weights, and the executed latent
+    steps of each of its tokens ([samples, seq]). `flags`: the run's, at one process."""
+    from megatron_lcot import parallel
+    from megatron_lcot.arguments import parse_args, set_padded_vocab_size
+    from megatron_lcot.data.tokenizers import build_tokenizer
+    from megatron_lcot.inference.loading import load_trained_model
+    from megatron_lcot.training.providers import train_valid_test_datasets_provider
+    from tests.reference import naive_lm
+
+    trained = load_trained_model(str(checkpoint))
+    try:
+        args = parse_args([str(flag) for flag in flags])
+        tokenizer = build_tokenizer(
+            args.tokenizer_type, args.tokenizer_model, args.vocab_file, args.merge_file, args.vocab_size
+        )
+        set_padded_vocab_size(args, tokenizer.vocab_size)
+        samples = [args.train_iters * args.global_batch_size, args.global_batch_size, 0]
+        _, valid, _ = train_valid_test_datasets_provider(args, tokenizer, samples)
+        batch = [valid[index] for index in range(args.global_batch_size)]
+        tokens, labels, loss_mask = (
+            torch.stack([torch.as_tensor(sample[key]) for sample in batch])
+            for key in ("tokens", "labels", "loss_mask")
+        )
+        config = trained.model.config
+        with torch.no_grad():
+            result = naive_lm.adaptive_forward(
+                naive_lm.NaiveWeights.from_model(trained.model),
+                tokens,
+                config.latent_steps,
+                config.halting_threshold,
+                config.embedding_scale,
+                labels=labels,
+                loss_weight=config.halting_loss_weight,
+                correctness_exponent=config.halting_correctness_exponent,
+            )
+        mask = loss_mask.double()
+        return float((result.lm_loss.double() * mask).sum() / mask.sum()), result.latent_steps
+    finally:
+        parallel.destroy()
 
 
 def _run_records(tmp_path, dataset, name: str, extra: list, processes: int, script: str = PRETRAIN) -> list:
@@ -94,14 +144,20 @@ CI_MODES = ("adaptive_k2",)  # the rest run with -m slow
 )
 def test_pipeline_parallel_matches_one_process(tmp_path, sotu_indexed_dataset, mode):
     reference = _run_records(tmp_path, sotu_indexed_dataset, "one", MODES[mode], 1)
-    records = _run_records(
-        tmp_path, sotu_indexed_dataset, "pp2", [*MODES[mode], "--pipeline-model-parallel-size", "2"], 2
-    )
+    checkpoint = tmp_path / "pp2_checkpoint"
+    pipeline = [*MODES[mode], "--pipeline-model-parallel-size", "2"]
+    records = _run_records(tmp_path, sotu_indexed_dataset, "pp2", [*pipeline, "--save", checkpoint], 2)
     assert_same_run(records, reference)
     train = [r for r in reference if r["split"] == "train"]
     assert train[-1]["lm_loss"] < train[0]["lm_loss"]
     if mode == "adaptive_k2":  # pruning happened, so the halting state really crossed stages
         assert any(0.0 < r["halted_share"][-1] < 1.0 for r in train)
+        naive_loss, latent_steps = naive_validation_lm_loss(
+            checkpoint, [*_flags(sotu_indexed_dataset, tmp_path), *MODES[mode]]
+        )
+        assert len(set(latent_steps.flatten().tolist())) >= 2, "no token halted on the validation batch"
+        final = [r for r in records if r["split"] != "train"][-1]
+        assert final["lm_loss"] == pytest.approx(naive_loss, rel=1e-5)
 
 
 @pytest.mark.slow
