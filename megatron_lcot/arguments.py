@@ -615,7 +615,9 @@ def _validate_torch_compile(args) -> None:
         ),
     ]
     for combined, flag, fix in unsupported:
-        _require(not combined, f"--torch-compile is not supported with {flag}; {fix}, or drop --torch-compile.")
+        _require(
+            not combined, f"--torch-compile is not supported with {flag}; {fix}, or drop --torch-compile."
+        )
 
 
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
