@@ -206,6 +206,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(training, "--adam-beta2", type=float)
     _add(training, "--adam-eps", type=float)
     _add(training, "--seed", type=int)
+    _add(
+        training,
+        "--torch-compile",
+        action="store_true",
+        help="compile each decoder layer with torch.compile (dynamic shapes: one graph serves every "
+        "packed width of the latent passes); single stage, megatron DDP, --attention-backend sdpa|dense",
+    )
     _add(training, "--loss-scale", type=float, help="static fp16 loss scale; default: dynamic")
     _add(training, "--initial-loss-scale", type=float, help="first dynamic fp16 loss scale")
 
@@ -604,11 +611,40 @@ def _validate_data(args) -> None:
     _require(args.num_workers >= 0, "--num-workers must be >= 0.")
 
 
+def _validate_torch_compile(args) -> None:
+    """--torch-compile is tested on one stage with megatron DDP and the sdpa/dense attention."""
+    if not args.torch_compile:
+        return
+    unsupported = [
+        (args.deepspeed, "--deepspeed", "use megatron-core DDP (drop --deepspeed)"),
+        (
+            args.latent_recompute is not None,
+            f"--recompute-granularity {args.latent_recompute}",
+            "drop --recompute-granularity",
+        ),
+        (
+            args.pipeline_model_parallel_size > 1,
+            f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}",
+            "use --pipeline-model-parallel-size 1",
+        ),
+        (
+            args.core_attention_backend == "flex",
+            "--attention-backend flex",
+            "use --attention-backend sdpa (flex attention is compiled on its own)",
+        ),
+    ]
+    for combined, flag, fix in unsupported:
+        _require(
+            not combined, f"--torch-compile is not supported with {flag}; {fix}, or drop --torch-compile."
+        )
+
+
 def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     """Check every flag and fill the derived fields; raises `ArgumentError` naming the flag."""
     _validate_model(args)
     _validate_latent(args)
     _validate_parallel(args)
+    _validate_torch_compile(args)
     _validate_batch(args)
     _validate_schedule(args)
     _validate_precision_and_optimizer(args)

@@ -144,6 +144,7 @@ class TrainingSection:
     eval_interval: int = 1000
     eval_iters: int = 100
     skip_train: bool = False
+    torch_compile: bool = False
 
 
 @dataclass(frozen=True)

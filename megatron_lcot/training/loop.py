@@ -44,6 +44,7 @@ from megatron_lcot.model.halting_schedule import HaltingSchedule, HaltingSetting
 from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 from megatron_lcot.parallel.pipeline_passes import pipeline_schedule
 from megatron_lcot.run_config import RunConfig
+from megatron_lcot.training.compiled_layers import compile_decoder_layers
 from megatron_lcot.training.faults import RunGuard, TooManySkippedSteps
 from megatron_lcot.training.flops_meter import TrainingFlops
 from megatron_lcot.training.metrics import MetricsLogger, reduce_statistics, summarize
@@ -206,6 +207,8 @@ def build_components(args, train_valid_test_datasets_provider, model_provider, f
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     ).to(parallel.device())
+    if args.torch_compile:
+        compile_decoder_layers(model)
     model_parts = [model]
     if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
         load_model_weights(args.load, model_parts)
