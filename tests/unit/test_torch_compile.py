@@ -13,7 +13,7 @@ import torch
 
 from megatron_lcot.training.compiled_layers import compile_decoder_layers
 from tests.reference.helpers import real_token_batch
-from tests.unit.test_equivalence_model import B, T, VOCAB, adaptive_model, build, lcot_config, positions
+from tests.unit.test_equivalence_model import VOCAB, B, T, adaptive_model, build, lcot_config, positions
 
 STEPS = 3
 # batches at different stretches of the text: each step's tokens halt differently
@@ -38,6 +38,7 @@ def _train(model) -> tuple:
 def _packed_widths(model) -> list:
     """Token rows of every call of the first decoder layer (the packed widths of halting passes)."""
     widths = []
+
     def record(module, args, kwargs):
         widths.append(kwargs["hidden_states"].shape[0] if "hidden_states" in kwargs else args[0].shape[0])
 
