@@ -40,9 +40,9 @@ RUNS = {
 }
 # What the printed table can and cannot show, checked against several seeds (docs/results.md).
 CAVEAT = (
-    "one seed: docs/results.md has this comparison over 3 seeds with their spread. Adaptive training\n"
-    "costs more FLOPs than vanilla (train FLOPs column: the halting warm-up runs every step); vanilla\n"
-    "given the same training FLOPs: bash examples/compare_small.sh (docs/results.md)."
+    "one seed: docs/results.md has this comparison over seeds 1234, 1 and 2 (adaptive below vanilla and\n"
+    "within 1 + latent steps + 0.15 of its FLOPs on each). Whether adaptive beats a vanilla model given\n"
+    "the same training FLOPs: bash examples/compare_small.sh --iso-flops (docs/results.md)."
 )
 
 
