@@ -435,14 +435,7 @@ def common_flags(scale: dict, corpus) -> list:
     data = (
         ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", str(scale["vocab"])]
         if corpus is None
-        else [
-            "--data-path",
-            corpus.data_prefix,
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            corpus.tokenizer_model,
-        ]
+        else corpus.flags()
     )
     return [
         *scale["model"].split(),

@@ -69,12 +69,7 @@ def main() -> None:
         str(max(1, args.train_iters // 15)),
         "--eval-interval",
         str(args.eval_interval),
-        "--data-path",
-        corpus.data_prefix,
-        "--tokenizer-type",
-        "SentencePieceTokenizer",
-        "--tokenizer-model",
-        corpus.tokenizer_model,
+        *corpus.flags(),
         *extra,
     ]
     results = {

@@ -13,7 +13,7 @@ would have seen next.
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -55,14 +55,22 @@ class PretrainingSampler:
     gets the r-th slice of each group. An incomplete last group is dropped.
     """
 
-    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int,
-                 data_parallel_rank: int, data_parallel_size: int) -> None:
+    def __init__(
+        self,
+        total_samples: int,
+        consumed_samples: int,
+        micro_batch_size: int,
+        data_parallel_rank: int,
+        data_parallel_size: int,
+    ) -> None:
         if consumed_samples >= total_samples:
             raise ValueError(f"no samples left: consumed {consumed_samples} of {total_samples}")
         self.total_samples = total_samples
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
-        self.rank_slice = slice(data_parallel_rank * micro_batch_size, (data_parallel_rank + 1) * micro_batch_size)
+        self.rank_slice = slice(
+            data_parallel_rank * micro_batch_size, (data_parallel_rank + 1) * micro_batch_size
+        )
         self.group_size = micro_batch_size * data_parallel_size
 
     def __len__(self) -> int:
@@ -73,15 +81,27 @@ class PretrainingSampler:
             yield list(range(start, start + self.group_size))[self.rank_slice]
 
 
-def build_data_iterator(dataset, consumed_samples: int, micro_batch_size: int,
-                        data_parallel_rank: int, data_parallel_size: int,
-                        num_workers: int = 0, pin_memory: bool = False) -> Optional[Iterator[dict]]:
+def build_data_iterator(
+    dataset,
+    consumed_samples: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[dict] | None:
     """An iterator of micro-batches (dicts of `[micro_batch, seq]` tensors), or None without data."""
     if dataset is None:
         return None
-    sampler = PretrainingSampler(len(dataset), consumed_samples, micro_batch_size,
-                                 data_parallel_rank, data_parallel_size)
+    sampler = PretrainingSampler(
+        len(dataset), consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size
+    )
     # pinned batches make the host-to-GPU copy asynchronous; pinning needs CUDA
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                         persistent_workers=num_workers > 0, pin_memory=pin_memory)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+    )
     return iter(loader)

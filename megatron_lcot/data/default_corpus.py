@@ -17,8 +17,8 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 from megatron_lcot.data.preprocessing.indexed_writer import IndexedWriter, token_dtype
 from megatron_lcot.data.tokenizer_training import train_sentencepiece
@@ -31,6 +31,17 @@ _STAGE_NOTE = re.compile(r"\[[^\]\n]{0,200}\]")
 class CorpusFiles:
     tokenizer_model: str  # sentencepiece .model
     data_prefix: str  # indexed dataset prefix for --data-path (.bin/.idx beside it)
+
+    def flags(self) -> list:
+        """The pretrain_lcot.py flags that train on this corpus with its tokenizer."""
+        return [
+            "--data-path",
+            self.data_prefix,
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            self.tokenizer_model,
+        ]
 
 
 def _package_dir(package: str) -> str:

@@ -24,7 +24,11 @@ END_OF_TEXT = "<|endoftext|>"
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable unicode characters."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     codes, extra = printable[:], 0
     for byte in range(256):
         if byte not in printable:
@@ -38,7 +42,9 @@ def read_tiktoken(path: str) -> dict[bytes, int]:
     """``{token_bytes: rank}`` from a ``.tiktoken`` file (plain or ``.gz``)."""
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "rb") as f:
-        return {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())}
+        return {
+            base64.b64decode(token): int(rank) for token, rank in (line.split() for line in f if line.strip())
+        }
 
 
 def _split_in_two(ranks: dict[bytes, int], token: bytes) -> tuple[bytes, bytes]:

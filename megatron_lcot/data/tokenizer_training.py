@@ -14,7 +14,7 @@ Two families, both trained by their own library:
 from __future__ import annotations
 
 import os
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 SENTENCEPIECE_TYPES = ("bpe", "unigram")
 TOKENIZER_KINDS = ("sentencepiece-bpe", "sentencepiece-unigram", "hf-bpe")

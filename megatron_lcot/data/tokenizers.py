@@ -26,12 +26,20 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer")
 
 # Names an end-of-document token goes by in common Hugging Face tokenizers, most specific first.
-_HF_EOD_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|eot_id|>", "[SEP]", "<|im_end|>")
+_HF_EOD_CANDIDATES = (
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "</s>",
+    "<eos>",
+    "<|eot_id|>",
+    "[SEP]",
+    "<|im_end|>",
+)
 _GPT2_EOD = "<|endoftext|>"
 
 
@@ -39,7 +47,7 @@ class TokenizerError(ValueError):
     """A user-facing tokenizer configuration problem; the message names the flag and the fix."""
 
 
-def _require_file(path: Optional[str], flag: str, what: str) -> str:
+def _require_file(path: str | None, flag: str, what: str) -> str:
     if not path:
         raise TokenizerError(f"{flag} is required: pass the path to {what}.")
     if not os.path.isfile(path):
@@ -61,7 +69,11 @@ class LcotTokenizer:
         self.unique_identifiers = OrderedDict(
             [("class", type(self).__name__), ("tokenizer_path", [os.path.abspath(p) for p in paths])]
         )
-        self.unique_identifiers.update((k, str(v)) for k, v in init_args.items() if k not in ("model_path", "vocab_file", "merge_file", "num_threads"))
+        self.unique_identifiers.update(
+            (k, str(v))
+            for k, v in init_args.items()
+            if k not in ("model_path", "vocab_file", "merge_file", "num_threads")
+        )
         self.unique_description = json.dumps(self.unique_identifiers, indent=4)
 
     def __reduce__(self):
@@ -89,7 +101,7 @@ class SentencePieceTokenizer(LcotTokenizer):
     preprocessing workers pass 1 so N processes use N cores, not N*N threads.
     """
 
-    def __init__(self, model_path: str, num_threads: Optional[int] = None) -> None:
+    def __init__(self, model_path: str, num_threads: int | None = None) -> None:
         import sentencepiece
 
         _require_file(model_path, "--tokenizer-model", "a sentencepiece .model file")
@@ -143,7 +155,7 @@ class _HFBackedTokenizer(LcotTokenizer):
     """
 
     _tk = None
-    _eod_id: Optional[int] = None
+    _eod_id: int | None = None
 
     def tokenize(self, text: str) -> list[int]:
         return self._tk.encode(text, add_special_tokens=False).ids
@@ -179,7 +191,7 @@ class HuggingFaceTokenizer(_HFBackedTokenizer):
     of the usual end-of-text tokens that the vocabulary has.
     """
 
-    def __init__(self, model_path: str, num_threads: Optional[int] = None) -> None:
+    def __init__(self, model_path: str, num_threads: int | None = None) -> None:
         from tokenizers import Tokenizer
 
         if model_path and os.path.isdir(model_path):
@@ -197,7 +209,7 @@ class HuggingFaceTokenizer(_HFBackedTokenizer):
             ) from None
         self._eod_id = self._find_eod(model_path)
 
-    def _find_eod(self, model_path: str) -> Optional[int]:
+    def _find_eod(self, model_path: str) -> int | None:
         config_path = os.path.join(os.path.dirname(model_path), "tokenizer_config.json")
         candidates = list(_HF_EOD_CANDIDATES)
         if os.path.isfile(config_path):
@@ -222,7 +234,7 @@ class GPT2BPETokenizer(_HFBackedTokenizer):
     text (as Megatron-LM's GPT-2 tokenizer does) instead of injecting a document boundary.
     """
 
-    def __init__(self, vocab_file: str, merge_file: str, num_threads: Optional[int] = None) -> None:
+    def __init__(self, vocab_file: str, merge_file: str, num_threads: int | None = None) -> None:
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
         _require_file(vocab_file, "--vocab-file", "GPT-2's vocab.json (see docs/preprocessing.md)")
@@ -252,7 +264,9 @@ class NullTokenizer(LcotTokenizer):
 
     def __init__(self, vocab_size: int) -> None:
         if vocab_size is None or int(vocab_size) <= 0:
-            raise TokenizerError("--vocab-size is required with --tokenizer-type NullTokenizer (a positive integer).")
+            raise TokenizerError(
+                "--vocab-size is required with --tokenizer-type NullTokenizer (a positive integer)."
+            )
         super().__init__(vocab_size=int(vocab_size))
         self._base_size = int(vocab_size)
 
@@ -280,11 +294,11 @@ class NullTokenizer(LcotTokenizer):
 
 def build_tokenizer(
     tokenizer_type: str,
-    tokenizer_model: Optional[str] = None,
-    vocab_file: Optional[str] = None,
-    merge_file: Optional[str] = None,
-    vocab_size: Optional[int] = None,
-    num_threads: Optional[int] = None,
+    tokenizer_model: str | None = None,
+    vocab_file: str | None = None,
+    merge_file: str | None = None,
+    vocab_size: int | None = None,
+    num_threads: int | None = None,
 ) -> LcotTokenizer:
     """Build the tokenizer named by ``--tokenizer-type`` from the flags' values.
 

@@ -8,7 +8,6 @@ was found; ``StrictModeError`` turns the first ``Issue`` into a failure under ``
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 # Reasons a record is skipped, in the order the summary lists them.
 SKIP_REASONS = (
@@ -41,9 +40,9 @@ class Issue:
     path: str
     record: int
     detail: str
-    key: Optional[str] = None
+    key: str | None = None
     segment_start: int = 0
-    byte_offset: Optional[int] = None
+    byte_offset: int | None = None
     unit_kind: str = "jsonl"
 
 

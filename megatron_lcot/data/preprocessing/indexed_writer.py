@@ -23,15 +23,24 @@ import os
 import shutil
 import struct
 from array import array
+from collections.abc import Iterable, Sequence
 from itertools import chain
-from typing import Iterable, Sequence
 
 import numpy as np
 
 _HEADER = b"MMIDIDX\x00\x00"
 _HEADER_BYTES = len(_HEADER) + 8 + 1 + 8 + 8
 # megatron.core.datasets.indexed_dataset.DType codes (not imported: that loads torch).
-_DTYPE_CODES = {np.uint8: 1, np.int8: 2, np.int16: 3, np.int32: 4, np.int64: 5, np.float64: 6, np.float32: 7, np.uint16: 8}
+_DTYPE_CODES = {
+    np.uint8: 1,
+    np.int8: 2,
+    np.int16: 3,
+    np.int32: 4,
+    np.int64: 5,
+    np.float64: 6,
+    np.float32: 7,
+    np.uint16: 8,
+}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
@@ -79,7 +88,9 @@ class IndexedWriter:
         """Append ``documents``: each a list of sequences, each a list of token ids."""
         lengths = [len(seq) for doc in documents for seq in doc]
         total = sum(lengths)
-        flat = np.fromiter(chain.from_iterable(seq for doc in documents for seq in doc), dtype=self.dtype, count=total)
+        flat = np.fromiter(
+            chain.from_iterable(seq for doc in documents for seq in doc), dtype=self.dtype, count=total
+        )
         self._data.write(flat.tobytes())
         self._append_index(lengths, [len(doc) for doc in documents])
         self.num_tokens += total
@@ -108,7 +119,9 @@ class IndexedWriter:
     def finalize(self) -> None:
         """Write ``prefix.idx`` and rename both files into place."""
         _fsync_close(self._data)
-        lengths = np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else np.zeros(0, np.int32)
+        lengths = (
+            np.frombuffer(self._lengths, dtype=np.int32) if len(self._lengths) else np.zeros(0, np.int32)
+        )
         pointers = np.zeros(len(lengths), dtype=np.int64)
         if len(lengths) > 1:
             np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
@@ -163,7 +176,9 @@ def merge_indexed(input_prefixes: Iterable[str], output_prefix: str) -> dict:
     for prefix in input_prefixes:
         part_dtype, lengths, document_indices = read_index(prefix)
         if dtype is not None and part_dtype != dtype:
-            raise IndexReadError(f"{prefix}.idx holds {part_dtype.__name__} tokens, the others {dtype.__name__}")
+            raise IndexReadError(
+                f"{prefix}.idx holds {part_dtype.__name__} tokens, the others {dtype.__name__}"
+            )
         dtype = part_dtype
         sequence_count += len(lengths)
         document_count += len(document_indices) - 1

@@ -23,7 +23,6 @@ from __future__ import annotations
 import glob
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from .errors import PreprocessError
 
@@ -43,7 +42,7 @@ class Unit:
 
     path: str
     kind: str  # "jsonl" | "text" | "parquet" | "hf_disk" | "hf_load"
-    compression: Optional[str]  # None | "gz" | "zst"
+    compression: str | None  # None | "gz" | "zst"
     size: int
     extent: int
     splittable: bool
@@ -51,7 +50,7 @@ class Unit:
     first_row: int = 0  # Parquet: rows in the file before this row group (for reporting)
 
 
-def _format_of(path: str) -> tuple[Optional[str], Optional[str]]:
+def _format_of(path: str) -> tuple[str | None, str | None]:
     """``(kind, compression)`` from the file name, or ``(None, None)`` if not an input format."""
     name = path.lower()
     compression = None
@@ -68,7 +67,9 @@ def _format_of(path: str) -> tuple[Optional[str], Optional[str]]:
 
 
 def _is_hf_disk_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
+    return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(
+        os.path.join(path, "dataset_dict.json")
+    )
 
 
 def expand_inputs(patterns: list[str]) -> list[str]:
@@ -80,7 +81,9 @@ def expand_inputs(patterns: list[str]) -> list[str]:
             continue
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         if not matches or not os.path.exists(matches[0]):
-            raise PreprocessError(f"--input {pattern!r}: no such file, directory or glob match; check the path.")
+            raise PreprocessError(
+                f"--input {pattern!r}: no such file, directory or glob match; check the path."
+            )
         for match in matches:
             if os.path.isdir(match) and not _is_hf_disk_dir(match):
                 found = [

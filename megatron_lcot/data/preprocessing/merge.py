@@ -24,7 +24,9 @@ def find_prefixes(inputs: list[str]) -> list[str]:
         prefix = item[:-4] if item.endswith((".bin", ".idx")) else item
         for suffix in (".bin", ".idx"):
             if not os.path.isfile(prefix + suffix):
-                raise PreprocessError(f"--input {item!r}: {prefix + suffix} does not exist; pass a dataset prefix.")
+                raise PreprocessError(
+                    f"--input {item!r}: {prefix + suffix} does not exist; pass a dataset prefix."
+                )
         prefixes.append(prefix)
     return prefixes
 

@@ -56,10 +56,7 @@ def plan_partitions(units: list[Unit], count: int) -> list[list[Segment]]:
             position = 0 if fraction < 0.5 else unit.extent
         cuts.add((index + 1, 0) if position >= unit.extent else (index, position))
     ordered = sorted(cuts)
-    return [
-        _segments_between(units, start, end)
-        for start, end in zip(ordered, ordered[1:])
-    ]
+    return [_segments_between(units, start, end) for start, end in zip(ordered, ordered[1:])]
 
 
 def _segments_between(units: list[Unit], start: tuple[int, int], end: tuple[int, int]) -> list[Segment]:

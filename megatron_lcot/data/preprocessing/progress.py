@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 from .errors import SKIP_REASONS
 
@@ -29,8 +29,15 @@ def _count(n: float) -> str:
 class ProgressLine:
     """Accumulates ``(bytes, documents, tokens)`` deltas and prints a line every ``interval`` s."""
 
-    def __init__(self, total_bytes: int, partitions: int, interval: float, log: Callable[[str], None],
-                 done_bytes: int = 0, done_partitions: int = 0) -> None:
+    def __init__(
+        self,
+        total_bytes: int,
+        partitions: int,
+        interval: float,
+        log: Callable[[str], None],
+        done_bytes: int = 0,
+        done_partitions: int = 0,
+    ) -> None:
         self.total_bytes, self.partitions, self.interval, self.log = total_bytes, partitions, interval, log
         self.bytes, self.documents, self.tokens = done_bytes, 0, 0
         self.skipped_bytes = done_bytes
@@ -64,8 +71,16 @@ class ProgressLine:
         )
 
 
-def format_summary(documents: int, tokens: int, input_bytes: int, skipped: Counter, issues: list[str],
-                   elapsed: float, outputs: list[str], resumed: int) -> str:
+def format_summary(
+    documents: int,
+    tokens: int,
+    input_bytes: int,
+    skipped: Counter,
+    issues: list[str],
+    elapsed: float,
+    outputs: list[str],
+    resumed: int,
+) -> str:
     """The closing report: totals, skipped records by reason, the first issues, rates, outputs."""
     lines = [
         "[preprocess] done",
@@ -76,7 +91,9 @@ def format_summary(documents: int, tokens: int, input_bytes: int, skipped: Count
         f"  throughput        : {tokens / max(elapsed, 1e-9):,.0f} tokens/s, {input_bytes / 1e6 / max(elapsed, 1e-9):.2f} MB/s",
     ]
     if resumed:
-        lines.append(f"  resumed           : {resumed} finished partition(s) reused (counted above, not timed)")
+        lines.append(
+            f"  resumed           : {resumed} finished partition(s) reused (counted above, not timed)"
+        )
     total_skipped = sum(skipped.values())
     lines.append(f"  skipped records   : {total_skipped:,}")
     for reason in SKIP_REASONS:

@@ -15,8 +15,8 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
 
 from .errors import Issue
 from .inputs import Unit, load_hf_dataset
@@ -30,7 +30,7 @@ class Record:
     """A readable record: ``number`` counts from 1 within the segment (line or row)."""
 
     number: int
-    byte_offset: Optional[int]
+    byte_offset: int | None
     fields: dict
 
 
@@ -60,12 +60,16 @@ def _corrupt_stream_errors() -> tuple:
     return (EOFError, gzip.BadGzipFile, zlib.error, zstandard.ZstdError, OSError)
 
 
-def _lines(unit: Unit, segment: Segment, progress: SegmentProgress) -> Iterator[Union[tuple[int, Optional[int], bytes], Issue]]:
+def _lines(
+    unit: Unit, segment: Segment, progress: SegmentProgress
+) -> Iterator[tuple[int, int | None, bytes] | Issue]:
     """``(line_number, byte_offset, line)`` of the lines starting in the segment, or a final Issue."""
     if unit.compression is None:
         with open(unit.path, "rb") as f:
             position = segment.start
-            if segment.start > 0:  # finish the line that straddles the cut; it belongs to the previous segment
+            if (
+                segment.start > 0
+            ):  # finish the line that straddles the cut; it belongs to the previous segment
                 f.seek(segment.start - 1)
                 position = segment.start - 1 + len(f.readline())
             number = 0
@@ -87,7 +91,13 @@ def _lines(unit: Unit, segment: Segment, progress: SegmentProgress) -> Iterator[
                 yield number, None, line
                 progress.done = raw.tell()
     except _corrupt_stream_errors() as error:
-        yield Issue("truncated_file", unit.path, number + 1, f"compressed stream ends or is corrupt: {error}", unit_kind=unit.kind)
+        yield Issue(
+            "truncated_file",
+            unit.path,
+            number + 1,
+            f"compressed stream ends or is corrupt: {error}",
+            unit_kind=unit.kind,
+        )
     progress.done = unit.size
 
 
@@ -104,13 +114,27 @@ def _jsonl_records(unit: Unit, segment: Segment, progress: SegmentProgress):
         try:  # parse the bytes: no decoded copy of a (possibly 100 MB) line outlives the parse
             fields = json.loads(line)
         except UnicodeDecodeError as error:
-            yield Issue("invalid_utf8", unit.path, number, f"invalid UTF-8: {error.reason} at byte {error.start}", **where)
+            yield Issue(
+                "invalid_utf8",
+                unit.path,
+                number,
+                f"invalid UTF-8: {error.reason} at byte {error.start}",
+                **where,
+            )
             continue
         except json.JSONDecodeError as error:
-            yield Issue("invalid_json", unit.path, number, f"invalid JSON: {error.msg} at column {error.colno}", **where)
+            yield Issue(
+                "invalid_json",
+                unit.path,
+                number,
+                f"invalid JSON: {error.msg} at column {error.colno}",
+                **where,
+            )
             continue
         if not isinstance(fields, dict):
-            yield Issue("not_an_object", unit.path, number, f"a JSON {type(fields).__name__}, not an object", **where)
+            yield Issue(
+                "not_an_object", unit.path, number, f"a JSON {type(fields).__name__}, not an object", **where
+            )
             continue
         yield Record(number, offset, fields)
 
@@ -142,7 +166,9 @@ def _decode_block(unit: Unit, first_line: int, lines: list[bytes], key: str):
     try:
         text = b"".join(lines).decode("utf-8")
     except UnicodeDecodeError as error:
-        return Issue("invalid_utf8", unit.path, first_line, f"invalid UTF-8: {error.reason}", unit_kind="text")
+        return Issue(
+            "invalid_utf8", unit.path, first_line, f"invalid UTF-8: {error.reason}", unit_kind="text"
+        )
     return Record(first_line, None, {key: text.rstrip("\n")})
 
 
@@ -163,7 +189,9 @@ def _parquet_records(unit: Unit, keys: list[str], progress: SegmentProgress):
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(unit.path)
-    table = parquet.read_row_group(unit.row_group, columns=[k for k in keys if k in parquet.schema_arrow.names])
+    table = parquet.read_row_group(
+        unit.row_group, columns=[k for k in keys if k in parquet.schema_arrow.names]
+    )
     yield from _table_records(table, keys)
     progress.done = unit.size
 
@@ -191,7 +219,7 @@ def read_segment(
     text_documents: str,
     hf_split: str,
     progress: SegmentProgress,
-) -> Iterator[Union[Record, Issue]]:
+) -> Iterator[Record | Issue]:
     """Records and issues of ``segment`` of ``unit`` (see the module docstring)."""
     if unit.kind == "jsonl":
         yield from _jsonl_records(unit, segment, progress)

@@ -24,10 +24,10 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Optional
 
 from ..tokenizers import TokenizerError, build_tokenizer
 from .errors import PreprocessError, StrictModeError
@@ -44,11 +44,13 @@ class PreprocessConfig:
 
     inputs: list[str]
     output_prefix: str
-    tokenizer_args: dict  # build_tokenizer kwargs: tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size
+    tokenizer_args: (
+        dict  # build_tokenizer kwargs: tokenizer_type, tokenizer_model, vocab_file, merge_file, vocab_size
+    )
     json_keys: list[str] = field(default_factory=lambda: ["text"])
     append_eod: bool = False
     workers: int = 1
-    partitions: Optional[int] = None  # None: default_partition_count
+    partitions: int | None = None  # None: default_partition_count
     split_sentences: bool = False
     text_documents: str = "file"  # or "blank-line"
     hf_split: str = "train"
@@ -103,7 +105,7 @@ def _validate(config: PreprocessConfig):
     try:
         tokenizer = build_tokenizer(**config.tokenizer_args)
         if config.append_eod:
-            tokenizer.eod
+            _ = tokenizer.eod  # raises now, before any work, when the tokenizer has no end-of-document
     except TokenizerError as error:
         raise PreprocessError(str(error)) from None
     _check_output_dir(config.output_prefix)
@@ -138,7 +140,10 @@ def _count_newlines(f, limit: int) -> int:
 
 def _manifest(config: PreprocessConfig, tokenizer, units, plan) -> dict:
     return {
-        "inputs": [[u.path, u.size, os.path.getmtime(u.path) if os.path.exists(u.path) else 0, u.row_group] for u in units],
+        "inputs": [
+            [u.path, u.size, os.path.getmtime(u.path) if os.path.exists(u.path) else 0, u.row_group]
+            for u in units
+        ],
         "tokenizer": dict(tokenizer.unique_identifiers, vocab_size=tokenizer.vocab_size),
         "json_keys": config.json_keys,
         "append_eod": config.append_eod,
@@ -197,22 +202,40 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = _stderr) -
     finished = {i: s for i, s in finished.items() if s is not None}
     todo = [t for t in tasks if t.index not in finished]
     if len(plan) < config.workers:
-        log(f"[preprocess] note: only {len(plan)} partition(s) for {config.workers} workers; "
-            "some workers will idle (raise --partitions, or split compressed inputs).")
-    log(f"[preprocess] {len(units)} input unit(s), {sum(u.size for u in units) / 1e6:,.1f} MB, "
+        log(
+            f"[preprocess] note: only {len(plan)} partition(s) for {config.workers} workers; "
+            "some workers will idle (raise --partitions, or split compressed inputs)."
+        )
+    log(
+        f"[preprocess] {len(units)} input unit(s), {sum(u.size for u in units) / 1e6:,.1f} MB, "
         f"{len(plan)} partition(s), {len(finished)} already done, {config.workers} worker(s), "
-        f"tokenizer {type(tokenizer).__name__} (vocab {tokenizer.vocab_size}, {token_dtype(tokenizer.vocab_size).__name__})")
+        f"tokenizer {type(tokenizer).__name__} (vocab {tokenizer.vocab_size}, {token_dtype(tokenizer.vocab_size).__name__})"
+    )
 
     worker_config = WorkerConfig(
-        tokenizer_args=config.tokenizer_args, keys=tuple(config.json_keys), level=level,
-        append_eod=config.append_eod, text_documents=config.text_documents, hf_split=config.hf_split,
-        strict=config.strict, dtype=token_dtype(tokenizer.vocab_size), partition_dir=partition_dir,
-        batch_chars=config.batch_chars, long_document_chars=config.long_document_chars,
-        max_document_chars=config.max_document_chars, max_issues=config.max_reported,
+        tokenizer_args=config.tokenizer_args,
+        keys=tuple(config.json_keys),
+        level=level,
+        append_eod=config.append_eod,
+        text_documents=config.text_documents,
+        hf_split=config.hf_split,
+        strict=config.strict,
+        dtype=token_dtype(tokenizer.vocab_size),
+        partition_dir=partition_dir,
+        batch_chars=config.batch_chars,
+        long_document_chars=config.long_document_chars,
+        max_document_chars=config.max_document_chars,
+        max_issues=config.max_reported,
     )
     total_bytes = sum(u.size for u in units)
-    progress = ProgressLine(total_bytes, len(plan), config.log_interval, log,
-                            done_bytes=sum(s.bytes for s in finished.values()), done_partitions=len(finished))
+    progress = ProgressLine(
+        total_bytes,
+        len(plan),
+        config.log_interval,
+        log,
+        done_bytes=sum(s.bytes for s in finished.values()),
+        done_partitions=len(finished),
+    )
     results = dict(finished)
     if todo:
         results.update(_run_workers(todo, worker_config, config.workers, progress))
@@ -226,18 +249,34 @@ def preprocess(config: PreprocessConfig, log: Callable[[str], None] = _stderr) -
     ordered = [results[t.index] for t in tasks]
     issues = [issue for s in ordered for issue in s.issues][: config.max_reported]
     result = PreprocessResult(
-        documents=sum(s.documents for s in ordered), tokens=sum(s.tokens for s in ordered),
-        input_bytes=total_bytes, skipped=sum((s.skipped for s in ordered), Counter()),
-        issues=[_resolve_location(i) for i in issues], elapsed=time.monotonic() - start,
+        documents=sum(s.documents for s in ordered),
+        tokens=sum(s.tokens for s in ordered),
+        input_bytes=total_bytes,
+        skipped=sum((s.skipped for s in ordered), Counter()),
+        issues=[_resolve_location(i) for i in issues],
+        elapsed=time.monotonic() - start,
         outputs=[p + ext for p in final_prefixes for ext in (".bin", ".idx")],
-        partitions=len(plan), resumed=len(finished),
+        partitions=len(plan),
+        resumed=len(finished),
     )
-    log(format_summary(result.documents, result.tokens, result.input_bytes, result.skipped, result.issues,
-                       result.elapsed, result.outputs, result.resumed))
+    log(
+        format_summary(
+            result.documents,
+            result.tokens,
+            result.input_bytes,
+            result.skipped,
+            result.issues,
+            result.elapsed,
+            result.outputs,
+            result.resumed,
+        )
+    )
     return result
 
 
-def _run_workers(tasks: list[PartitionTask], worker_config: WorkerConfig, workers: int, progress: ProgressLine) -> dict:
+def _run_workers(
+    tasks: list[PartitionTask], worker_config: WorkerConfig, workers: int, progress: ProgressLine
+) -> dict:
     """Run ``tasks`` on ``workers`` forked processes, printing progress meanwhile.
 
     A ``ProcessPoolExecutor`` (not ``multiprocessing.Pool``) so that a worker killed by the
@@ -246,8 +285,9 @@ def _run_workers(tasks: list[PartitionTask], worker_config: WorkerConfig, worker
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     results = {}
-    executor = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=context,
-                                   initializer=init_worker, initargs=(worker_config, queue))
+    executor = ProcessPoolExecutor(
+        min(workers, len(tasks)), mp_context=context, initializer=init_worker, initargs=(worker_config, queue)
+    )
     try:
         pending = {executor.submit(process_partition, t): t.index for t in tasks}
         while pending:

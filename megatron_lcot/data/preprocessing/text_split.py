@@ -18,7 +18,7 @@ digit or opening quote. Megatron-LM uses NLTK's punkt, which needs a model downl
 from __future__ import annotations
 
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 _SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]]))\s+(?=[\"'(\[]?[A-Z0-9])")
 _CUT_SEARCH_CHARS = 1 << 16

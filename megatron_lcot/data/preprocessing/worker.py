@@ -21,7 +21,6 @@ import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -105,11 +104,15 @@ class _PartitionRun:
         self.task, self.config, self.tokenizer, self.queue = task, config, tokenizer, queue
         self.stats = PartitionStats(task.index)
         self.writers = {
-            key: IndexedWriter(output_prefix(config.partition_dir, task.name, key, config.level), config.dtype)
+            key: IndexedWriter(
+                output_prefix(config.partition_dir, task.name, key, config.level), config.dtype
+            )
             for key in config.keys
         }
         self.batch: dict[str, list[str]] = {key: [] for key in config.keys}
-        self.batch_where: dict[str, list[tuple[Issue, Unit, Segment]]] = {key: [] for key in config.keys}  # for tokenizer errors
+        self.batch_where: dict[str, list[tuple[Issue, Unit, Segment]]] = {
+            key: [] for key in config.keys
+        }  # for tokenizer errors
         self.batch_chars = 0
         self.reported = (0, 0, 0)  # bytes, documents, tokens already sent to the coordinator
         self.last_report = time.monotonic()
@@ -120,14 +123,25 @@ class _PartitionRun:
             done_bytes = 0
             for unit, segment in self.task.segments:
                 progress = SegmentProgress()
-                for item in read_segment(unit, segment, list(self.config.keys), self.config.text_documents, self.config.hf_split, progress):
+                for item in read_segment(
+                    unit,
+                    segment,
+                    list(self.config.keys),
+                    self.config.text_documents,
+                    self.config.hf_split,
+                    progress,
+                ):
                     if isinstance(item, Issue):
                         self._skip(item, unit, segment)
                     else:
                         self._add_record(item, unit, segment)
                     self.stats.bytes = done_bytes + progress.done
                     self._maybe_report()
-                done_bytes += unit.size if not unit.splittable else int((segment.end - segment.start) * unit.size / unit.extent)
+                done_bytes += (
+                    unit.size
+                    if not unit.splittable
+                    else int((segment.end - segment.start) * unit.size / unit.extent)
+                )
                 self.stats.bytes = done_bytes
             self._flush()
             for writer in self.writers.values():
@@ -152,7 +166,9 @@ class _PartitionRun:
 
     def _add_record(self, record: Record, unit: Unit, segment: Segment) -> None:
         def where(reason: str, key: str, detail: str) -> Issue:
-            return Issue(reason, unit.path, record.number, detail, key, segment.start, record.byte_offset, unit.kind)
+            return Issue(
+                reason, unit.path, record.number, detail, key, segment.start, record.byte_offset, unit.kind
+            )
 
         def issue(reason: str, key: str, detail: str) -> None:
             self._skip(where(reason, key, detail), unit, segment)
@@ -166,7 +182,11 @@ class _PartitionRun:
             elif not value.strip():
                 issue("empty", key, f"empty text under {key!r}")
             elif self.config.max_document_chars and len(value) > self.config.max_document_chars:
-                issue("too_long", key, f"{len(value)} characters > --max-document-chars {self.config.max_document_chars}")
+                issue(
+                    "too_long",
+                    key,
+                    f"{len(value)} characters > --max-document-chars {self.config.max_document_chars}",
+                )
             elif len(value) > self.config.long_document_chars:
                 self._flush()
                 self._add_long_document(key, value, where("tokenizer_error", key, ""), unit, segment)
@@ -194,7 +214,9 @@ class _PartitionRun:
             documents = []
             cursor = 0
             for seqs, where in zip(sequences_per_doc, self.batch_where[key]):
-                doc = ids[cursor : cursor + len(seqs)] if ids is not None else self._tokenize_one(seqs, *where)
+                doc = (
+                    ids[cursor : cursor + len(seqs)] if ids is not None else self._tokenize_one(seqs, *where)
+                )
                 cursor += len(seqs)
                 if doc is not None:
                     documents.append(self._finish_document(doc))
@@ -204,7 +226,9 @@ class _PartitionRun:
             self.batch_where[key].clear()
         self.batch_chars = 0
 
-    def _tokenize_one(self, sequences: list[str], where: Issue, unit: Unit, segment: Segment) -> Optional[list[list[int]]]:
+    def _tokenize_one(
+        self, sequences: list[str], where: Issue, unit: Unit, segment: Segment
+    ) -> list[list[int]] | None:
         try:
             return [self.tokenizer.tokenize(s) for s in sequences]
         except Exception as error:  # the batch failed: find and skip the offending document only
@@ -212,7 +236,7 @@ class _PartitionRun:
             self._skip(where, unit, segment)
             return None
 
-    def _finish_document(self, sequences: list[list[int]]) -> Optional[list[list[int]]]:
+    def _finish_document(self, sequences: list[list[int]]) -> list[list[int]] | None:
         sequences = [s for s in sequences if len(s)]
         if not sequences:
             self.stats.skipped["empty"] += 1
@@ -227,8 +251,10 @@ class _PartitionRun:
         sequences = []
         try:
             for sequence in self._sequences(text):
-                pieces = [np.asarray(self.tokenizer.tokenize(p), dtype=self.config.dtype)
-                          for p in split_long_text(sequence, self.config.long_document_chars)]
+                pieces = [
+                    np.asarray(self.tokenizer.tokenize(p), dtype=self.config.dtype)
+                    for p in split_long_text(sequence, self.config.long_document_chars)
+                ]
                 if sum(len(p) for p in pieces):
                     sequences.append(pieces)
         except Exception as error:
@@ -260,8 +286,15 @@ def process_partition(task: PartitionTask) -> PartitionStats:
     """Tokenize ``task`` into its partition files and commit them; returns its statistics."""
     config = _state["config"]
     stats = _PartitionRun(task, config, _state["tokenizer"], _state.get("queue")).run()
-    record = {"index": stats.index, "documents": stats.documents, "tokens": stats.tokens, "bytes": stats.bytes,
-              "skipped": dict(stats.skipped), "issues": stats.issues, "seconds": stats.seconds}
+    record = {
+        "index": stats.index,
+        "documents": stats.documents,
+        "tokens": stats.tokens,
+        "bytes": stats.bytes,
+        "skipped": dict(stats.skipped),
+        "issues": stats.issues,
+        "seconds": stats.seconds,
+    }
     path = done_path(config.partition_dir, task.name)
     with open(path + ".tmp", "w") as f:
         json.dump(record, f)
@@ -271,13 +304,19 @@ def process_partition(task: PartitionTask) -> PartitionStats:
     return stats
 
 
-def load_done(partition_dir: str, name: str) -> Optional[PartitionStats]:
+def load_done(partition_dir: str, name: str) -> PartitionStats | None:
     """Statistics of a finished partition, or None if it is not finished."""
     try:
         with open(done_path(partition_dir, name)) as f:
             record = json.load(f)
     except (OSError, json.JSONDecodeError):
         return None
-    return PartitionStats(record["index"], record["documents"], record["tokens"], record["bytes"],
-                          Counter(record["skipped"]), record["issues"], record["seconds"])
-
+    return PartitionStats(
+        record["index"],
+        record["documents"],
+        record["tokens"],
+        record["bytes"],
+        Counter(record["skipped"]),
+        record["issues"],
+        record["seconds"],
+    )
