@@ -18,7 +18,7 @@ import os
 
 from megatron_lcot.data.tokenizers import TOKENIZER_TYPES
 from megatron_lcot.model.attention import ATTENTION_BACKENDS
-from megatron_lcot.model.config import HALTING_RULES, LATENT_LAYOUTS, RECOMPUTE_GRANULARITIES
+from megatron_lcot.model.config import HALTING_ROUTERS, HALTING_RULES, LATENT_LAYOUTS, RECOMPUTE_GRANULARITIES
 from megatron_lcot.run_config import (
     LR_DECAY_STYLES,
     SECTIONS,
@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add(latent, "--latent-steps", type=int, help="K latent thoughts per token (0 = vanilla GPT)")
     _add(latent, "--latent-layout", choices=LATENT_LAYOUTS)
     _add(latent, "--halting", choices=HALTING_RULES)
+    _add(
+        latent,
+        "--halting-router",
+        choices=HALTING_ROUTERS,
+        help="adaptive halting's router: linear (reads the step's state) or entropy (also the entropy "
+        "of the step's own prediction, at one forward-only LM head per gated token)",
+    )
     _add(latent, "--halting-threshold", type=float)
     _add(latent, "--halting-loss-weight", type=float)
     _add(latent, "--halting-correctness-exponent", type=float)
@@ -421,6 +428,10 @@ def _validate_latent(args) -> None:
             "--halting adaptive requires --latent-layout stepwise (the interleaved layout has "
             "no per-step exit); use --latent-layout stepwise or --halting none.",
         )
+    _require(
+        args.halting_router == "linear" or args.halting == "adaptive",
+        f"--halting-router {args.halting_router} needs --halting adaptive (without it no router runs).",
+    )
     _require(
         0.0 <= args.halting_threshold < 1.0,
         f"--halting-threshold {args.halting_threshold} must be in [0, 1), e.g. 0.05.",

@@ -71,6 +71,7 @@ class ModelSection:
     latent_steps: int = _lcot_default("latent_steps")
     latent_layout: str = _lcot_default("latent_layout")
     halting: str = _lcot_default("halting")
+    halting_router: str = _lcot_default("halting_router")
     halting_threshold: float = _lcot_default("halting_threshold")
     halting_loss_weight: float = _lcot_default("halting_loss_weight")
     halting_correctness_exponent: float = _lcot_default("halting_correctness_exponent")

@@ -90,6 +90,12 @@ def hf_config(trained: TrainedModel):
     from megatron_lcot.hf.configuration_lcot import LcotLlamaConfig
 
     args, config = trained.config.model, trained.model.config
+    if args.halting_router != "linear":
+        raise ConversionError(
+            f"the checkpoint's model uses --halting-router {args.halting_router}, which the "
+            "Hugging Face model (modeling_lcot.py: the linear router) does not implement; export a "
+            "model trained with --halting-router linear, or run this one with tools/generate.py."
+        )
     tokenizer = trained.tokenizer
     bos = getattr(tokenizer, "bos", None) if tokenizer is not None else None
     common = dict(

@@ -17,6 +17,7 @@ from megatron.core.transformer import TransformerConfig
 
 LATENT_LAYOUTS = ("stepwise", "interleaved")
 HALTING_RULES = ("none", "adaptive")
+HALTING_ROUTERS = ("linear", "entropy")
 RECOMPUTE_GRANULARITIES = (None, "selective", "full")
 
 
@@ -33,6 +34,11 @@ class LcotConfig(TransformerConfig):
 
     halting: str = "none"
     """'none' (every token runs K steps) or 'adaptive' (per-step router, pruning, KV reuse)."""
+
+    halting_router: str = "linear"
+    """Adaptive halting's router (halting.py): 'linear' (a gate on the step's state) or 'entropy'
+    (the same gate also reading the entropy of the step's own prediction; one forward-only LM
+    head per gated token)."""
 
     halting_threshold: float = 0.05
     """tau: step k of a token is not executed once its reach r(t,k) falls below tau."""
@@ -104,6 +110,8 @@ class LcotConfig(TransformerConfig):
             raise ValueError(f"latent_layout must be one of {LATENT_LAYOUTS}")
         if self.halting not in HALTING_RULES:
             raise ValueError(f"halting must be one of {HALTING_RULES}")
+        if self.halting_router not in HALTING_ROUTERS:
+            raise ValueError(f"halting_router must be one of {HALTING_ROUTERS}")
         if self.embedding_scale is None:
             self.embedding_scale = 1.0 if self.latent_steps == 0 else 1.0 / self.init_method_std
 

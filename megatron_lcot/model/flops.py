@@ -24,7 +24,8 @@ The one padding is attention's per-sequence layout of the packed queries (widest
 sequence): a padding query sees k+1 keys against (k+1)(T+1)/2 for a real one and is not
 counted (`benchmarks/train_throughput.py` checks the count against FlopCounterMode:
 `counted_vs_logged_flops`, docs/benchmarks.md). Adaptive training counts what the schedule computed, adaptive inference what the
-halting rule executed; the router gate after step k (k < K) and, in training, the
+halting rule executed; the router gate after step k (k < K) (with the entropy router also its
+forward-only LM head on step k) and, in training, the
 correctness-aware penalty's forward-only LM head on step k are counted for the same share (times
 `halting_penalty_fraction`, the share of those tokens the penalty samples; its rounding up to
 a whole token per step and micro-batch is not counted).
@@ -83,15 +84,18 @@ def _shares(config: LcotConfig, step_shares) -> list:
 
 
 def _stepwise_forward(config: LcotConfig, seq_length: int, vocab_size: int, shares: list) -> tuple:
-    """(forward FLOPs per token in the autograd graph, forward-only penalty head FLOPs)."""
+    """Forward FLOPs per token: (in the autograd graph, forward-only in training and decoding
+    (the entropy router's LM head), forward-only in training alone (the penalty's LM head))."""
     graph = head_flops(config, vocab_size)
     graph += sum(share * stepwise_step_flops(config, seq_length, k) for k, share in enumerate(shares))
-    penalty_head = 0.0
+    router_head, penalty_head = 0.0, 0.0
     if config.adaptive:
         gated = sum(shares[:-1])
         graph += gated * 2.0 * config.hidden_size  # router gates
         penalty_head = gated * config.halting_penalty_fraction * head_flops(config, vocab_size)
-    return graph, penalty_head
+        if config.halting_router == "entropy":
+            router_head = gated * head_flops(config, vocab_size)
+    return graph, router_head, penalty_head
 
 
 def training_flops_per_token(
@@ -110,8 +114,10 @@ def training_flops_per_token(
         forward = sum(causal_pass_flops(config, seq_length, k) for k in range(1, steps + 1))
         forward += (jacobi_iters + 1) * causal_pass_flops(config, seq_length, steps + 1)
         return 3.0 * (forward + head_flops(config, vocab_size))
-    graph, penalty_head = _stepwise_forward(config, seq_length, vocab_size, _shares(config, step_shares))
-    return 3.0 * graph + penalty_head
+    graph, router_head, penalty_head = _stepwise_forward(
+        config, seq_length, vocab_size, _shares(config, step_shares)
+    )
+    return 3.0 * graph + router_head + penalty_head
 
 
 def inference_flops_per_token(
@@ -124,8 +130,8 @@ def inference_flops_per_token(
     """
     if config.latent_steps > 0 and config.latent_layout == "interleaved":
         return causal_pass_flops(config, seq_length, config.latent_steps + 1) + head_flops(config, vocab_size)
-    graph, _ = _stepwise_forward(config, seq_length, vocab_size, _shares(config, step_shares))
-    return graph
+    graph, router_head, _ = _stepwise_forward(config, seq_length, vocab_size, _shares(config, step_shares))
+    return graph + router_head
 
 
 def step_shares_from_halted(halted_share: list) -> list:

@@ -21,11 +21,16 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
+from megatron_lcot.model.vocab_statistics import entropy
 
 
 class HaltingRouter(MegatronModule):
     """Base of every router. The halting recipe's iteration-dependent settings (warm-up, penalty
     sample) are not the router's: the model's forward takes them (halting_schedule.py)."""
+
+    def bind_output_layer(self, output_layer: torch.nn.Module) -> None:
+        """Called once by the model with its LM head. Routers that read the step's own
+        prediction keep it (EntropyHaltingRouter); the others need nothing."""
 
 
 class LinearHaltingRouter(HaltingRouter):
@@ -52,6 +57,37 @@ class LinearHaltingRouter(HaltingRouter):
 
     def forward(self, step_state: torch.Tensor, step: int) -> torch.Tensor:
         return torch.sigmoid(step_state.float() @ self.weight[step].float() + self.bias[step].float())
+
+
+class EntropyHaltingRouter(LinearHaltingRouter):
+    """The linear gate plus the entropy of the step's own prediction:
+    g(t,k) = sigmoid(w_k . y(t,k) + a_k H(t,k) / log V + b_k).
+
+    H is the entropy of softmax(head(y(t,k))) over the (padded) vocabulary V, under
+    stop-gradient (vocab_statistics.entropy): an uncertain prediction is the difficulty signal
+    the linear gate can only approximate from the state. a [K] starts at zero, so at
+    initialisation this is the linear router. The head is the model's own (`bind_output_layer`),
+    held outside this module's tree so its weights are saved and trained once; its
+    forward-only cost, one LM head per gated token, is counted by model/flops.py.
+    """
+
+    def __init__(self, config: LcotConfig):
+        super().__init__(config)
+        self.entropy_weight = torch.nn.Parameter(torch.zeros(config.latent_steps, dtype=torch.float32))
+        self._output_layer = ()
+
+    def bind_output_layer(self, output_layer: torch.nn.Module) -> None:
+        self._output_layer = (output_layer,)  # a tuple: not registered as a submodule
+
+    def forward(self, step_state: torch.Tensor, step: int) -> torch.Tensor:
+        if not self._output_layer:
+            raise RuntimeError("EntropyHaltingRouter needs the model's LM head: call bind_output_layer first")
+        with torch.no_grad():
+            logits, _ = self._output_layer[0](step_state)  # [..., vocab/tp]
+            vocab = logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size()
+            uncertainty = entropy(logits) / math.log(vocab)  # [...] in [0, 1]
+        logit = step_state.float() @ self.weight[step].float() + self.bias[step].float()
+        return torch.sigmoid(logit + self.entropy_weight[step].float() * uncertainty)
 
 
 class NoHalting(HaltingRouter):

@@ -5,7 +5,7 @@
     ModuleSpec(LcotGPTModel, submodules=LcotSubmodules(
         decoder=<TransformerLayer spec: RMSNorm, SwiGLU, RoPE, GQA, LcotCoreAttention>,
         latent_schedule=StepwiseSchedule | InterleavedJacobiSchedule | None (vanilla),
-        halting_router=LinearHaltingRouter | NoHalting | None (vanilla)))
+        halting_router=LinearHaltingRouter | EntropyHaltingRouter | NoHalting | None (vanilla)))
 
 A user swaps a router or a layout by passing another spec to `build_module` (see README).
 The layer spec is megatron-core's own (local, or Transformer Engine when importable) with its
@@ -22,7 +22,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 
 from megatron_lcot.model.attention import LcotCoreAttention
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.halting import LinearHaltingRouter, NoHalting
+from megatron_lcot.model.halting import EntropyHaltingRouter, LinearHaltingRouter, NoHalting
 from megatron_lcot.model.latent import InterleavedJacobiSchedule, StepwiseSchedule
 from megatron_lcot.model.seeded_init import SeededTransformerLayer
 
@@ -66,7 +66,9 @@ def get_lcot_model_spec(config: LcotConfig, use_te: bool | None = None) -> Modul
         schedule, router = None, None
     else:
         schedule = StepwiseSchedule if config.latent_layout == "stepwise" else InterleavedJacobiSchedule
-        router = LinearHaltingRouter if config.halting == "adaptive" else NoHalting
+        router = NoHalting
+        if config.halting == "adaptive":
+            router = EntropyHaltingRouter if config.halting_router == "entropy" else LinearHaltingRouter
     return ModuleSpec(
         module=LcotGPTModel,
         submodules=LcotSubmodules(

@@ -42,20 +42,34 @@ class WrongDeviceError(RuntimeError):
     """A tensor handed to a collective lives off `device()` (NCCL would fail or hang on it)."""
 
 
-def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """In-place all-reduce over `group`: the one door our code's collectives go through.
-
-    Refuses a tensor that is not on `device()`, also in a world of one, so that CPU runs (where
-    gloo would accept it) catch what would break on GPUs with NCCL.
-    """
+def _on_device(tensor: torch.Tensor, collective: str) -> None:
+    """Refuses a tensor that is not on `device()`, also in a world of one, so that CPU runs
+    (where gloo would accept it) catch what would break on GPUs with NCCL."""
     if tensor.device != device():
         raise WrongDeviceError(
-            f"all_reduce got a tensor on {tensor.device}, but collectives run on "
+            f"{collective} got a tensor on {tensor.device}, but collectives run on "
             f"{device()}: create it with device=parallel.device()."
         )
+
+
+def all_reduce(tensor: torch.Tensor, group=None, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce over `group`: with `all_gather`, the one door our code's collectives
+    go through (`_on_device`)."""
+    _on_device(tensor, "all_reduce")
     if dist.get_world_size(group) > 1:
         dist.all_reduce(tensor, op=op, group=group)
     return tensor
+
+
+def all_gather(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """[world, *tensor.shape]: every rank's `tensor` over `group`, in rank order (`_on_device`)."""
+    _on_device(tensor, "all_gather")
+    world = dist.get_world_size(group)
+    if world == 1:
+        return tensor.unsqueeze(0)
+    gathered = [torch.empty_like(tensor) for _ in range(world)]
+    dist.all_gather(gathered, tensor.contiguous(), group=group)
+    return torch.stack(gathered)
 
 
 def is_collective_failure(error: BaseException) -> bool:

@@ -7,16 +7,20 @@ checkpoints it writes.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
 import torch
 
+from megatron_lcot.runs import subprocess_env
 from tests.conftest import (
+    REPO_ROOT,
     TINY_MODEL_FLAGS,
     nested_tensors,
     read_checkpoint_weights,
@@ -288,3 +292,79 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
     assert [(r["loss"], r["mean_latent_steps"]) for r in again] == [
         (r["loss"], r["mean_latent_steps"]) for r in straight[3:]
     ]
+
+
+def test_entropy_router_trains_resumes_and_is_refused_by_the_hf_export(tmp_path):
+    """--halting-router entropy through the whole loop: training, a save, an exact resume (its
+    parameter and the head it reads are in the checkpoint once), the logged FLOPs with its
+    router head; the Hugging Face export, which has no entropy router, refuses by name."""
+    flags = _flags(
+        "--mock-data",
+        "--vocab-size",
+        256,
+        "--micro-batch-size",
+        2,
+        "--global-batch-size",
+        2,
+        "--train-iters",
+        4,
+        "--lr",
+        1e-3,
+        "--eval-interval",
+        100,
+        "--latent-steps",
+        2,
+        "--halting",
+        "adaptive",
+        "--halting-router",
+        "entropy",
+        "--save-interval",
+        2,
+    )
+    _ok(
+        run_pretrain(
+            [*flags, "--save", tmp_path / "ckpt", "--metrics-file", tmp_path / "a.jsonl"], cwd=tmp_path
+        )
+    )
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resumed / "iter_0000002")
+    (resumed / "latest_checkpointed_iteration.txt").write_text("2")
+    _ok(
+        run_pretrain(
+            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "b.jsonl"],
+            cwd=tmp_path,
+        )
+    )
+    straight = [r for r in read_metrics(tmp_path / "a.jsonl") if r["split"] == "train"]
+    again = [r for r in read_metrics(tmp_path / "b.jsonl") if r["split"] == "train"]
+    assert [r["loss"] for r in again] == [r["loss"] for r in straight[2:]]
+    from megatron_lcot.arguments import parse_args
+    from megatron_lcot.model.flops import training_flops_per_token
+    from megatron_lcot.run_config import RunConfig
+
+    config = RunConfig.from_values(
+        parse_args([*map(str, flags), "--save", str(tmp_path)])
+    ).model.lcot_config()
+    linear = dataclasses.replace(config, halting_router="linear")
+    assert training_flops_per_token(config, 64, 384) > training_flops_per_token(linear, 64, 384)
+    assert straight[0]["flops_per_token"] == pytest.approx(
+        training_flops_per_token(config, 64, 384, [1, 1, 1])
+    )
+
+    export = subprocess.run(
+        [
+            sys.executable,
+            f"{REPO_ROOT}/tools/convert_checkpoint.py",
+            "to-hf",
+            "--load",
+            tmp_path / "ckpt",
+            "--output",
+            tmp_path / "hf",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+    )
+    assert export.returncode == 2, export.stderr[-2000:]
+    assert "uses --halting-router entropy, which the Hugging Face model" in export.stderr
+    assert not (tmp_path / "hf").exists()

@@ -72,6 +72,7 @@ class NaiveWeights:
     rotary_base: float = 10000.0
     router_weight: torch.Tensor | None = None  # [K, h]
     router_bias: torch.Tensor | None = None  # [K]
+    router_entropy_weight: torch.Tensor | None = None  # [K], the entropy router's
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -109,6 +110,7 @@ class NaiveWeights:
             rotary_base=float(getattr(cfg, "rotary_base", None) or 10000.0),
             router_weight=params.get("halting_router.weight"),
             router_bias=params.get("halting_router.bias"),
+            router_entropy_weight=params.get("halting_router.entropy_weight"),
         )
 
 
@@ -195,6 +197,16 @@ class SlotDecoder:
 
 def head(w: NaiveWeights, y: torch.Tensor) -> torch.Tensor:
     return y @ w.output.t()
+
+
+def entropy_term(w: NaiveWeights, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The entropy router's addition to gate k's logit: a_k H / log V, H the entropy of the step's
+    own prediction under stop-gradient (0 for the linear router)."""
+    if w.router_entropy_weight is None:
+        return y.new_zeros(())
+    log_p = torch.log_softmax(head(w, y).detach().double(), dim=-1)
+    entropy = -(log_p.exp() * log_p).sum()
+    return w.router_entropy_weight[k] * (entropy / math.log(w.output.shape[0])).to(y.dtype)
 
 
 def per_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -378,7 +390,8 @@ def adaptive_forward(
     """Adaptive latent CoT, decoded naively token by token (docs/method.md, our rules).
 
     For each token in order, run steps k = 0, 1, ... while live. After step k (k < K), the gate
-    g(t,k) = sigmoid(y(t,k) . W[k] + b[k]); reach r(t,k+1) = r(t,k) g(t,k); step k+1 is live iff
+    g(t,k) = sigmoid(y(t,k) . W[k] + b[k]) (the entropy router adds a_k H(t,k) / log V inside:
+    `entropy_term`); reach r(t,k+1) = r(t,k) g(t,k); step k+1 is live iff
     step k is live and r(t,k+1) >= tau. When the token halts at step m, every remaining slot
     (t,k>m) exposes, in every layer, the keys/values of (t,m) to later tokens' queries
     (queries (t',k') with t' > t see (t,k) iff k <= k'). Output mixture: exit masses
@@ -409,7 +422,7 @@ def adaptive_forward(
                 ys.append(y)
                 if k == K:
                     break
-                g = torch.sigmoid(y @ w.router_weight[k] + w.router_bias[k])
+                g = torch.sigmoid(y @ w.router_weight[k] + w.router_bias[k] + entropy_term(w, y, k))
                 gates.append(g)
                 r = r * g
                 reach.append(r)

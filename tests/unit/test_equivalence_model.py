@@ -29,6 +29,8 @@ SEED = 4321
 # adaptive fixture: a router large enough that tokens halt at different steps
 # (beta < 1 keeps the penalty well above float resolution with an untrained model, whose p(gold) ~ 1/V)
 ADAPTIVE = dict(K=3, tau=0.4, router_std=0.6, router_bias=0.5, loss_weight=0.7, exponent=0.5)
+# the entropy router, its entropy term (~0.97-1.0 x a_k for an untrained model) moving the gates
+ENTROPY_ROUTER = dict(router="entropy", router_bias=-2.0, entropy_weight=[2.5, 3.0, 2.0])
 
 
 def lcot_config(**fields):
@@ -69,6 +71,7 @@ def adaptive_model(**overrides):
             halting_threshold=a["tau"],
             halting_loss_weight=a["loss_weight"],
             halting_correctness_exponent=a["exponent"],
+            halting_router=a.get("router", "linear"),
         )
     )
     gen = torch.Generator().manual_seed(11)
@@ -77,6 +80,8 @@ def adaptive_model(**overrides):
             a["router_std"] * torch.randn(model.halting_router.weight.shape, generator=gen)
         )
         model.halting_router.bias.fill_(a["router_bias"])
+        if "entropy_weight" in a:
+            model.halting_router.entropy_weight.copy_(torch.tensor(a["entropy_weight"]))
     return model
 
 
@@ -147,13 +152,15 @@ def test_stepwise_fixed_k_equals_naive_reference(batch):
     assert max_abs(out.expected_latent_steps, torch.full((B, T), float(K))) == 0.0
 
 
-def test_adaptive_equals_naive_reference(batch):
+@pytest.mark.parametrize("router", [{}, ENTROPY_ROUTER], ids=["linear", "entropy"])
+def test_adaptive_equals_naive_reference(batch, router):
     """Proves adaptive halting equals the naive reference with a real mix of halting steps:
-    router gates, reach, the hard live rule r >= tau, exit-mass mixture with pruned mass moved to
+    router gates (the linear router's, or the entropy router's reading its step's prediction),
+    reach, the hard live rule r >= tau, exit-mass mixture with pruned mass moved to
     the last executed step, KV reuse of halted slots in every layer, the correctness-aware penalty
     (lambda, beta from config), executed and expected latent steps."""
     ids, labels = batch
-    model = adaptive_model()
+    model = adaptive_model(**router)
     with torch.no_grad():
         want = ref_adaptive(model, ids, labels)
         assert_real_halting_mix(want, model.config.halting_threshold)
@@ -267,21 +274,24 @@ def test_stepwise_gradients_equal_reference(batch):
     _assert_grads_close(model, loss, want, GRAD_PARAMS)
 
 
-def test_adaptive_gradients_equal_reference(batch):
+ROUTER_PARAMS = ["halting_router.weight", "halting_router.bias"]
+
+
+@pytest.mark.parametrize(
+    "router, router_params",
+    [({}, ROUTER_PARAMS), (ENTROPY_ROUTER, ROUTER_PARAMS + ["halting_router.entropy_weight"])],
+    ids=["linear", "entropy"],
+)
+def test_adaptive_gradients_equal_reference(batch, router, router_params):
     """Proves the adaptive loss's gradients (through the exit-mass mixture, the reach products,
     the penalty's reach with stop-gradient on p, and the reused keys/values of halted slots)
-    equal autograd through the naive reference, including the router's weight and bias."""
+    equal autograd through the naive reference, including the router's own parameters."""
     ids, labels = batch
-    model = adaptive_model().train()
+    model = adaptive_model(**router).train()
     out = model(ids, positions(), labels=labels)
     want = ref_adaptive(model, ids, labels)
     assert_real_halting_mix(want, model.config.halting_threshold)
-    _assert_grads_close(
-        model,
-        out.loss.mean(),
-        want.loss.mean(),
-        GRAD_PARAMS + ["halting_router.weight", "halting_router.bias"],
-    )
+    _assert_grads_close(model, out.loss.mean(), want.loss.mean(), GRAD_PARAMS + router_params)
 
 
 def test_interleaved_gradients_equal_reference(batch):

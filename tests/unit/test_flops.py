@@ -84,6 +84,8 @@ MODES = {
     "adaptive_k2": dict(latent_steps=2, halting="adaptive"),
     # the penalty's head on a quarter of the executed tokens (32 per step here: exactly 8)
     "adaptive_k2_penalty_quarter": dict(latent_steps=2, halting="adaptive", halting_penalty_fraction=0.25),
+    # the entropy router's forward-only head on every gated step
+    "adaptive_k2_entropy_router": dict(latent_steps=2, halting="adaptive", halting_router="entropy"),
     "interleaved_k1_j2": dict(latent_steps=1, latent_layout="interleaved", jacobi_iters=(2,)),
 }
 
