@@ -25,6 +25,7 @@ from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.arguments import USAGE_ERROR_EXIT_CODE, ArgumentError, parse_args, set_padded_vocab_size  # noqa: E402
 from megatron_lcot.checkpoint.checkpointing import CheckpointError, CheckpointSaveError  # noqa: E402
 from megatron_lcot.data.tokenizers import TokenizerError, build_tokenizer  # noqa: E402
+from megatron_lcot.run_config import RunConfig  # noqa: E402
 from megatron_lcot.training.faults import (
     TooManySkippedSteps,
     describe_collective_failure,  # noqa: E402
@@ -51,10 +52,10 @@ def main(argv: list | None = None) -> dict | None:
         )
         set_padded_vocab_size(args, tokenizer.vocab_size)
         return pretrain(
-            args,
-            partial(train_valid_test_datasets_provider, args, tokenizer),
-            partial(model_provider, args),
-            partial(forward_step, args),
+            RunConfig.from_values(args),
+            partial(train_valid_test_datasets_provider, tokenizer),
+            model_provider,
+            forward_step,
         )
     except (ArgumentError, TokenizerError, CheckpointError) as error:
         _fail(str(error), USAGE_ERROR_EXIT_CODE)

@@ -126,7 +126,7 @@ def main(argv: list | None = None) -> dict:
     if args.decisive_router:
         make_router_decisive(trained.model)
         source = os.path.join(work, "decisive")
-        save_weights_only(source, trained.iteration, trained.model, trained.config.as_flags(), sharded=True)
+        save_weights_only(source, trained.iteration, trained.model, trained.config, sharded=True)
     export(source, os.path.join(work, "hf"))
     model = AutoModelForCausalLM.from_pretrained(
         os.path.join(work, "hf"), trust_remote_code=True, dtype=torch.float32

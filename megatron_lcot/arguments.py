@@ -508,7 +508,7 @@ def _validate_precision_and_optimizer(args) -> None:
     from megatron_lcot.parallel.deepspeed_config import DeepSpeedConfigError, effective_config
 
     try:
-        stage = effective_config(args)["zero_optimization"]["stage"]
+        stage = effective_config(RunConfig.from_values(args))["zero_optimization"]["stage"]
     except DeepSpeedConfigError as error:
         raise ArgumentError(str(error)) from error
     _require(

@@ -289,7 +289,8 @@ class RunConfig:
 
     def as_flags(self) -> argparse.Namespace:
         """Every section's fields in one namespace, named as the flags (field names are unique
-        across sections): for the seams that still read flags (checkpointing)."""
+        across sections): what a checkpoint stores beside the RunConfig and compares by flag
+        name (checkpoint/checkpointing.py)."""
         return argparse.Namespace(
             **{
                 f.name: getattr(getattr(self, name), f.name)

@@ -40,6 +40,7 @@ DeepSpeed's partitioned files, and `load_model_weights` consolidates them in one
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
@@ -149,12 +150,14 @@ def _restore_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["model_parallel_tracker"])
 
 
-def plain_args(args) -> dict:
-    """The flags as plain values (what weights_only loading accepts)."""
+def plain_flags(config: RunConfig) -> dict:
+    """The run's flags by name (`RunConfig.as_flags`) as plain values, what weights_only loading
+    accepts: stored as `args` beside the RunConfig, so that checks compare flags by name and
+    checkpoints stay readable by tools that read flags."""
     plain = (bool, int, float, str, type(None))
     return {
         k: (list(v) if isinstance(v, tuple) else v)
-        for k, v in vars(args).items()
+        for k, v in vars(config.as_flags()).items()
         if isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))
     }
 
@@ -240,24 +243,24 @@ def _publish(root: str, staging_dir: str, iteration: int, run_state: dict, keep_
     return final_dir
 
 
-def _engine_of(args) -> str:
+def _engine_of(config: RunConfig) -> str:
     """The optimizer seam a run trains with, as saved in `run.pt`: its per-rank state only
     resumes under the same one."""
     from megatron_lcot.parallel.deepspeed_config import run_zero_stage
 
-    zero_stage = run_zero_stage(args)
+    zero_stage = run_zero_stage(config.parallel)
     if zero_stage is not None:
         return f"deepspeed zero-{zero_stage}"
-    return "megatron distributed-optimizer" if args.use_distributed_optimizer else "megatron ddp"
+    return "megatron distributed-optimizer" if config.parallel.use_distributed_optimizer else "megatron ddp"
 
 
 _ENGINE_FLAGS = {"deepspeed": "--deepspeed", "megatron": "no --deepspeed"}
 
 
-def _check_same_engine(saved: str | None, args, root: str) -> None:
+def _check_same_engine(saved: str | None, config: RunConfig, root: str) -> None:
     """Refuse to resume the optimizer state of another seam, naming the flag and the command
     that converts the weights (the optimizer state of one seam does not map onto another's)."""
-    now = _engine_of(args)
+    now = _engine_of(config)
     if saved is None or saved == now:
         return
     if saved.split()[0] != now.split()[0]:
@@ -274,7 +277,7 @@ def _check_same_engine(saved: str | None, args, root: str) -> None:
     )
 
 
-def save_checkpoint(root: str, train_state, components, args) -> str:
+def save_checkpoint(root: str, train_state, components, config: RunConfig) -> str:
     """Write `train_state.iteration` atomically and point the marker at it (collective call).
 
     components: the TrainComponents whose model parts, optimizer and scheduler are saved. The
@@ -301,7 +304,7 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
                 "opt_param_scheduler": components.scheduler.state_dict(),
                 "train_state": train_state.state_dict(),
                 "rng_state": _rng_state(),
-                "args": plain_args(args),
+                "args": plain_flags(config),
             }
             rank_dir = os.path.join(staging_dir, _rank_subdir())
             os.makedirs(rank_dir, exist_ok=True)
@@ -310,16 +313,16 @@ def save_checkpoint(root: str, train_state, components, args) -> str:
     _written_by_every_rank(root, staging_dir, iteration, write)
     run_state = {
         "iteration": iteration,
-        "args": plain_args(args),
+        "args": plain_flags(config),
         "weights_only": False,
-        "engine": _engine_of(args),
-        "run_config": RunConfig.from_values(args).to_dict(),
+        "engine": _engine_of(config),
+        "run_config": config.to_dict(),
     }
-    return _publish(root, staging_dir, iteration, run_state, getattr(args, "keep_last", None))
+    return _publish(root, staging_dir, iteration, run_state, config.checkpoint.keep_last)
 
 
-def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> str:
-    """A weights-only checkpoint of `model` (one part; built with `args`' layout) at `iteration`:
+def save_weights_only(root: str, iteration: int, model, config: RunConfig, sharded: bool) -> str:
+    """A weights-only checkpoint of `model` (one part; built with `config`'s layout) at `iteration`:
     dist_checkpointing (`sharded`, any layout loads it) or one plain torch file per
     model-parallel rank. Collective; what tools/convert_checkpoint.py reshard writes."""
     staging_dir = _prepare_staging(root, iteration)
@@ -333,15 +336,15 @@ def save_weights_only(root: str, iteration: int, model, args, sharded: bool) -> 
         if parallel_state.get_data_parallel_rank() == 0:
             rank_dir = os.path.join(staging_dir, _rank_subdir())
             os.makedirs(rank_dir, exist_ok=True)
-            weights = {"model": unwrap_model(model).state_dict(), "args": plain_args(args)}
+            weights = {"model": unwrap_model(model).state_dict(), "args": plain_flags(config)}
             _write_durably(os.path.join(rank_dir, CHECKPOINT_FILENAME), lambda f: torch.save(weights, f))
 
     _written_by_every_rank(root, staging_dir, iteration, write)
     run_state = {
         "iteration": iteration,
-        "args": plain_args(args),
+        "args": plain_flags(config),
         "weights_only": True,
-        "run_config": RunConfig.from_values(args).to_dict(),
+        "run_config": config.to_dict(),
     }
     return _publish(root, staging_dir, iteration, run_state, None)
 
@@ -405,9 +408,9 @@ def _run_state(root: str, iteration: int) -> dict:
 
 
 def saved_args(root: str, iteration: int | None = None) -> dict:
-    """The flags a checkpoint was trained with (plain values), read without building anything
-    and whatever its layout: tools rebuild the model from these
-    (`argparse.Namespace(**saved_args(root))`)."""
+    """The flags a checkpoint was trained with (plain values by flag name), read without
+    building anything and whatever its layout: what the compatibility checks compare (tools
+    read the typed `load_run_config`)."""
     return _run_state(root, _resolve_iteration(root, iteration))["args"]
 
 
@@ -421,10 +424,12 @@ def load_run_config(root: str, iteration: int | None = None) -> RunConfig:
     return RunConfig.from_values(run_state["args"])
 
 
-def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
-    """Raise a CheckpointError naming the first of `flags` whose value differs from `saved`."""
+def check_compatible(saved: dict, config: RunConfig, flags: tuple, root: str) -> None:
+    """Raise a CheckpointError naming the first of `flags` whose value differs from `saved` (the
+    checkpoint's flags by name)."""
+    current = config.as_flags()
     for flag in flags:
-        before, now = saved.get(flag), getattr(args, flag, None)
+        before, now = saved.get(flag), getattr(current, flag, None)
         if before != now:
             name = "--" + flag.replace("_", "-")
             hint = (
@@ -439,14 +444,18 @@ def check_compatible(saved: dict, args, flags: tuple, root: str) -> None:
             )
 
 
-def check_weights_loadable(root: str, args) -> None:
-    """Before building a model to receive `root`'s weights at this run's layout (--skip-train):
-    take over the checkpoint's vocabulary padding (it depends on the TP it was saved at) when
-    this TP divides it, then refuse any other model flag that differs."""
+def check_weights_loadable(root: str, config: RunConfig) -> RunConfig:
+    """Before building a model to receive `root`'s weights at this run's layout (--skip-train,
+    initial weights): `config` with the checkpoint's vocabulary padding (it depends on the TP it
+    was saved at) when this TP divides it; raises if any other model flag differs."""
     saved = saved_args(root)
-    if saved.get("padded_vocab_size") and saved["padded_vocab_size"] % args.tensor_model_parallel_size == 0:
-        args.padded_vocab_size = saved["padded_vocab_size"]
-    check_compatible(saved, args, MODEL_FLAGS, root)
+    padded = saved.get("padded_vocab_size")
+    if padded and padded % config.parallel.tensor_model_parallel_size == 0:
+        config = dataclasses.replace(
+            config, model=dataclasses.replace(config.model, padded_vocab_size=padded)
+        )
+    check_compatible(saved, config, MODEL_FLAGS, root)
+    return config
 
 
 def load_model_weights(root: str, model, iteration: int | None = None) -> int:
@@ -507,7 +516,7 @@ def holds_initial_weights(root: str) -> bool:
     return iteration == 0 and _run_state(root, 0)["weights_only"]
 
 
-def check_resumable(root: str, args) -> None:
+def check_resumable(root: str, config: RunConfig) -> None:
     """Before anything is built: raise a CheckpointError when `root`'s latest checkpoint is one
     this run would refuse to resume (another model, schedule, layout or optimizer seam)."""
     iteration = latest_iteration(root)
@@ -515,11 +524,11 @@ def check_resumable(root: str, args) -> None:
         return
     run_state = _run_state(root, _resolve_iteration(root, iteration))
     if not run_state["weights_only"]:
-        check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
-        _check_same_engine(run_state.get("engine"), args, root)
+        check_compatible(run_state["args"], config, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
+        _check_same_engine(run_state.get("engine"), config, root)
 
 
-def load_checkpoint(root: str, components, args, train_state):
+def load_checkpoint(root: str, components, config: RunConfig, train_state):
     """Restore the latest checkpoint in `root` into the components' model parts, optimizer,
     scheduler and the RNGs, and the saved TrainState into `train_state` (a fresh one, which
     the training loop owns); returns it.
@@ -534,7 +543,7 @@ def load_checkpoint(root: str, components, args, train_state):
     iteration = _resolve_iteration(root, None)
     run_state = _run_state(root, iteration)
     if run_state["weights_only"] and iteration == 0:  # a starting point: build_components loaded it
-        check_compatible(run_state["args"], args, MODEL_FLAGS, root)
+        check_compatible(run_state["args"], config, MODEL_FLAGS, root)
         return train_state
     if run_state["weights_only"]:
         raise CheckpointError(
@@ -542,8 +551,8 @@ def load_checkpoint(root: str, components, args, train_state):
             "tools/convert_checkpoint.py reshard); evaluate it with --skip-train, or resume "
             "from a checkpoint written by pretrain_lcot.py --save."
         )
-    check_compatible(run_state["args"], args, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
-    _check_same_engine(run_state.get("engine"), args, root)
+    check_compatible(run_state["args"], config, MODEL_FLAGS + SCHEDULE_FLAGS + LAYOUT_FLAGS, root)
+    _check_same_engine(run_state.get("engine"), config, root)
     state = torch.load(_rank_file(root, iteration), map_location="cpu", weights_only=True)
     optimizer = components.optimizer
     if not optimizer.load_restores_weights:

@@ -15,6 +15,7 @@ for TP = PP = 1).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from megatron.core import parallel_state
@@ -23,34 +24,38 @@ from megatron_lcot import parallel
 from megatron_lcot.checkpoint.checkpointing import (
     CheckpointError,
     load_model_weights,
+    load_run_config,
     save_weights_only,
-    saved_args,
 )
 from megatron_lcot.model.building import build_model
 from megatron_lcot.run_config import RunConfig
 
 
-def target_args(saved: dict, tensor_parallel: int, pipeline_parallel: int) -> argparse.Namespace:
-    """The checkpoint's flags with the target layout. The vocabulary keeps the checkpoint's
+def target_config(saved: RunConfig, tensor_parallel: int, pipeline_parallel: int) -> RunConfig:
+    """The checkpoint's RunConfig at the target layout. The vocabulary keeps the checkpoint's
     padding (the embedding's shape) when the target TP divides it."""
-    args = argparse.Namespace(**saved)
-    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tensor_parallel, pipeline_parallel
-    if args.padded_vocab_size % tensor_parallel:
+    model = saved.model
+    if model.padded_vocab_size % tensor_parallel:
         raise CheckpointError(
             f"--target-tensor-parallel-size {tensor_parallel} does not divide the checkpoint's "
-            f"padded vocabulary {args.padded_vocab_size}; choose a divisor of it."
+            f"padded vocabulary {model.padded_vocab_size}; choose a divisor of it."
         )
-    if args.num_attention_heads % tensor_parallel or args.num_query_groups % tensor_parallel:
+    if model.num_attention_heads % tensor_parallel or model.num_query_groups % tensor_parallel:
         raise CheckpointError(
             f"--target-tensor-parallel-size {tensor_parallel} must divide the checkpoint's "
-            f"{args.num_attention_heads} heads and {args.num_query_groups} query groups."
+            f"{model.num_attention_heads} heads and {model.num_query_groups} query groups."
         )
-    if args.num_layers % pipeline_parallel or (pipeline_parallel > 1 and args.latent_steps > 0):
+    if model.num_layers % pipeline_parallel or (pipeline_parallel > 1 and model.latent_steps > 0):
         raise CheckpointError(
             f"--target-pipeline-model-parallel-size {pipeline_parallel}: the checkpoint's "
-            f"{args.num_layers} layers must divide evenly, and latent modes need 1."
+            f"{model.num_layers} layers must divide evenly, and latent modes need 1."
         )
-    return args
+    layout = dataclasses.replace(
+        saved.parallel,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+    )
+    return dataclasses.replace(saved, parallel=layout)
 
 
 def reshard(
@@ -66,7 +71,7 @@ def reshard(
     target layout; returns the written iteration directory. Collective over TP x PP ranks.
     `as_initial_weights`: write them as iteration 0, the starting point a training run with
     `--load save_dir` takes (a new optimizer, under any engine)."""
-    args = target_args(saved_args(load_dir, iteration), tensor_parallel, pipeline_parallel)
+    config = target_config(load_run_config(load_dir, iteration), tensor_parallel, pipeline_parallel)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != tensor_parallel * pipeline_parallel:
         raise CheckpointError(
@@ -74,16 +79,16 @@ def reshard(
             f"{tensor_parallel * pipeline_parallel} processes, this run has {world_size}; "
             f"launch with torchrun --nproc-per-node {tensor_parallel * pipeline_parallel}."
         )
-    parallel.initialize(tensor_parallel, pipeline_parallel, args.seed)
+    parallel.initialize(tensor_parallel, pipeline_parallel, config.model.seed)
     model = build_model(
-        RunConfig.from_values(args).model,
+        config.model,
         tensor_parallel,
         pipeline_parallel,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     )
     iteration = load_model_weights(load_dir, model, iteration)
-    return save_weights_only(save_dir, 0 if as_initial_weights else iteration, model, args, sharded=sharded)
+    return save_weights_only(save_dir, 0 if as_initial_weights else iteration, model, config, sharded=sharded)
 
 
 def add_arguments(command: argparse.ArgumentParser) -> None:

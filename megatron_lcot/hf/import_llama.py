@@ -259,7 +259,7 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
     from megatron_lcot import parallel
     from megatron_lcot.arguments import run_config_from_fields
     from megatron_lcot.checkpoint.checkpointing import latest_iteration, save_weights_only
-    from megatron_lcot.checkpoint.reshard import reshard, target_args
+    from megatron_lcot.checkpoint.reshard import reshard, target_config
     from megatron_lcot.data.tokenizers import build_tokenizer
     from megatron_lcot.model.building import build_model
 
@@ -296,7 +296,7 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
             tokenizer.vocab_size, **fields, mock_data=True, train_iters=1, save=save
         )
         if tp * pp > 1:  # refuses a layout the model cannot take, before any work
-            target_args(vars(run_config.as_flags()), tp, pp)
+            target_config(run_config, tp, pp)
         one_process = run_config.for_one_process()
         model = build_model(one_process.model)
         m = run_config.model
@@ -318,10 +318,10 @@ def import_llama(hf_dir: str, save: str, options: argparse.Namespace) -> dict | 
         state.update(converted)
         model.load_state_dict(state)
         if tp * pp == 1:  # a starting point for pretrain_lcot.py --load
-            save_weights_only(save, 0, model, run_config.as_flags(), sharded=True)
+            save_weights_only(save, 0, model, run_config, sharded=True)
         else:
             staging = os.path.join(save, STAGING_DIRNAME)
-            save_weights_only(staging, 0, model, one_process.as_flags(), sharded=True)
+            save_weights_only(staging, 0, model, one_process, sharded=True)
             parallel_state.destroy_model_parallel()
             reshard(staging, save, tp, pp, sharded=True)
             if dist.get_rank() == 0:

@@ -24,6 +24,7 @@ import torch
 
 from megatron_lcot.checkpoint.checkpointing import CHECKPOINT_FILENAME, iteration_dir
 from megatron_lcot.hf.errors import ConversionError
+from megatron_lcot.run_config import ModelSection, RunConfig
 
 
 def training_record(root: str, iteration: int) -> dict | None:
@@ -72,22 +73,24 @@ def read_eval_result(path: str) -> dict:
     return result
 
 
-def _mode(args) -> str:
-    if args.latent_steps == 0:
+def _mode(model: ModelSection) -> str:
+    if model.latent_steps == 0:
         return "vanilla (no latent thoughts): a plain Llama"
-    halting = "adaptive halting" if args.halting == "adaptive" else "every token runs all K steps"
-    return f"{args.latent_steps} latent thoughts per token, {args.latent_layout} layout, {halting}"
+    halting = "adaptive halting" if model.halting == "adaptive" else "every token runs all K steps"
+    return f"{model.latent_steps} latent thoughts per token, {model.latent_layout} layout, {halting}"
 
 
-def _halting_recipe(args) -> str:
-    if args.latent_steps == 0 or args.halting != "adaptive":
+def _halting_recipe(config: RunConfig) -> str:
+    model = config.model
+    if model.latent_steps == 0 or model.halting != "adaptive":
         return "none"
-    warmup = getattr(args, "halting_warmup_iters", 0)
+    warmup = model.halting_warmup_iters
     return (
-        f"threshold tau {args.halting_threshold:g}, loss weight {args.halting_loss_weight:g}, warm-up "
+        f"threshold tau {model.halting_threshold:g}, loss weight {model.halting_loss_weight:g}, warm-up "
         f"{warmup} iterations{' (no pruning while the loss weight ramps from 0)' if warmup else ''}, "
-        f"correctness exponent {args.halting_correctness_exponent:g}, router learning rate x "
-        f"{args.halting_router_lr_mult:g}"
+        f"correctness exponent {model.halting_correctness_exponent:g}, penalty on "
+        f"{model.halting_penalty_fraction:g} of the executed tokens, router learning rate x "
+        f"{config.optimizer.halting_router_lr_mult:g}"
     )
 
 
@@ -129,30 +132,30 @@ def model_card(
     eval_result: dict | None,
 ) -> str:
     """README.md text for an export of `trained` (inference.loading.TrainedModel)."""
-    args = trained.config.as_flags()
-    latent = args.latent_steps > 0
+    config = trained.config
+    model = config.model
+    latent = model.latent_steps > 0
+    seq_length = model.seq_length
     if record is None:
         tokens = flops = "not recorded (a weights-only checkpoint)"
     else:
-        tokens = (
-            f"{record['samples'] * args.seq_length:,} ({record['samples']:,} sequences of {args.seq_length})"
-        )
+        tokens = f"{record['samples'] * seq_length:,} ({record['samples']:,} sequences of {seq_length})"
         flops = f"{record['flops']:.4g}" if record["flops"] else "not recorded"
     rows = [
-        ("mode", _mode(args)),
-        ("latent steps K", str(args.latent_steps)),
-        ("halting recipe", _halting_recipe(args)),
+        ("mode", _mode(model)),
+        ("latent steps K", str(model.latent_steps)),
+        ("halting recipe", _halting_recipe(config)),
         ("parameters", f"{parameters:,}"),
         (
             "shape",
-            f"{args.num_layers} layers, hidden {args.hidden_size}, {args.num_attention_heads} heads, "
-            f"{args.num_query_groups} KV heads, FFN {trained.model.config.ffn_hidden_size}",
+            f"{model.num_layers} layers, hidden {model.hidden_size}, {model.num_attention_heads} heads, "
+            f"{trained.model.config.num_query_groups} KV heads, FFN {trained.model.config.ffn_hidden_size}",
         ),
-        ("vocabulary", f"{trained.vocab_size} ({args.tokenizer_type})"),
+        ("vocabulary", f"{trained.vocab_size} ({config.data.tokenizer_type})"),
         (
             "training",
-            f"iteration {trained.iteration}, sequence length {args.seq_length}, global batch "
-            f"{args.global_batch_size}, lr {args.lr:g}",
+            f"iteration {trained.iteration}, sequence length {seq_length}, global batch "
+            f"{config.training.global_batch_size}, lr {config.optimizer.lr:g}",
         ),
         ("training tokens", tokens),
         ("training FLOPs", flops),

@@ -18,6 +18,10 @@ is always computed, since the loop logs it and skips steps where it is not finit
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_lcot.run_config import RunConfig
 
 
 class DeepSpeedConfigError(ValueError):
@@ -78,11 +82,14 @@ def _check_precision(config: dict, path: str, section: str, flag_set: bool) -> N
         )
 
 
-def effective_config(args) -> dict:
+def effective_config(run_config: RunConfig) -> dict:
     """The config handed to `deepspeed.initialize` for this run."""
-    path = args.deepspeed_config
+    path = run_config.parallel.deepspeed_config
     config = read_config(path)
-    wanted = {"gradient_clipping": args.clip_grad, "train_micro_batch_size_per_gpu": args.micro_batch_size}
+    wanted = {
+        "gradient_clipping": run_config.optimizer.clip_grad,
+        "train_micro_batch_size_per_gpu": run_config.training.micro_batch_size,
+    }
     for key, flag in _OWNED_BY_FLAGS.items():
         if key in config and config[key] != wanted[key]:
             raise DeepSpeedConfigError(
@@ -95,8 +102,8 @@ def effective_config(args) -> dict:
                 f"--deepspeed_config {path!r}: drop {key}; --global-batch-size sets the "
                 "accumulation (megatron-core's schedule accumulates micro-batches)."
             )
-    _check_precision(config, path, "bf16", args.bf16)
-    _check_precision(config, path, "fp16", args.fp16)
+    _check_precision(config, path, "bf16", run_config.model.bf16)
+    _check_precision(config, path, "fp16", run_config.model.fp16)
     if config.get("zero_optimization", {}).get("compute_grad_norm", True) is not True:
         raise DeepSpeedConfigError(
             f"--deepspeed_config {path!r}: drop zero_optimization.compute_grad_norm false; "
@@ -106,7 +113,7 @@ def effective_config(args) -> dict:
         ("data_types.grad_accum_dtype", config.get("data_types", {}).get("grad_accum_dtype")),
         ("communication_data_type", config.get("communication_data_type")),
     ):
-        if args.bf16 and value not in (None, "fp32"):
+        if run_config.model.bf16 and value not in (None, "fp32"):
             raise DeepSpeedConfigError(
                 f"--deepspeed_config {path!r} sets {key} {value!r}; under --bf16 gradients "
                 'are accumulated and reduced in fp32 (set it to "fp32" or drop it).'
@@ -114,22 +121,22 @@ def effective_config(args) -> dict:
     config.update(wanted)
     config.update(
         {
-            "train_batch_size": args.micro_batch_size * args.data_parallel_size,
+            "train_batch_size": run_config.training.micro_batch_size * run_config.parallel.data_parallel_size,
             "gradient_accumulation_steps": 1,
             "managed_gradient_accumulation": False,
             "zero_allow_untested_optimizer": True,  # the client optimizer is torch's AdamW
             "zero_force_ds_cpu_optimizer": False,
-            "bf16": {**config.get("bf16", {}), "enabled": args.bf16},
-            "fp16": {**config.get("fp16", {}), "enabled": args.fp16},
+            "bf16": {**config.get("bf16", {}), "enabled": run_config.model.bf16},
+            "fp16": {**config.get("fp16", {}), "enabled": run_config.model.fp16},
         }
     )
-    if args.bf16:
+    if run_config.model.bf16:
         config["data_types"] = {**config.get("data_types", {}), "grad_accum_dtype": "fp32"}
         config["communication_data_type"] = "fp32"
-    if args.fp16 and args.loss_scale is not None:
-        config["fp16"]["loss_scale"] = args.loss_scale
+    if run_config.model.fp16 and run_config.optimizer.loss_scale is not None:
+        config["fp16"]["loss_scale"] = run_config.optimizer.loss_scale
     config.setdefault("steps_per_print", 2**31 - 1)  # our logger prints; DeepSpeed's would repeat it
-    zero = {**config.get("zero_optimization", {}), "stage": run_zero_stage(args)}
+    zero = {**config.get("zero_optimization", {}), "stage": run_zero_stage(run_config.parallel)}
     if zero["stage"] < 2:
         # overlap_comm overlaps the gradient reduce-scatter of stages 2/3; below stage 2 DeepSpeed
         # refuses it without managed accumulation (zero2.json run with --zero-stage 1).

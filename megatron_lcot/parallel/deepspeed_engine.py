@@ -30,6 +30,7 @@ from megatron.core import parallel_state
 from megatron_lcot import parallel
 from megatron_lcot.model.halting import is_router_param
 from megatron_lcot.parallel.deepspeed_config import effective_config
+from megatron_lcot.run_config import OptimizerSection, RunConfig
 
 
 class _MegatronMpu:
@@ -63,7 +64,7 @@ class _ScheduleView:
         return self.module(*args, **kwargs)
 
 
-def _adamw(model: torch.nn.Module, args) -> torch.optim.AdamW:
+def _adamw(model: torch.nn.Module, optimizer: OptimizerSection) -> torch.optim.AdamW:
     """Client AdamW with megatron-core's groups: matrices decay, vectors do not, and the halting
     router (`halting.is_router_param`) has its own learning rate (x `--halting-router-lr-mult`)
     and no decay; `wd_mult`/`max_lr`/`min_lr` are read by OptimizerParamScheduler."""
@@ -71,27 +72,29 @@ def _adamw(model: torch.nn.Module, args) -> torch.optim.AdamW:
     router = [p for name, p in named if is_router_param(name, p)]
     rest = [p for name, p in named if not is_router_param(name, p)]
     groups = [
-        {"params": [p for p in rest if p.ndim > 1], "weight_decay": args.weight_decay, "wd_mult": 1.0},
+        {"params": [p for p in rest if p.ndim > 1], "weight_decay": optimizer.weight_decay, "wd_mult": 1.0},
         {"params": [p for p in rest if p.ndim <= 1], "weight_decay": 0.0, "wd_mult": 0.0},
     ]
     if router:
-        mult = args.halting_router_lr_mult
+        mult = optimizer.halting_router_lr_mult
         groups.append(
             {
                 "params": router,
                 "weight_decay": 0.0,
                 "wd_mult": 0.0,
-                "max_lr": args.lr * mult,
-                "min_lr": args.min_lr * mult,
+                "max_lr": optimizer.lr * mult,
+                "min_lr": optimizer.min_lr * mult,
             }
         )
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps)
+    return torch.optim.AdamW(
+        groups, lr=optimizer.lr, betas=(optimizer.adam_beta1, optimizer.adam_beta2), eps=optimizer.adam_eps
+    )
 
 
 class DeepSpeedOptimizer:
     """`--deepspeed`: the same interface as `MegatronCoreOptimizer`, backed by DeepSpeed engines."""
 
-    def __init__(self, model_parts: list, args) -> None:
+    def __init__(self, model_parts: list, run_config: RunConfig) -> None:
         import deepspeed
 
         if len(model_parts) != 1:
@@ -103,13 +106,13 @@ class DeepSpeedOptimizer:
         config = part.config
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=part,
-            optimizer=_adamw(part, args),
-            config=effective_config(args),
+            optimizer=_adamw(part, run_config.optimizer),
+            config=effective_config(run_config),
             mpu=_MegatronMpu(),
             dist_init_required=False,
         )
         config.no_sync_func = config.finalize_model_grads_func = None
-        config.grad_scale_func = self.engine.scale if args.fp16 else None
+        config.grad_scale_func = self.engine.scale if run_config.model.fp16 else None
         self.schedule_parts = [_ScheduleView(self.engine, config)]
         self.partitions_weights = self.engine.zero_optimization_partition_weights()
 

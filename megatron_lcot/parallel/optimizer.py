@@ -39,7 +39,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from megatron_lcot import compat, parallel
 from megatron_lcot.model.halting import is_router_param
-from megatron_lcot.run_config import OptimizerSection
+from megatron_lcot.run_config import OptimizerSection, RunConfig
 
 OPTIMIZER_DIRNAME = "optimizer"
 
@@ -83,7 +83,7 @@ class MegatronCoreOptimizer:
     `--fp16`, `grad_scale_func` (the dynamic loss scale).
     """
 
-    def __init__(self, model_parts: list, args) -> None:
+    def __init__(self, model_parts: list, run_config: RunConfig) -> None:
         config = model_parts[0].config
         # overlap: each gradient bucket is reduced as soon as backward fills it, and with the
         # distributed optimizer each weight bucket is all-gathered in the forward pre-hook of its
@@ -92,31 +92,39 @@ class MegatronCoreOptimizer:
         # chunks sharing them): a bucket's gradients arrive once per pass, which the overlapped
         # reduction (one reduction per bucket and backward) cannot follow. Those runs reduce
         # after the schedule, as with --no-overlap-grad-reduce.
-        overlap = args.overlap_grad_reduce and not (
-            args.pipeline_model_parallel_size > 1 and args.latent_steps > 0
+        overlap = run_config.parallel.overlap_grad_reduce and not (
+            run_config.parallel.pipeline_model_parallel_size > 1 and run_config.model.latent_steps > 0
         )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            use_distributed_optimizer=args.use_distributed_optimizer,
+            use_distributed_optimizer=run_config.parallel.use_distributed_optimizer,
             overlap_grad_reduce=overlap,
-            overlap_param_gather=overlap and args.use_distributed_optimizer and args.overlap_param_gather,
+            overlap_param_gather=overlap
+            and run_config.parallel.use_distributed_optimizer
+            and run_config.parallel.overlap_param_gather,
         )
-        dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+        dtype = (
+            torch.bfloat16
+            if run_config.model.bf16
+            else torch.float16
+            if run_config.model.fp16
+            else torch.float32
+        )
         optimizer_config = OptimizerConfig(
             optimizer="adam",
-            lr=args.lr,
-            min_lr=args.min_lr,
-            weight_decay=args.weight_decay,
-            adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2,
-            adam_eps=args.adam_eps,
-            clip_grad=args.clip_grad,
-            bf16=args.bf16,
-            fp16=args.fp16,
+            lr=run_config.optimizer.lr,
+            min_lr=run_config.optimizer.min_lr,
+            weight_decay=run_config.optimizer.weight_decay,
+            adam_beta1=run_config.optimizer.adam_beta1,
+            adam_beta2=run_config.optimizer.adam_beta2,
+            adam_eps=run_config.optimizer.adam_eps,
+            clip_grad=run_config.optimizer.clip_grad,
+            bf16=run_config.model.bf16,
+            fp16=run_config.model.fp16,
             params_dtype=dtype,
-            loss_scale=args.loss_scale,
-            initial_loss_scale=args.initial_loss_scale,
-            use_distributed_optimizer=args.use_distributed_optimizer,
+            loss_scale=run_config.optimizer.loss_scale,
+            initial_loss_scale=run_config.optimizer.initial_loss_scale,
+            use_distributed_optimizer=run_config.parallel.use_distributed_optimizer,
         )
         with parallel.schedule_device_context():
             self.schedule_parts = [
@@ -125,12 +133,14 @@ class MegatronCoreOptimizer:
             self.optimizer = get_megatron_optimizer(
                 optimizer_config,
                 self.schedule_parts,
-                config_overrides=router_config_overrides(optimizer_config, args.halting_router_lr_mult),
+                config_overrides=router_config_overrides(
+                    optimizer_config, run_config.optimizer.halting_router_lr_mult
+                ),
             )
         config.no_sync_func = _one_or_list([part.no_sync for part in self.schedule_parts])
         config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = self.optimizer.scale_loss if args.fp16 else None
-        self.saves_own_files = args.use_distributed_optimizer
+        config.grad_scale_func = self.optimizer.scale_loss if run_config.model.fp16 else None
+        self.saves_own_files = run_config.parallel.use_distributed_optimizer
 
     partitions_weights = False
     load_restores_weights = False
@@ -208,14 +218,14 @@ class MegatronCoreOptimizer:
             )
 
 
-def build_optimizer(model_parts: list, args):
+def build_optimizer(model_parts: list, run_config: RunConfig):
     """The optimizer seam the flags ask for: DeepSpeed ZeRO under `--deepspeed`, else
     megatron-core DDP + its optimizer."""
-    if getattr(args, "deepspeed", False):
+    if run_config.parallel.deepspeed:
         from megatron_lcot.parallel.deepspeed_engine import DeepSpeedOptimizer
 
-        return DeepSpeedOptimizer(model_parts, args)
-    return MegatronCoreOptimizer(model_parts, args)
+        return DeepSpeedOptimizer(model_parts, run_config)
+    return MegatronCoreOptimizer(model_parts, run_config)
 
 
 def build_lr_scheduler(optimizer, schedule: OptimizerSection, train_iters: int) -> OptimizerParamScheduler:

@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_lcot import parallel
+from megatron_lcot.run_config import FaultsSection
 from megatron_lcot.training.state import TrainState
 
 EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -119,14 +120,13 @@ class RunGuard:
     `stop_reason()` at the end of the step.
     """
 
-    def __init__(self, args) -> None:
-        self.exit_signal_handler = args.exit_signal_handler
-        self.exit_duration_in_mins = args.exit_duration_in_mins
-        self.exit_interval = args.exit_interval
+    def __init__(self, faults: FaultsSection, dynamic_loss_scale: bool = False) -> None:
+        self.exit_signal_handler = faults.exit_signal_handler
+        self.exit_duration_in_mins = faults.exit_duration_in_mins
+        self.exit_interval = faults.exit_interval
         # Under --fp16 with dynamic loss scaling, overflow steps are the scaler's business (it
         # halves the scale: from 2^32 that takes many skipped steps in a row): counted, never a stop.
-        dynamic_fp16 = getattr(args, "fp16", False) and getattr(args, "loss_scale", None) is None
-        self.max_skipped_in_a_row = 0 if dynamic_fp16 else args.max_skipped_steps_in_a_row
+        self.max_skipped_in_a_row = 0 if dynamic_loss_scale else faults.max_skipped_steps_in_a_row
         self.received_signal: int | None = None
         self._previous_handlers: dict = {}
         self._process_start = psutil.Process().create_time()  # seconds since the epoch

@@ -2,10 +2,12 @@
 
 An entry point supplies three functions, as `pretrain_gpt.py` does:
 
-    model_provider(pre_process, post_process) -> model          (one pipeline stage)
-    train_valid_test_datasets_provider(num_samples) -> (train, valid, test)
-    forward_step(data_iterator, model) -> (output, loss_func)   loss_func(output) ->
-        (loss_sum, num_tokens, {"stats": token_statistics(...)})
+    model_provider(config, pre_process, post_process) -> model          (one pipeline stage)
+    train_valid_test_datasets_provider(config, num_samples) -> (train, valid, test)
+    forward_step(config, data_iterator, model, halting) -> (output, loss_func)
+        loss_func(output) -> (loss_sum, num_tokens, {"stats": token_statistics(...)})
+
+Each receives the run's `RunConfig` (run_config.py), the one configuration of the run, first.
 
 `pretrain()` builds them once into a `TrainComponents` bundle and keeps the run's progress in
 one `TrainState` (`training/state.py`); everything below takes those two objects.
@@ -56,7 +58,11 @@ def _is_logging_rank() -> bool:
 
 
 def _run_schedule(
-    components: TrainComponents, data_iterator, args, forward_only: bool, halting: HaltingSettings | None
+    components: TrainComponents,
+    data_iterator,
+    config: RunConfig,
+    forward_only: bool,
+    halting: HaltingSettings | None,
 ):
     """One global batch through the pipeline schedule; the statistics summed over this
     rank's micro-batches and the data-parallel group (None off the last pipeline stage).
@@ -64,16 +70,16 @@ def _run_schedule(
     with (
         parallel.schedule_device_context(),
         pipeline_schedule(
-            components.optimizer.schedule_parts, data_iterator, args.seq_length, forward_only
+            components.optimizer.schedule_parts, data_iterator, config.model.seq_length, forward_only
         ) as schedule,
     ):
         per_microbatch = schedule.forward_backward_func(
             forward_step_func=partial(components.forward_step_func, halting=halting),
             data_iterator=schedule.data_iterator,
             model=schedule.model,
-            num_microbatches=args.num_microbatches,
+            num_microbatches=config.training.num_microbatches,
             seq_length=schedule.seq_length,
-            micro_batch_size=args.micro_batch_size,
+            micro_batch_size=config.training.micro_batch_size,
             forward_only=forward_only,
         )
     if not parallel_state.is_pipeline_last_stage():
@@ -81,40 +87,44 @@ def _run_schedule(
     return reduce_statistics(per_microbatch, parallel_state.get_data_parallel_group())
 
 
-def _data_iterator(dataset, consumed_samples: int, args):
+def _data_iterator(dataset, consumed_samples: int, config: RunConfig):
     return build_data_iterator(
         dataset,
         consumed_samples,
-        args.micro_batch_size,
+        config.training.micro_batch_size,
         parallel_state.get_data_parallel_rank(),
-        args.data_parallel_size,
-        args.num_workers,
+        config.parallel.data_parallel_size,
+        config.data.num_workers,
         pin_memory=parallel.device().type == "cuda",
     )
 
 
-def evaluate(components: TrainComponents, args) -> dict | None:
+def evaluate(components: TrainComponents, config: RunConfig) -> dict | None:
     """Means over the first `--eval-iters` validation global batches (None off the last stage)."""
-    data_iterator = _data_iterator(components.valid_dataset, 0, args)
+    data_iterator = _data_iterator(components.valid_dataset, 0, config)
     components.train(False)
     total = None
     with torch.no_grad():
-        for _ in range(args.eval_iters):
-            stats = _run_schedule(components, data_iterator, args, forward_only=True, halting=None)
+        for _ in range(config.training.eval_iters):
+            stats = _run_schedule(components, data_iterator, config, forward_only=True, halting=None)
             total = stats if total is None else total + stats
     components.train(True)
     return summarize(total) if total is not None else None
 
 
 def train_step(
-    state: TrainState, components: TrainComponents, guard: RunGuard, args, halting: HaltingSettings
+    state: TrainState,
+    components: TrainComponents,
+    guard: RunGuard,
+    config: RunConfig,
+    halting: HaltingSettings,
 ) -> tuple:
     """One optimizer step on one global batch at the halting settings `halting`: (summed
     statistics or None, grad norm, lr used, the ranks' StepVerdict). No update and no LR step
     when the loss or grad norm is not finite; `state` counts those steps."""
     optimizer = components.optimizer
     optimizer.zero_grad()
-    stats = _run_schedule(components, components.train_iterator, args, forward_only=False, halting=halting)
+    stats = _run_schedule(components, components.train_iterator, config, forward_only=False, halting=halting)
     lr = optimizer.param_groups[0]["lr"]
     verdict = guard.agree(summarize(stats)["loss"] if stats is not None else None)
     grad_norm = optimizer.step() if verdict.loss_is_finite else math.nan
@@ -125,49 +135,56 @@ def train_step(
     return stats, grad_norm, lr, verdict
 
 
-def _describe_run(components: TrainComponents, args, iteration: int) -> str:
+def _describe_run(components: TrainComponents, config: RunConfig, iteration: int) -> str:
     mode = (
         "vanilla"
-        if args.latent_steps == 0
-        else (f"latent steps {args.latent_steps} ({args.latent_layout}, halting {args.halting})")
+        if config.model.latent_steps == 0
+        else (
+            f"latent steps {config.model.latent_steps} ({config.model.latent_layout}, halting {config.model.halting})"
+        )
     )
     start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
     return (
         f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
-        f"dp {args.data_parallel_size} tp {args.tensor_model_parallel_size} "
-        f"pp {args.pipeline_model_parallel_size} | global batch {args.global_batch_size} = micro "
-        f"{args.micro_batch_size} x {args.num_microbatches} micro-batches x dp | {start}"
+        f"dp {config.parallel.data_parallel_size} tp {config.parallel.tensor_model_parallel_size} "
+        f"pp {config.parallel.pipeline_model_parallel_size} | global batch {config.training.global_batch_size} = micro "
+        f"{config.training.micro_batch_size} x {config.training.num_microbatches} micro-batches x dp | {start}"
     )
 
 
-def train(state: TrainState, components: TrainComponents, guard: RunGuard, args) -> str | None:
+def train(state: TrainState, components: TrainComponents, guard: RunGuard, config: RunConfig) -> str | None:
     """Steps `state` to `--train-iters`: logs every `--log-interval`, saves every
     `--save-interval`, evaluates every `--eval-interval` (not at the end: `pretrain` does).
     Returns why it stopped early (`guard.stop_reason`), or None."""
-    tokens_per_iteration = args.global_batch_size * args.seq_length
-    flops = TrainingFlops(components.model_parts[0].config, args.seq_length, args.padded_vocab_size)
+    tokens_per_iteration = config.training.global_batch_size * config.model.seq_length
+    flops = TrainingFlops(
+        components.model_parts[0].config, config.model.seq_length, config.model.padded_vocab_size
+    )
     interval_stats, interval_seconds, interval_iters = None, 0.0, 0
     # the halting settings follow the loop's own counter (also right after a resume)
     halting_schedule = HaltingSchedule(components.model_parts[0].config)
     run_start = time.perf_counter()
-    while state.iteration < args.train_iters:
+    while state.iteration < config.training.train_iters:
         step_start = time.perf_counter()
         halting = halting_schedule.at(state.iteration)
-        stats, grad_norm, lr, verdict = train_step(state, components, guard, args, halting)
+        stats, grad_norm, lr, verdict = train_step(state, components, guard, config, halting)
         state.iteration += 1
-        state.consumed_train_samples += args.global_batch_size
+        state.consumed_train_samples += config.training.global_batch_size
         interval_seconds += time.perf_counter() - step_start
         interval_iters += 1
         if stats is not None:
             interval_stats = stats if interval_stats is None else interval_stats + stats
-        if state.iteration % args.log_interval == 0 or state.iteration == args.train_iters:
+        if (
+            state.iteration % config.logging.log_interval == 0
+            or state.iteration == config.training.train_iters
+        ):
             if interval_stats is not None:
                 summary = flops.add_interval(
                     state, summarize(interval_stats), interval_iters * tokens_per_iteration
                 )
                 components.logger.log_train(
                     state.iteration,
-                    state.consumed_train_samples * args.seq_length,
+                    state.consumed_train_samples * config.model.seq_length,
                     lr,
                     grad_norm,
                     summary,
@@ -182,102 +199,119 @@ def train(state: TrainState, components: TrainComponents, guard: RunGuard, args)
                 f"{grad_norm}); {state.skipped_steps_in_a_row} in a row, {state.skipped_steps_total} in all",
                 flush=True,
             )
-        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            save_checkpoint(args.save, state, components, args)
+        if (
+            config.checkpoint.save
+            and config.checkpoint.save_interval
+            and state.iteration % config.checkpoint.save_interval == 0
+        ):
+            save_checkpoint(config.checkpoint.save, state, components, config)
         stop_reason = guard.stop_reason(state, verdict)
         if stop_reason is not None:
             return stop_reason
-        if state.iteration % args.eval_interval == 0 and state.iteration < args.train_iters:
-            summary = evaluate(components, args)
+        if (
+            state.iteration % config.training.eval_interval == 0
+            and state.iteration < config.training.train_iters
+        ):
+            summary = evaluate(components, config)
             if summary is not None:
                 components.logger.log_eval(state.iteration, summary, final=False)
     return None
 
 
-def build_components(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> tuple:
+def build_components(
+    config: RunConfig, train_valid_test_datasets_provider, model_provider, forward_step_func
+) -> tuple:
     """Model, optimizer seam, scheduler (restored from `--load` when given; with --skip-train
     only the weights, from a checkpoint of any layout), data and logger: (TrainState,
-    TrainComponents)."""
-    starts_from_weights = args.load and not args.skip_train and holds_initial_weights(args.load)
-    if starts_from_weights:
-        check_weights_loadable(args.load, args)
-    elif args.load and not args.skip_train:
-        check_resumable(args.load, args)
+    TrainComponents). Each provider receives `config` first (module docstring)."""
+    load = config.checkpoint.load
+    starts_from_weights = load and not config.training.skip_train and holds_initial_weights(load)
+    if load and not config.training.skip_train and not starts_from_weights:
+        check_resumable(load, config)
     model = model_provider(
+        config,
         pre_process=parallel_state.is_pipeline_first_stage(),
         post_process=parallel_state.is_pipeline_last_stage(),
     ).to(parallel.device())
-    if args.torch_compile:
+    if config.training.torch_compile:
         compile_decoder_layers(model)
     model_parts = [model]
     if starts_from_weights:  # before the optimizer copies them (fp32 main weights, ZeRO partitions)
-        load_model_weights(args.load, model_parts)
-    run_config = RunConfig.from_values(args)
-    optimizer = build_optimizer(model_parts, args)
+        load_model_weights(load, model_parts)
+    optimizer = build_optimizer(model_parts, config)
     components = TrainComponents(
         model_parts=model_parts,
         optimizer=optimizer,
-        scheduler=build_lr_scheduler(optimizer, run_config.optimizer, run_config.training.train_iters),
-        forward_step_func=forward_step_func,
+        scheduler=build_lr_scheduler(optimizer, config.optimizer, config.training.train_iters),
+        forward_step_func=partial(forward_step_func, config),
     )
-    if args.skip_train:
-        state = TrainState(iteration=load_model_weights(args.load, model_parts))
+    if config.training.skip_train:
+        state = TrainState(iteration=load_model_weights(load, model_parts))
     else:
-        state = load_checkpoint(args.load, components, args, TrainState()) if args.load else TrainState()
+        state = load_checkpoint(load, components, config, TrainState()) if load else TrainState()
 
-    samples = [args.train_iters * args.global_batch_size, args.eval_iters * args.global_batch_size, 0]
-    train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(samples)
-    if state.iteration < args.train_iters:
-        components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, args)
+    training = config.training
+    samples = [
+        training.train_iters * training.global_batch_size,
+        training.eval_iters * training.global_batch_size,
+        0,
+    ]
+    train_dataset, components.valid_dataset, _ = train_valid_test_datasets_provider(config, samples)
+    if state.iteration < training.train_iters:
+        components.train_iterator = _data_iterator(train_dataset, state.consumed_train_samples, config)
     components.logger = MetricsLogger(
-        run_config.logging,
-        run_config.training.train_iters,
+        config.logging,
+        training.train_iters,
         enabled=_is_logging_rank(),
-        wandb_dir=run_config.checkpoint.save,
-        wandb_config=run_config.to_dict(),
+        wandb_dir=config.checkpoint.save,
+        wandb_config=config.to_dict(),
     )
     return state, components
 
 
-def pretrain(args, train_valid_test_datasets_provider, model_provider, forward_step_func) -> dict | None:
+def pretrain(
+    config: RunConfig, train_valid_test_datasets_provider, model_provider, forward_step_func
+) -> dict | None:
     """Initialise, build, resume, train for `--train-iters`, save, evaluate; returns the final
     validation summary on the logging rank (None elsewhere, and when the run stopped early).
     --skip-train: load the weights and evaluate only. Raises TooManySkippedSteps (after
-    saving) when steps keep producing NaN/inf."""
-    if args.skip_train:
-        check_weights_loadable(args.load, args)
+    saving) when steps keep producing NaN/inf. A checkpoint of weights (--skip-train, or initial
+    weights) decides the padded vocabulary (`check_weights_loadable`) before anything is built."""
+    load = config.checkpoint.load
+    if load and (config.training.skip_train or holds_initial_weights(load)):
+        config = check_weights_loadable(load, config)
     parallel.initialize(
-        args.tensor_model_parallel_size,
-        args.pipeline_model_parallel_size,
-        args.seed,
-        timeout_minutes=args.distributed_timeout_minutes,
+        config.parallel.tensor_model_parallel_size,
+        config.parallel.pipeline_model_parallel_size,
+        config.model.seed,
+        timeout_minutes=config.faults.distributed_timeout_minutes,
     )
     state, components = build_components(
-        args, train_valid_test_datasets_provider, model_provider, forward_step_func
+        config, train_valid_test_datasets_provider, model_provider, forward_step_func
     )
     start_iteration = state.iteration
-    if _is_logging_rank() and not args.skip_train:
-        print(_describe_run(components, args, start_iteration), flush=True)
+    skip_train, save = config.training.skip_train, config.checkpoint.save
+    if _is_logging_rank() and not skip_train:
+        print(_describe_run(components, config, start_iteration), flush=True)
     stop_reason = None
-    if not args.skip_train:
-        with RunGuard(args) as guard:
-            stop_reason = train(state, components, guard, args)
-    saved_by_interval = args.save_interval and state.iteration % args.save_interval == 0
-    if args.save and state.iteration > start_iteration and not saved_by_interval:
-        save_checkpoint(args.save, state, components, args)
+    if not skip_train:
+        dynamic_loss_scale = config.model.fp16 and config.optimizer.loss_scale is None
+        with RunGuard(config.faults, dynamic_loss_scale) as guard:
+            stop_reason = train(state, components, guard, config)
+    saved_by_interval = (
+        config.checkpoint.save_interval and state.iteration % config.checkpoint.save_interval == 0
+    )
+    if save and state.iteration > start_iteration and not saved_by_interval:
+        save_checkpoint(save, state, components, config)
     if stop_reason is not None:
         components.logger.close()
-        saved = (
-            f"; saved iteration {state.iteration} to {args.save}"
-            if args.save
-            else " (no --save: nothing saved)"
-        )
+        saved = f"; saved iteration {state.iteration} to {save}" if save else " (no --save: nothing saved)"
         if guard.failed(state):
             raise TooManySkippedSteps(f"stopped at iteration {state.iteration}: {stop_reason}{saved}.")
         if _is_logging_rank():
             print(f"exiting at iteration {state.iteration}: {stop_reason}{saved}.", flush=True)
         return None
-    final = evaluate(components, args)
+    final = evaluate(components, config)
     if final is not None:
         components.logger.log_eval(state.iteration, final, final=True)
     components.logger.close()

@@ -3,7 +3,7 @@
     python -m megatron_lcot.training.memory_estimate --example [--gpus 8] [--json]
     python -m megatron_lcot.training.memory_estimate --num-layers 24 --hidden-size 1024 ... [--gpus N]
 
-The model itself reads no flags; this module turns parsed flags into its TrainingShape and
+The model itself reads no flags; this module turns parsed flags into a RunConfig, its TrainingShape, and
 prints the estimate (docs/scaling.md).
 """
 
@@ -20,35 +20,37 @@ from dataclasses import asdict
 from megatron_lcot.arguments import parse_args, set_padded_vocab_size
 from megatron_lcot.model.memory import DEFAULT_VOCAB_SIZE, TrainingShape, memory_estimate
 from megatron_lcot.parallel.deepspeed_config import run_zero_stage
+from megatron_lcot.run_config import RunConfig
 
 
-def shape_from_args(args, gpus: int, vocab_size: int, device: str = "cuda") -> TrainingShape:
-    """The TrainingShape of parsed pretrain_lcot.py flags on `gpus` GPUs."""
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+def shape_of(config: RunConfig, gpus: int, device: str = "cuda") -> TrainingShape:
+    """The TrainingShape of a run on `gpus` GPUs."""
+    model, training, layout = config.model, config.training, config.parallel
+    tp, pp = layout.tensor_model_parallel_size, layout.pipeline_model_parallel_size
     dp = max(1, gpus // (tp * pp))
-    global_batch = args.global_batch_size or args.micro_batch_size * dp
+    global_batch = training.global_batch_size or training.micro_batch_size * dp
     return TrainingShape(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        vocab_size=vocab_size,
-        latent_steps=args.latent_steps,
-        latent_layout=args.latent_layout,
-        halting=args.halting,
-        jacobi_iters=max(args.jacobi_iters),
-        bf16=args.bf16 or args.fp16,
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        seq_length=model.seq_length,
+        micro_batch_size=training.micro_batch_size,
+        vocab_size=model.padded_vocab_size,
+        latent_steps=model.latent_steps,
+        latent_layout=model.latent_layout,
+        halting=model.halting,
+        jacobi_iters=max(model.jacobi_iters),
+        bf16=model.bf16 or model.fp16,
         tensor_parallel=tp,
         pipeline_parallel=pp,
         data_parallel=dp,
-        num_microbatches=max(1, global_batch // (args.micro_batch_size * dp)),
-        zero_stage=run_zero_stage(args),
-        distributed_optimizer=args.use_distributed_optimizer,
-        recompute=args.latent_recompute,
-        attention_backend=args.core_attention_backend,
+        num_microbatches=max(1, global_batch // (training.micro_batch_size * dp)),
+        zero_stage=run_zero_stage(layout),
+        distributed_optimizer=layout.use_distributed_optimizer,
+        recompute=model.latent_recompute,
+        attention_backend=model.core_attention_backend,
         device=device,
     )
 
@@ -89,7 +91,7 @@ def estimate_for_flags(flags: list, gpus: int, device: str = "cuda") -> tuple:
         flags = [*flags, "--vocab-size", str(DEFAULT_VOCAB_SIZE)]
     args = parse_args(flags)
     set_padded_vocab_size(args, args.vocab_size)
-    shape = shape_from_args(args, gpus, args.padded_vocab_size, device)
+    shape = shape_of(RunConfig.from_values(args), gpus, device)
     return shape, memory_estimate(shape)
 
 

@@ -4,9 +4,9 @@ As Megatron-LM's `pretrain_gpt.py` supplies `model_provider`, `forward_step` and
 provider, `pretrain_lcot.py` hands these to the loop (the model itself is built by
 `model/building.py`, which tools use directly):
 
-    model_provider(args, pre_process, post_process) -> LcotGPTModel   (one pipeline stage)
-    forward_step(args, data_iterator, model) -> (output, loss_func)
-    train_valid_test_datasets_provider(args, tokenizer, num_samples) -> (train, valid, test)
+    model_provider(config, pre_process, post_process) -> LcotGPTModel   (one pipeline stage)
+    forward_step(config, data_iterator, model, halting) -> (output, loss_func)
+    train_valid_test_datasets_provider(tokenizer, config, num_samples) -> (train, valid, test)
 """
 
 from __future__ import annotations
@@ -22,24 +22,21 @@ from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.metrics import token_statistics
 
 
-def model_provider(args, pre_process: bool = True, post_process: bool = True):
-    """One pipeline stage of the model that the flags describe, at their TP/PP layout."""
-    run_config = RunConfig.from_values(args)
+def model_provider(config: RunConfig, pre_process: bool = True, post_process: bool = True):
+    """One pipeline stage of the model that `config` describes, at its TP/PP layout."""
     return build_model(
-        run_config.model,
-        run_config.parallel.tensor_model_parallel_size,
-        run_config.parallel.pipeline_model_parallel_size,
+        config.model,
+        config.parallel.tensor_model_parallel_size,
+        config.parallel.pipeline_model_parallel_size,
         pre_process,
         post_process,
     )
 
 
-def train_valid_test_datasets_provider(args, tokenizer, num_samples: list):
-    """GPTDataset splits of --data-path (or mock data) with at least `num_samples` samples each."""
-    run_config = RunConfig.from_values(args)
-    return build_gpt_datasets(
-        run_config.data, run_config.model.seq_length, run_config.model.seed, tokenizer, num_samples
-    )
+def train_valid_test_datasets_provider(tokenizer, config: RunConfig, num_samples: list):
+    """GPTDataset splits of --data-path (or mock data) with at least `num_samples` samples each
+    (`tokenizer` bound by the entry point)."""
+    return build_gpt_datasets(config.data, config.model.seq_length, config.model.seed, tokenizer, num_samples)
 
 
 def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
@@ -54,7 +51,7 @@ def loss_func(max_latent_steps: int, loss_mask: torch.Tensor, output):
     return loss_sum, num_tokens, {"stats": token_statistics(output, loss_mask, max_latent_steps)}
 
 
-def forward_step(args, data_iterator, model, halting=None):
+def forward_step(config: RunConfig, data_iterator, model, halting=None):
     """Run one micro-batch: (LcotOutput or stage output, loss_func). halting: the training
     iteration's HaltingSettings (the loop's HaltingSchedule; None in evaluation)."""
     batch = {
@@ -63,4 +60,4 @@ def forward_step(args, data_iterator, model, halting=None):
     output = model(
         batch["tokens"], batch["position_ids"], attention_mask=None, labels=batch["labels"], halting=halting
     )
-    return output, partial(loss_func, args.latent_steps, batch["loss_mask"])
+    return output, partial(loss_func, config.model.latent_steps, batch["loss_mask"])

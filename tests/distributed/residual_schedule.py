@@ -23,15 +23,13 @@ class ResidualThoughtSchedule(StepwiseSchedule):
         return run.token_states if index == 0 else previous + run.token_states
 
 
-def residual_model_provider(args, pre_process: bool = True, post_process: bool = True):
+def residual_model_provider(run_config, pre_process: bool = True, post_process: bool = True):
     """model/building.py's model with the residual schedule in its spec."""
     from megatron.core.transformer.spec_utils import build_module
 
     from megatron_lcot import parallel
     from megatron_lcot.model import get_lcot_model_spec
-    from megatron_lcot.run_config import RunConfig
 
-    run_config = RunConfig.from_values(args)
     model, layout = run_config.model, run_config.parallel
     config = model.lcot_config(
         layout.tensor_model_parallel_size,
@@ -54,6 +52,7 @@ def main(argv: list) -> None:
     """pretrain_lcot.py's main with the residual schedule's model provider."""
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
     from megatron_lcot.data.tokenizers import build_tokenizer
+    from megatron_lcot.run_config import RunConfig
     from megatron_lcot.training.loop import pretrain
     from megatron_lcot.training.providers import forward_step, train_valid_test_datasets_provider
 
@@ -63,10 +62,10 @@ def main(argv: list) -> None:
     )
     set_padded_vocab_size(args, tokenizer.vocab_size)
     pretrain(
-        args,
-        partial(train_valid_test_datasets_provider, args, tokenizer),
-        partial(residual_model_provider, args),
-        partial(forward_step, args),
+        RunConfig.from_values(args),
+        partial(train_valid_test_datasets_provider, tokenizer),
+        residual_model_provider,
+        forward_step,
     )
 
 

@@ -60,6 +60,7 @@ def naive_validation_lm_loss(checkpoint, flags: list) -> tuple:
     from megatron_lcot.arguments import parse_args, set_padded_vocab_size
     from megatron_lcot.data.tokenizers import build_tokenizer
     from megatron_lcot.inference.loading import load_trained_model
+    from megatron_lcot.run_config import RunConfig
     from megatron_lcot.training.providers import train_valid_test_datasets_provider
     from tests.reference import naive_lm
 
@@ -71,7 +72,7 @@ def naive_validation_lm_loss(checkpoint, flags: list) -> tuple:
         )
         set_padded_vocab_size(args, tokenizer.vocab_size)
         samples = [args.train_iters * args.global_batch_size, args.global_batch_size, 0]
-        _, valid, _ = train_valid_test_datasets_provider(args, tokenizer, samples)
+        _, valid, _ = train_valid_test_datasets_provider(tokenizer, RunConfig.from_values(args), samples)
         batch = [valid[index] for index in range(args.global_batch_size)]
         tokens, labels, loss_mask = (
             torch.stack([torch.as_tensor(sample[key]) for sample in batch])

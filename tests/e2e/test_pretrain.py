@@ -224,13 +224,9 @@ def test_gradient_accumulation_matches_one_double_microbatch(tmp_path):
     assert runs[4][-1]["loss"] < runs[4][0]["loss"]  # the updates are large enough to matter
 
 
-def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
-    """--halting-warmup-iters 4 with tau 0.85 (a fresh router reaches step 2 with 0.81): every
-    token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
-    resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
-    iteration, not a counter of this process's steps). The correctness penalty is sampled on half
-    the tokens: the sample follows the iteration too, and the logged FLOPs count half its head."""
-    flags = _flags(
+def _adaptive_mock_flags(train_iters: int, lr: float, *extra) -> list:
+    """An adaptive K=2 run on mock data, two sequences per step, no evaluation on the way."""
+    return _flags(
         "--mock-data",
         "--vocab-size",
         256,
@@ -239,15 +235,53 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
         "--global-batch-size",
         2,
         "--train-iters",
-        6,
+        train_iters,
         "--lr",
-        1e-4,
+        lr,
         "--eval-interval",
         100,
         "--latent-steps",
         2,
         "--halting",
         "adaptive",
+        *extra,
+    )
+
+
+def _straight_and_resumed(flags: list, tmp_path, resume_at: int) -> tuple:
+    """Train records of a straight run saved under tmp_path/straight and of a run resumed from
+    its iteration `resume_at` (a copy of that checkpoint alone)."""
+    _ok(
+        run_pretrain(
+            [*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
+            cwd=tmp_path,
+        )
+    )
+    resumed = tmp_path / "resumed"
+    name = f"iter_{resume_at:07d}"
+    shutil.copytree(tmp_path / "straight" / name, resumed / name)
+    (resumed / "latest_checkpointed_iteration.txt").write_text(str(resume_at))
+    _ok(
+        run_pretrain(
+            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
+            cwd=tmp_path,
+        )
+    )
+    return tuple(
+        [r for r in read_metrics(tmp_path / f"{run}.jsonl") if r["split"] == "train"]
+        for run in ("straight", "resumed")
+    )
+
+
+def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
+    """--halting-warmup-iters 4 with tau 0.85 (a fresh router reaches step 2 with 0.81): every
+    token runs both steps in iterations 1-4, step 2 is pruned from iteration 5 on, and a run
+    resumed at iteration 3 takes exactly the same path (the warm-up follows the loop's
+    iteration, not a counter of this process's steps). The correctness penalty is sampled on half
+    the tokens: the sample follows the iteration too, and the logged FLOPs count half its head."""
+    flags = _adaptive_mock_flags(
+        6,
+        1e-4,
         "--halting-threshold",
         0.85,
         "--halting-warmup-iters",
@@ -259,23 +293,7 @@ def test_halting_warmup_follows_the_loop_iteration_across_resume(tmp_path):
         "--save-interval",
         3,
     )
-    _ok(
-        run_pretrain(
-            [*flags, "--save", tmp_path / "straight", "--metrics-file", tmp_path / "straight.jsonl"],
-            cwd=tmp_path,
-        )
-    )
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "straight" / "iter_0000003", resumed / "iter_0000003")
-    (resumed / "latest_checkpointed_iteration.txt").write_text("3")
-    _ok(
-        run_pretrain(
-            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "resumed.jsonl"],
-            cwd=tmp_path,
-        )
-    )
-    straight = [r for r in read_metrics(tmp_path / "straight.jsonl") if r["split"] == "train"]
-    again = [r for r in read_metrics(tmp_path / "resumed.jsonl") if r["split"] == "train"]
+    straight, again = _straight_and_resumed(flags, tmp_path, 3)
     assert [r["mean_latent_steps"] for r in straight] == [2.0] * 4 + [1.0] * 2
     # FLOPs in the log: every step in the warm-up, step 2 skipped after it; a running total.
     from megatron_lcot.arguments import parse_args
@@ -298,45 +316,8 @@ def test_entropy_router_trains_resumes_and_is_refused_by_the_hf_export(tmp_path)
     """--halting-router entropy through the whole loop: training, a save, an exact resume (its
     parameter and the head it reads are in the checkpoint once), the logged FLOPs with its
     router head; the Hugging Face export, which has no entropy router, refuses by name."""
-    flags = _flags(
-        "--mock-data",
-        "--vocab-size",
-        256,
-        "--micro-batch-size",
-        2,
-        "--global-batch-size",
-        2,
-        "--train-iters",
-        4,
-        "--lr",
-        1e-3,
-        "--eval-interval",
-        100,
-        "--latent-steps",
-        2,
-        "--halting",
-        "adaptive",
-        "--halting-router",
-        "entropy",
-        "--save-interval",
-        2,
-    )
-    _ok(
-        run_pretrain(
-            [*flags, "--save", tmp_path / "ckpt", "--metrics-file", tmp_path / "a.jsonl"], cwd=tmp_path
-        )
-    )
-    resumed = tmp_path / "resumed"
-    shutil.copytree(tmp_path / "ckpt" / "iter_0000002", resumed / "iter_0000002")
-    (resumed / "latest_checkpointed_iteration.txt").write_text("2")
-    _ok(
-        run_pretrain(
-            [*flags, "--save", resumed, "--load", resumed, "--metrics-file", tmp_path / "b.jsonl"],
-            cwd=tmp_path,
-        )
-    )
-    straight = [r for r in read_metrics(tmp_path / "a.jsonl") if r["split"] == "train"]
-    again = [r for r in read_metrics(tmp_path / "b.jsonl") if r["split"] == "train"]
+    flags = _adaptive_mock_flags(4, 1e-3, "--halting-router", "entropy", "--save-interval", 2)
+    straight, again = _straight_and_resumed(flags, tmp_path, 2)
     assert [r["loss"] for r in again] == [r["loss"] for r in straight[2:]]
     from megatron_lcot.arguments import parse_args
     from megatron_lcot.model.flops import training_flops_per_token
@@ -357,7 +338,7 @@ def test_entropy_router_trains_resumes_and_is_refused_by_the_hf_export(tmp_path)
             f"{REPO_ROOT}/tools/convert_checkpoint.py",
             "to-hf",
             "--load",
-            tmp_path / "ckpt",
+            tmp_path / "straight",
             "--output",
             tmp_path / "hf",
         ],

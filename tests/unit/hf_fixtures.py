@@ -126,7 +126,7 @@ def halting_checkpoint(trained_checkpoints, tmp_path_factory) -> str:
     trained = load_trained_model(trained_checkpoints["adaptive"])
     make_router_decisive(trained.model)
     root = str(tmp_path_factory.mktemp("halting_checkpoint") / "adaptive_halting")
-    save_weights_only(root, trained.iteration, trained.model, trained.config.as_flags(), sharded=True)
+    save_weights_only(root, trained.iteration, trained.model, trained.config, sharded=True)
     return root
 
 

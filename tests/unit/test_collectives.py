@@ -1,5 +1,6 @@
-"""The one door for collectives refuses tensors off `parallel.device()`, so CPU tests catch
-what NCCL would reject on GPUs; the statistics vector is built where the loss lives."""
+"""The one door for collectives (all_reduce, all_gather) refuses tensors off `parallel.device()`,
+so CPU tests catch what NCCL would reject on GPUs; the statistics vector is built where the loss
+lives."""
 
 from __future__ import annotations
 
@@ -38,3 +39,14 @@ def test_statistics_live_on_the_loss_device_and_reach_the_collective_there(world
     assert stats.device.type == "meta"
     monkeypatch.setattr(parallel, "device", lambda: torch.device("meta"))
     assert reduce_statistics([{"stats": stats}], group=None).device.type == "meta"
+
+
+def test_all_gather_refuses_a_cpu_tensor_when_the_device_is_a_gpu(world_of_one, monkeypatch):
+    monkeypatch.setattr(parallel, "device", lambda: torch.device("cuda", 0))
+    with pytest.raises(parallel.WrongDeviceError, match="all_gather got a tensor on cpu"):
+        parallel.all_gather(torch.zeros(3))
+
+
+def test_all_gather_in_a_world_of_one_stacks_the_one_tensor(world_of_one):
+    gathered = parallel.all_gather(torch.arange(3.0, device=parallel.device()))
+    assert gathered.shape == (1, 3) and torch.equal(gathered[0], torch.arange(3.0))

@@ -10,6 +10,7 @@ import pytest
 
 from megatron_lcot.arguments import ArgumentError, parse_args
 from megatron_lcot.parallel.deepspeed_config import effective_config
+from megatron_lcot.run_config import RunConfig
 from tests.conftest import REPO_ROOT, TINY_MODEL_FLAGS
 
 BASE = [*TINY_MODEL_FLAGS, "--train-iters", "2", "--mock-data", "--vocab-size", "100"]
@@ -44,7 +45,7 @@ def test_effective_config_takes_batch_clipping_and_stage_from_the_flags(two_rank
             "3",
         ]
     )
-    config = effective_config(args)
+    config = effective_config(RunConfig.from_values(args))
     assert config["zero_optimization"]["stage"] == 3 and config["zero_optimization"]["overlap_comm"] is True
     assert config["gradient_clipping"] == 0.0  # not DeepSpeed's default 1.0
     assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (2, 4)
@@ -57,7 +58,7 @@ def test_stage_override_below_2_turns_off_overlap_comm(two_ranks):
     """zero2.json's overlap_comm with --zero-stage 1: DeepSpeed refuses overlap_comm below stage
     2 without managed accumulation ("supports ZeRO overlap_comm only with ZeRO stage 2")."""
     args = parse_args([*BASE, "--deepspeed", "--deepspeed_config", ZERO2, "--zero-stage", "1"])
-    assert effective_config(args)["zero_optimization"] == {
+    assert effective_config(RunConfig.from_values(args))["zero_optimization"] == {
         **_file_zero(ZERO2),
         "stage": 1,
         "overlap_comm": False,
@@ -179,14 +180,18 @@ def test_bf16_accumulates_and_reduces_gradients_in_fp32(two_ranks, name):
     assert (
         shipped["data_types"] == {"grad_accum_dtype": "fp32"} and shipped["communication_data_type"] == "fp32"
     )
-    config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    config = effective_config(
+        RunConfig.from_values(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    )
     assert config["data_types"]["grad_accum_dtype"] == config["communication_data_type"] == "fp32"
     assert config["bf16"]["enabled"] is True
 
 
 def test_bf16_without_accumulation_keys_in_the_file_gets_fp32_accumulation(two_ranks, tmp_path):
     path = _config_file(tmp_path, {"zero_optimization": {"stage": 2}})
-    config = effective_config(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    config = effective_config(
+        RunConfig.from_values(parse_args([*BASE, "--bf16", "--deepspeed", "--deepspeed_config", path]))
+    )
     assert (
         config["data_types"] == {"grad_accum_dtype": "fp32"} and config["communication_data_type"] == "fp32"
     )

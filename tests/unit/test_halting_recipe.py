@@ -5,14 +5,12 @@ the router's own optimizer group."""
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 import torch
 
 from megatron_lcot.model.halting import is_router_param
 from megatron_lcot.model.halting_schedule import HaltingSchedule
-from megatron_lcot.run_config import OptimizerSection, section_from_values
+from megatron_lcot.run_config import RunConfig
 from tests.reference.helpers import init_megatron, real_token_batch, single_thread_fixture
 
 _single_thread = single_thread_fixture()
@@ -134,31 +132,23 @@ def test_router_parameters_get_their_own_group():
     assert names == ["halting_router.weight", "halting_router.bias"]
     assert is_router_param("module.halting_router.weight", None)
     assert not is_router_param("decoder.layers.0.mlp.linear_fc1.weight", None)
-    args = argparse.Namespace(
-        lr=1e-3,
-        min_lr=1e-4,
-        weight_decay=0.1,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_eps=1e-8,
-        clip_grad=1.0,
-        halting_router_lr_mult=0.1,
-        lr_warmup_iters=0,
-        train_iters=10,
-        lr_decay_style="cosine",
-        bf16=False,
-        fp16=False,
-        loss_scale=None,
-        initial_loss_scale=2.0**32,
-        use_distributed_optimizer=False,
-        overlap_grad_reduce=True,
-        overlap_param_gather=True,
-        pipeline_model_parallel_size=1,
-        latent_steps=model.config.latent_steps,
-        deepspeed=False,
+    config = RunConfig.from_values(  # every other field at its default
+        dict(
+            num_layers=model.config.num_layers,
+            hidden_size=model.config.hidden_size,
+            num_attention_heads=model.config.num_attention_heads,
+            seq_length=16,
+            latent_steps=model.config.latent_steps,
+            lr=1e-3,
+            min_lr=1e-4,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            halting_router_lr_mult=0.1,
+            train_iters=10,
+        )
     )
-    optimizer = build_optimizer([model], args)
-    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
+    optimizer = build_optimizer([model], config)
+    scheduler = build_lr_scheduler(optimizer, config.optimizer, config.training.train_iters)
     scheduler.step(1)
     router_params = [model.halting_router.weight, model.halting_router.bias]
     (router,) = [g for g in optimizer.param_groups if any(p is router_params[0] for p in g["params"])]

@@ -95,7 +95,7 @@ def test_a_checkpoint_of_flags_only_loads_and_is_saved_again_with_its_run_config
         assert logits[0, 0, :4].tolist() == pytest.approx(OLD_LOGITS_FIRST, rel=1e-6)
         assert float(logits.double().sum()) == pytest.approx(OLD_LOGITS_SUM, rel=1e-6)
 
-        save_weights_only(str(tmp_path), 1, trained.model, trained.config.as_flags(), sharded=True)
+        save_weights_only(str(tmp_path), 1, trained.model, trained.config, sharded=True)
         stored = torch.load(tmp_path / "iter_0000001" / "run.pt", weights_only=True)
         assert stored["run_config"]["version"] == RUN_CONFIG_VERSION
         assert load_run_config(str(tmp_path)) == trained.config

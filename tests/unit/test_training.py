@@ -3,7 +3,6 @@ checkpoint atomicity and compatibility checks."""
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -13,7 +12,7 @@ import torch
 
 from megatron_lcot.data.datasets import PretrainingSampler
 from megatron_lcot.model import LcotOutput
-from megatron_lcot.run_config import OptimizerSection, section_from_values
+from megatron_lcot.run_config import RunConfig
 from megatron_lcot.training.metrics import summarize, token_statistics
 from megatron_lcot.training.state import TrainState
 
@@ -50,55 +49,42 @@ def test_sampler_shards_by_rank_and_resumes_where_it_stopped():
     assert list(PretrainingSampler(20, 8, 2, 1, 2)) == ranks[1][2:]
 
 
+def _with(config: RunConfig, changes: dict) -> RunConfig:
+    """`config` with some fields (by flag name) changed."""
+    return RunConfig.from_values({**vars(config.as_flags()), **changes})
+
+
 @pytest.fixture(scope="module")
 def tiny_training_state():
-    """(args, model, optimizer, scheduler) for a 1-layer vanilla model on a world of one."""
+    """(RunConfig, model, optimizer, scheduler) for a 1-layer vanilla model on a world of one."""
     from megatron_lcot import parallel
     from megatron_lcot.model import build_lcot_model, llama_config
     from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
     parallel.initialize(1, 1, seed=7)
-    args = argparse.Namespace(
-        num_layers=1,
-        hidden_size=32,
-        ffn_hidden_size=64,
-        num_attention_heads=2,
-        num_query_groups=2,
-        seq_length=16,
-        padded_vocab_size=128,
-        latent_steps=0,
-        latent_layout="stepwise",
-        halting="none",
-        init_method_std=None,
-        tensor_model_parallel_size=1,
-        pipeline_model_parallel_size=1,
-        lr=1e-2,
-        min_lr=0.0,
-        lr_warmup_iters=0,
-        lr_decay_style="cosine",
-        train_iters=10,
-        weight_decay=0.1,
-        adam_beta1=0.9,
-        adam_beta2=0.95,
-        adam_eps=1e-8,
-        clip_grad=1.0,
-        jacobi_iters=(2, 3),
-        bf16=False,
-        fp16=False,
-        loss_scale=None,
-        initial_loss_scale=2.0**32,
-        use_distributed_optimizer=False,
-        overlap_grad_reduce=False,
-        overlap_param_gather=False,
-        deepspeed=False,
-        halting_router_lr_mult=1.0,
+    config = RunConfig.from_values(  # every other field at its default
+        dict(
+            num_layers=1,
+            hidden_size=32,
+            ffn_hidden_size=64,
+            num_attention_heads=2,
+            num_query_groups=2,
+            seq_length=16,
+            padded_vocab_size=128,
+            lr=1e-2,
+            train_iters=10,
+            weight_decay=0.1,
+            adam_beta2=0.95,
+            overlap_grad_reduce=False,
+            overlap_param_gather=False,
+        )
     )
     model = build_lcot_model(
         llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
     )
-    optimizer = build_optimizer([model], args)
-    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
-    return args, model, optimizer, scheduler
+    optimizer = build_optimizer([model], config)
+    scheduler = build_lr_scheduler(optimizer, config.optimizer, config.training.train_iters)
+    return config, model, optimizer, scheduler
 
 
 def _components(model, optimizer, scheduler):
@@ -125,27 +111,27 @@ def test_optimizer_clips_to_global_norm_and_skips_decay_on_vectors(tiny_training
     """megatron-core's optimizer behind the seam: the returned norm is the pre-clip global norm
     of the gradients DDP accumulated (`main_grad`), the applied gradients are clipped to
     --clip-grad, and only matrices decay."""
-    args, model, optimizer, scheduler = tiny_training_state
+    config, model, optimizer, scheduler = tiny_training_state
     decayed, plain = optimizer.param_groups
     assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
-    assert decayed["weight_decay"] == args.weight_decay and plain["weight_decay"] == 0.0
+    assert decayed["weight_decay"] == config.optimizer.weight_decay and plain["weight_decay"] == 0.0
     optimizer.zero_grad()
     for param in model.parameters():
         param.main_grad.fill_(3.0)
     expected_norm = 3.0 * math.sqrt(sum(p.numel() for p in model.parameters()))
     assert optimizer.step() == pytest.approx(expected_norm)
     clipped = math.sqrt(sum(p.grad.pow(2).sum().item() for p in model.parameters()))
-    assert clipped == pytest.approx(args.clip_grad, rel=1e-5)
+    assert clipped == pytest.approx(config.optimizer.clip_grad, rel=1e-5)
 
 
 def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_path, monkeypatch):
     from megatron_lcot.checkpoint import checkpointing
     from megatron_lcot.parallel.optimizer import build_lr_scheduler
 
-    args, model, optimizer, scheduler = tiny_training_state
+    config, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
     components = _components(model, optimizer, scheduler)
-    checkpointing.save_checkpoint(str(tmp_path), _at(1, 2), components, args)
+    checkpointing.save_checkpoint(str(tmp_path), _at(1, 2), components, config)
     saved = {k: v.clone() for k, v in model.state_dict().items() if v is not None}
     _train_one_step(model, optimizer, scheduler)
 
@@ -159,19 +145,20 @@ def test_checkpoint_crash_leaves_previous_checkpoint(tiny_training_state, tmp_pa
 
     monkeypatch.setattr(checkpointing.torch, "save", crash_midway)
     with pytest.raises(checkpointing.CheckpointSaveError, match="rank 0 \\(OSError: disk full\\)"):
-        checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
+        checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, config)
     monkeypatch.undo()
     assert checkpointing.latest_iteration(str(tmp_path)) == 1
     assert not os.path.exists(tmp_path / "iter_0000002")
 
-    schedule = section_from_values(OptimizerSection, args)
-    fresh_scheduler = build_lr_scheduler(optimizer, schedule, args.train_iters)  # as a new process has
+    fresh_scheduler = build_lr_scheduler(
+        optimizer, config.optimizer, config.training.train_iters
+    )  # as a new process
     restored = _components(model, optimizer, fresh_scheduler)
-    loaded = checkpointing.load_checkpoint(str(tmp_path), restored, args, TrainState())
+    loaded = checkpointing.load_checkpoint(str(tmp_path), restored, config, TrainState())
     assert (loaded.iteration, loaded.consumed_train_samples) == (1, 2)
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items() if v is not None)
     assert fresh_scheduler.num_steps == 1
-    checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, args)
+    checkpointing.save_checkpoint(str(tmp_path), _at(2, 4), components, config)
     assert sorted(os.listdir(tmp_path)) == [
         "iter_0000001",
         "iter_0000002",
@@ -206,22 +193,22 @@ def test_checkpoint_refuses_a_flag_that_changes_the_model_or_schedule(
     """The message names the flag (megatron-core's scheduler would only assert on --lr)."""
     from megatron_lcot.checkpoint import checkpointing
 
-    args, model, optimizer, scheduler = tiny_training_state
+    config, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
-    checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, args)
-    other = argparse.Namespace(**{**vars(args), flag: value})
+    checkpointing.save_checkpoint(str(tmp_path), _at(3, 6), components, config)
+    other = _with(config, {flag: value})
     with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
         checkpointing.load_checkpoint(str(tmp_path), components, other, TrainState())
-    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, args, TrainState())
+    fresh = checkpointing.load_checkpoint(str(tmp_path / "empty"), components, config, TrainState())
     assert (fresh.iteration, fresh.consumed_train_samples) == (0, 0)
 
 
 def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_state, tmp_path):
     from megatron_lcot.checkpoint import checkpointing
 
-    args, model, optimizer, scheduler = tiny_training_state
+    config, model, optimizer, scheduler = tiny_training_state
     components = _components(model, optimizer, scheduler)
-    keep_two = argparse.Namespace(**{**vars(args), "keep_last": 2})
+    keep_two = _with(config, {"keep_last": 2})
     for iteration in (1, 2, 3, 4):
         checkpointing.save_checkpoint(str(tmp_path), _at(iteration, iteration), components, keep_two)
     assert sorted(os.listdir(tmp_path)) == [
@@ -230,7 +217,7 @@ def test_keep_last_prunes_old_iterations_but_never_the_marked_one(tiny_training_
         "latest_checkpointed_iteration.txt",
     ]
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")  # e.g. a user rolled the marker back
-    checkpointing.save_checkpoint(str(tmp_path), _at(5, 5), components, args)  # no pruning
+    checkpointing.save_checkpoint(str(tmp_path), _at(5, 5), components, config)  # no pruning
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
     assert checkpointing.prune_old_iterations(str(tmp_path), 1) == [4]
     assert sorted(os.listdir(tmp_path)) == [
@@ -245,12 +232,12 @@ def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_train
     refuses to resume from a weights-only checkpoint with a message that says what it is."""
     from megatron_lcot.checkpoint import checkpointing
 
-    args, model, optimizer, scheduler = tiny_training_state
+    config, model, optimizer, scheduler = tiny_training_state
     _train_one_step(model, optimizer, scheduler)
     trained = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     for sharded in (True, False):
         root = str(tmp_path / f"sharded{sharded}")
-        checkpointing.save_weights_only(root, 7, model, args, sharded=sharded)
+        checkpointing.save_weights_only(root, 7, model, config, sharded=sharded)
         assert os.path.isdir(os.path.join(root, "iter_0000007", "model")) == sharded
         with torch.no_grad():
             for param in model.parameters():
@@ -259,7 +246,9 @@ def test_weights_load_from_sharded_and_plain_weights_only_checkpoints(tiny_train
         assert all(torch.equal(v, trained[k]) for k, v in model.state_dict().items() if k in trained)
         assert checkpointing.saved_args(root)["hidden_size"] == 32
         with pytest.raises(checkpointing.CheckpointError, match="holds weights only .* --skip-train"):
-            checkpointing.load_checkpoint(root, _components(model, optimizer, scheduler), args, TrainState())
+            checkpointing.load_checkpoint(
+                root, _components(model, optimizer, scheduler), config, TrainState()
+            )
 
 
 def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
@@ -269,19 +258,19 @@ def test_bf16_weights_keep_fp32_main_copies(tiny_training_state):
     from megatron_lcot.model import build_lcot_model, llama_config
     from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
-    args = argparse.Namespace(**{**vars(tiny_training_state[0]), "bf16": True, "lr": 1e-5, "clip_grad": 0.0})
+    config = _with(tiny_training_state[0], {"bf16": True, "lr": 1e-5, "clip_grad": 0.0})
 
     def build():
-        config = llama_config(1, 32, 2, ffn_hidden_size=64, params_dtype=torch.bfloat16, bf16=True)
-        model = build_lcot_model(config, vocab_size=128, max_sequence_length=16).bfloat16()
-        return model, build_optimizer([model], args)
+        model_config = llama_config(1, 32, 2, ffn_hidden_size=64, params_dtype=torch.bfloat16, bf16=True)
+        model = build_lcot_model(model_config, vocab_size=128, max_sequence_length=16).bfloat16()
+        return model, build_optimizer([model], config)
 
     def main_weights(optimizer) -> list:
         inner = getattr(optimizer.optimizer, "chained_optimizers", [optimizer.optimizer])
         return [main for opt in inner for group in opt.fp32_from_float16_groups for main in group]
 
     model, optimizer = build()
-    scheduler = build_lr_scheduler(optimizer, section_from_values(OptimizerSection, args), args.train_iters)
+    scheduler = build_lr_scheduler(optimizer, config.optimizer, config.training.train_iters)
     before = main_weights(optimizer)[0].clone()
     for _ in range(3):
         _train_one_step(model, optimizer, scheduler)
@@ -303,16 +292,15 @@ def test_distributed_optimizer_state_round_trips(tiny_training_state, tmp_path):
     from megatron_lcot.model import build_lcot_model, llama_config
     from megatron_lcot.parallel.optimizer import build_lr_scheduler, build_optimizer
 
-    args = argparse.Namespace(**{**vars(tiny_training_state[0]), "use_distributed_optimizer": True})
+    config = _with(tiny_training_state[0], {"use_distributed_optimizer": True})
 
     def build():
         torch.manual_seed(11)
         model = build_lcot_model(
             llama_config(1, 32, 2, ffn_hidden_size=64), vocab_size=128, max_sequence_length=16
         )
-        optimizer = build_optimizer([model], args)
-        schedule = section_from_values(OptimizerSection, args)
-        return model, optimizer, build_lr_scheduler(optimizer, schedule, args.train_iters)
+        optimizer = build_optimizer([model], config)
+        return model, optimizer, build_lr_scheduler(optimizer, config.optimizer, config.training.train_iters)
 
     model, optimizer, scheduler = build()
     for _ in range(2):
