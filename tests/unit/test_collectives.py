@@ -17,10 +17,12 @@ def world_of_one():
     parallel.initialize(1, 1, seed=3)
 
 
-def test_all_reduce_refuses_a_cpu_tensor_when_the_device_is_a_gpu(world_of_one, monkeypatch):
+@pytest.mark.parametrize("collective", ["all_reduce", "all_gather"])
+def test_collectives_refuse_a_cpu_tensor_when_the_device_is_a_gpu(world_of_one, monkeypatch, collective):
     monkeypatch.setattr(parallel, "device", lambda: torch.device("cuda", 0))
-    with pytest.raises(parallel.WrongDeviceError, match="tensor on cpu, but collectives run on cuda:0"):
-        parallel.all_reduce(torch.zeros(3))
+    message = f"{collective} got a tensor on cpu, but collectives run on cuda:0"
+    with pytest.raises(parallel.WrongDeviceError, match=message):
+        getattr(parallel, collective)(torch.zeros(3))
 
 
 def test_all_reduce_accepts_a_tensor_on_the_device(world_of_one):
@@ -39,12 +41,6 @@ def test_statistics_live_on_the_loss_device_and_reach_the_collective_there(world
     assert stats.device.type == "meta"
     monkeypatch.setattr(parallel, "device", lambda: torch.device("meta"))
     assert reduce_statistics([{"stats": stats}], group=None).device.type == "meta"
-
-
-def test_all_gather_refuses_a_cpu_tensor_when_the_device_is_a_gpu(world_of_one, monkeypatch):
-    monkeypatch.setattr(parallel, "device", lambda: torch.device("cuda", 0))
-    with pytest.raises(parallel.WrongDeviceError, match="all_gather got a tensor on cpu"):
-        parallel.all_gather(torch.zeros(3))
 
 
 def test_all_gather_in_a_world_of_one_stacks_the_one_tensor(world_of_one):
