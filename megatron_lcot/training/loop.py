@@ -136,19 +136,18 @@ def train_step(
 
 
 def _describe_run(components: TrainComponents, config: RunConfig, iteration: int) -> str:
+    model, layout, training = config.model, config.parallel, config.training
     mode = (
         "vanilla"
-        if config.model.latent_steps == 0
-        else (
-            f"latent steps {config.model.latent_steps} ({config.model.latent_layout}, halting {config.model.halting})"
-        )
+        if model.latent_steps == 0
+        else f"latent steps {model.latent_steps} ({model.latent_layout}, halting {model.halting})"
     )
     start = f"resuming at iteration {iteration}" if iteration else "starting from scratch"
     return (
         f"model: {components.parameter_count():,} parameters on this rank | {mode} | "
-        f"dp {config.parallel.data_parallel_size} tp {config.parallel.tensor_model_parallel_size} "
-        f"pp {config.parallel.pipeline_model_parallel_size} | global batch {config.training.global_batch_size} = micro "
-        f"{config.training.micro_batch_size} x {config.training.num_microbatches} micro-batches x dp | {start}"
+        f"dp {layout.data_parallel_size} tp {layout.tensor_model_parallel_size} "
+        f"pp {layout.pipeline_model_parallel_size} | global batch {training.global_batch_size} = micro "
+        f"{training.micro_batch_size} x {training.num_microbatches} micro-batches x dp | {start}"
     )
 
 
