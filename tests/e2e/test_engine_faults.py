@@ -222,15 +222,20 @@ def test_resuming_under_another_engine_is_refused_and_the_named_command_converts
 
 
 def test_zero_stage_change_is_refused_with_the_flag_named():
-    import argparse
-
     from megatron_lcot.checkpoint.checkpointing import CheckpointError, _check_same_engine
+    from megatron_lcot.run_config import RunConfig
 
-    args = argparse.Namespace(
-        deepspeed=True,
-        deepspeed_config=os.path.join(DS_CONFIGS, "zero2.json"),
-        zero_stage=3,
-        use_distributed_optimizer=False,
+    config = RunConfig.from_values(
+        dict(
+            num_layers=1,
+            hidden_size=8,
+            num_attention_heads=1,
+            seq_length=8,
+            train_iters=1,
+            deepspeed=True,
+            deepspeed_config=os.path.join(DS_CONFIGS, "zero2.json"),
+            zero_stage=3,
+        )
     )
     with pytest.raises(
         CheckpointError,
@@ -238,5 +243,5 @@ def test_zero_stage_change_is_refused_with_the_flag_named():
         r"\(--zero-stage \(or zero_optimization.stage in --deepspeed_config\) "
         r"differs\); resume with the checkpoint's --zero-stage",
     ):
-        _check_same_engine("deepspeed zero-2", args, "ckpt")
-    _check_same_engine("deepspeed zero-3", args, "ckpt")  # the same seam resumes
+        _check_same_engine("deepspeed zero-2", config, "ckpt")
+    _check_same_engine("deepspeed zero-3", config, "ckpt")  # the same seam resumes
