@@ -10,14 +10,15 @@ module touches of them fails loudly when it changes (a missing attribute or modu
 refusal would block users on patch releases for nothing.
 
 What is here, and why:
-* the CPU shim (`install_cpu_shim`, `CudaToCpuMode`): megatron-core hard-codes CUDA in its RNG
-  tracker, current device, default causal mask and the schedules' inline `device="cuda"`
-  tensors; its optimizers check `Tensor.type()` strings. `install_cpu_shim` patches the
-  `torch.cuda` functions process-wide, once, and only on machines without CUDA: megatron-core
-  calls them from model construction, the RNG tracker, checkpointing and the schedules, so a
-  scope narrower than the process would have to wrap every such call. `CudaToCpuMode` is
-  scoped: a `TorchFunctionMode` entered around the schedule and the optimizer
-  (`parallel.schedule_device_context()`).
+* the CPU shim (`install_cpu_shim` / `remove_cpu_shim`, `CudaToCpuMode`): megatron-core
+  hard-codes CUDA in its RNG tracker, current device, default causal mask and the schedules'
+  inline `device="cuda"` tensors; its optimizers check `Tensor.type()` strings. Only on
+  machines without CUDA, `install_cpu_shim` replaces those `torch.cuda` and megatron-core
+  functions and `remove_cpu_shim` puts the originals back: `parallel.initialize()` installs it
+  and `parallel.destroy()` removes it, so it lives exactly as long as megatron-core's parallel
+  state, the span in which megatron-core makes these calls (model construction, the RNG
+  tracker, checkpointing, the schedules). `CudaToCpuMode` is narrower: a `TorchFunctionMode`
+  entered around the schedule and the optimizer (`parallel.schedule_device_context()`).
 * `disable_deepspeed_shm_comm`: DeepSpeed's `ops.__compatible_ops__` registry, so that the
   CPU does not JIT-compile a shared-memory all-reduce we never use.
 * `use_in_process_results_queue`: dist_checkpointing's module-level `_results_queue`.
@@ -42,7 +43,8 @@ WRITTEN_FOR = {"megatron-core": "0.16.1", "deepspeed": "0.19.8", "torch": "2.13"
 # Another major.minor of these is refused; any other difference is only warned about.
 REFUSED_ON_OTHER_MINOR = ("megatron-core",)
 
-_cpu_shim_installed = False
+# (owner, attribute, original) of each function the CPU shim replaced; None: not installed.
+_cpu_shim_originals: list | None = None
 
 
 class IncompatibleVersionError(RuntimeError):
@@ -74,34 +76,63 @@ def check_versions(packages: tuple = ("megatron-core", "deepspeed", "torch")) ->
         warnings.warn(message + "; continuing.", stacklevel=2)
 
 
-def install_cpu_shim() -> None:
-    """Route megatron-core's hard-coded CUDA calls to the CPU (CPU-only machines; once)."""
-    global _cpu_shim_installed
-    if _cpu_shim_installed or torch.cuda.is_available():
-        return
+def _without_rng_fork_warning(record: logging.LogRecord) -> bool:
+    """On CPU the "device" RNG that megatron-core forks for tensor-parallel regions *is* the CPU
+    RNG, so its warning that the CPU RNG changed inside a fork (weight init) is expected noise."""
+    return "CPU RNG state changed" not in record.getMessage()
+
+
+def _cpu_causal_mask(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+
+def _cpu_shim_replacements() -> list:
+    """(owner, attribute, CPU replacement) for each hard-coded CUDA call of megatron-core."""
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as tp_random
 
-    torch.cuda.current_device = lambda: torch.device("cpu")
-    torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
-    torch.cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-    torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by torch.manual_seed
-    torch.cuda.synchronize = lambda *a, **k: None
-    tp_random._get_cuda_rng_state = lambda *a, clone=False, **k: (
-        torch.get_rng_state().clone() if clone else torch.get_rng_state()
-    )
-    tp_random._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+    return [
+        (torch.cuda, "current_device", lambda: torch.device("cpu")),
+        (torch.cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        (torch.cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (torch.cuda, "manual_seed", lambda seed: None),  # the CPU generator: torch.manual_seed
+        (torch.cuda, "synchronize", lambda *a, **k: None),
+        (
+            tp_random,
+            "_get_cuda_rng_state",
+            lambda *a, clone=False, **k: torch.get_rng_state().clone() if clone else torch.get_rng_state(),
+        ),
+        (tp_random, "_set_cuda_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        (fused_softmax, "get_default_causal_mask", _cpu_causal_mask),
+    ]
 
-    def _cpu_causal_mask(sq: int) -> torch.Tensor:
-        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
 
-    fused_softmax.get_default_causal_mask = _cpu_causal_mask
-    # On CPU the "device" RNG that megatron forks for tensor-parallel regions *is* the CPU RNG,
-    # so its warning that the CPU RNG changed inside a fork (weight init) is expected noise.
-    logging.getLogger(tp_random.__name__).addFilter(
-        lambda record: "CPU RNG state changed" not in record.getMessage()
-    )
-    _cpu_shim_installed = True
+def install_cpu_shim() -> None:
+    """Route megatron-core's hard-coded CUDA calls to the CPU until `remove_cpu_shim()`
+    (CPU-only machines; a no-op when installed already or when CUDA is available)."""
+    global _cpu_shim_originals
+    if _cpu_shim_originals is not None or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as tp_random
+
+    replacements = _cpu_shim_replacements()
+    _cpu_shim_originals = [(owner, name, getattr(owner, name)) for owner, name, _ in replacements]
+    for owner, name, replacement in replacements:
+        setattr(owner, name, replacement)
+    logging.getLogger(tp_random.__name__).addFilter(_without_rng_fork_warning)
+
+
+def remove_cpu_shim() -> None:
+    """Put back every function `install_cpu_shim()` replaced (a no-op when none is installed)."""
+    global _cpu_shim_originals
+    if _cpu_shim_originals is None:
+        return
+    from megatron.core.tensor_parallel import random as tp_random
+
+    for owner, name, original in _cpu_shim_originals:
+        setattr(owner, name, original)
+    logging.getLogger(tp_random.__name__).removeFilter(_without_rng_fork_warning)
+    _cpu_shim_originals = None
 
 
 class CudaToCpuMode(torch.overrides.TorchFunctionMode):

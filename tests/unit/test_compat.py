@@ -1,14 +1,17 @@
 """compat.check_versions: another megatron-core minor is refused with the fix named; other
-differences only warn; the versions installed by the set-up pass silently."""
+differences only warn; the versions installed by the set-up pass silently. The CPU shim is
+installed by parallel.initialize() and removed by parallel.destroy()."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import warnings
 
 import pytest
+import torch
 
-from megatron_lcot import compat
+from megatron_lcot import compat, parallel
 
 
 def _installed(monkeypatch, **versions):
@@ -45,3 +48,38 @@ def test_other_differences_warn(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         compat.check_versions(("torch",))  # another torch patch release of 2.13 is what it was written for
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shim is installed only without CUDA")
+def test_the_cpu_shim_lives_from_initialize_to_destroy():
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as tp_random
+
+    shimmed = [
+        (torch.cuda, "current_device"),
+        (torch.cuda, "get_rng_state"),
+        (torch.cuda, "set_rng_state"),
+        (torch.cuda, "manual_seed"),
+        (torch.cuda, "synchronize"),
+        (tp_random, "_get_cuda_rng_state"),
+        (tp_random, "_set_cuda_rng_state"),
+        (fused_softmax, "get_default_causal_mask"),
+    ]
+    parallel.destroy()
+    originals = [getattr(owner, name) for owner, name in shimmed]
+    rng_logger = logging.getLogger(tp_random.__name__)
+    filters = list(rng_logger.filters)
+
+    parallel.initialize(1, 1, seed=3)
+    parallel.initialize(1, 1, seed=3)  # idempotent: the originals are saved once
+    assert torch.cuda.current_device() == torch.device("cpu")
+    assert torch.equal(torch.cuda.get_rng_state(), torch.get_rng_state())
+    assert [getattr(owner, name) is original for (owner, name), original in zip(shimmed, originals)] == [
+        False
+    ] * len(shimmed)
+
+    parallel.destroy()
+    assert [getattr(owner, name) is original for (owner, name), original in zip(shimmed, originals)] == [
+        True
+    ] * len(shimmed)
+    assert rng_logger.filters == filters
