@@ -25,8 +25,16 @@ What is here, and why:
 * `step_unless_nonfinite`: megatron-core's optimizer step written out with a NaN/inf check.
 * `load_distributed_optimizer`: the distributed optimizer's load with the inner Adam state
   allocated before it and every parameter's `step` replaced after it.
+* `flash_attention_forward` / `flash_attention_backward`: torch's private flash-attention ops
+  (`torch.ops.aten._scaled_dot_product_flash_attention*`), the only ones that return the
+  log-sum-exp the causal-block merge needs (model/causal_blocks.py).
+* `raise_recompile_limit`: `torch._dynamo.config.recompile_limit` (compiled FlexAttention).
+* `default_store`: torch.distributed's `_get_default_store()` (the first-failure record).
+* `tokenizers_backend`: megatron-core tokenizers' private `_tk` (Hugging Face tokenizer files).
 * `lm_eval_cli`: lm-eval's `_cli.HarnessCLI` (0.4.13 has no plugin mechanism).
-The pipeline passes read TransformerBlock internals too (`parallel/pipeline_passes.py`).
+The one private use outside this module is in `hf/modeling_lcot.py`, which must stand alone
+(transformers loads it by itself with trust_remote_code): it overrides transformers'
+`_prepare_cache_for_generation` hook.
 """
 
 from __future__ import annotations
@@ -224,6 +232,70 @@ def load_distributed_optimizer(megatron_optimizer, sharded_state_dict, path: str
             step = steps.pop()
             for entry in distributed.optimizer.state.values():
                 entry["step"] = torch.tensor(float(step))
+
+
+def flash_attention_forward(query, key, value, scale: float) -> tuple:
+    """One causal flash-attention call (model/causal_blocks.py) on torch's private op, the only one
+    that returns the row log-sum-exp: (output [b, np, T, hn], lse [b, np, T] fp32, what backward needs)."""
+    if query.device.type == "cuda":
+        output, lse, cum_q, cum_k, max_q, max_k, philox_seed, philox_offset, _ = (
+            torch.ops.aten._scaled_dot_product_flash_attention(
+                query, key, value, 0.0, True, False, scale=scale
+            )
+        )
+        return output, lse, (cum_q, cum_k, max_q, max_k, philox_seed, philox_offset)
+    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        query, key, value, 0.0, True, scale=scale
+    )
+    return output, lse, None
+
+
+def flash_attention_backward(grad_output, query, key, value, output, lse, extra, scale: float) -> tuple:
+    """Gradients of one causal block given the merged output and log-sum-exp: (dq, dk, dv),
+    dk/dv with the key's ng heads (the kernels sum over each group's query heads)."""
+    if query.device.type == "cuda":
+        cum_q, cum_k, max_q, max_k, philox_seed, philox_offset = extra
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad_output,
+            query,
+            key,
+            value,
+            output,
+            lse,
+            cum_q,
+            cum_k,
+            max_q,
+            max_k,
+            0.0,
+            True,
+            philox_seed,
+            philox_offset,
+            scale=scale,
+        )
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad_output, query, key, value, output, lse, 0.0, True, scale=scale
+    )
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Let torch.compile keep at least `limit` specialisations of one function (the compiled
+    FlexAttention's shape buckets, model/attention.py); `torch._dynamo.config` has no public
+    setter in torch 2.13."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+
+
+def default_store():
+    """The default process group's key-value store (training/faults.py records a run's first
+    failure in it); torch 2.13 has no public accessor."""
+    import torch.distributed as dist
+
+    return dist.distributed_c10d._get_default_store()
+
+
+def tokenizers_backend(tokenizer):
+    """The `tokenizers.Tokenizer` inside megatron-core's HuggingFace / GPT-2 BPE tokenizer
+    (hf/tokenizer_files.py writes its files), held in the private `_tk`."""
+    return tokenizer._tk
 
 
 def lm_eval_cli():

@@ -49,6 +49,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from megatron_lcot.compat import raise_recompile_limit
 from megatron_lcot.model.attention_pass import AttentionPass
 from megatron_lcot.model.causal_blocks import causal_blocks_attention
 
@@ -263,7 +264,7 @@ def _compiled_flex():
     static shapes, recompiled per (query bucket, key length) up to FLEX_RECOMPILE_LIMIT."""
     global _COMPILED_FLEX
     if _COMPILED_FLEX is None:
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        raise_recompile_limit(FLEX_RECOMPILE_LIMIT)
         _COMPILED_FLEX = torch.compile(flex_attention, dynamic=False)
     return _COMPILED_FLEX
 

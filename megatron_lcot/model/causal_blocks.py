@@ -16,13 +16,17 @@ exactly the blocks of the full attention's gradient (the ring-attention identity
 2023). Kept for backward: q, the keys/values (already alive in the KV store), the merged
 output [b, np, T, hn] and log-sum-exp [b, np, T] fp32: no score matrix.
 
-Kernels: `aten._scaled_dot_product_flash_attention{,_backward}` on CUDA (bf16/fp16),
-`aten._scaled_dot_product_flash_attention_for_cpu{,_backward}` on CPU (the tests' path).
+Kernels (`compat.flash_attention_forward` / `_backward`, torch's private flash ops, the only
+ones that return the log-sum-exp): `aten._scaled_dot_product_flash_attention{,_backward}` on
+CUDA (bf16/fp16), `aten._scaled_dot_product_flash_attention_for_cpu{,_backward}` on CPU (the
+tests' path).
 """
 
 from __future__ import annotations
 
 import torch
+
+from megatron_lcot.compat import flash_attention_backward, flash_attention_forward
 
 
 def causal_blocks_attention(query, key, value, num_blocks: int, scale: float) -> torch.Tensor:
@@ -40,7 +44,7 @@ class _CausalBlocks(torch.autograd.Function):
     def forward(ctx, query, key, value, num_blocks, scale):
         outputs, lses, saved = [], [], []
         for key_block, value_block in zip(key.chunk(num_blocks, dim=2), value.chunk(num_blocks, dim=2)):
-            output, lse, extra = _flash_forward(query, key_block, value_block, scale)
+            output, lse, extra = flash_attention_forward(query, key_block, value_block, scale)
             outputs.append(output)
             lses.append(lse)
             saved.append(extra)
@@ -61,7 +65,7 @@ class _CausalBlocks(torch.autograd.Function):
         grad_keys, grad_values = [], []
         blocks = zip(key.chunk(ctx.num_blocks, dim=2), value.chunk(ctx.num_blocks, dim=2), ctx.extras)
         for key_block, value_block, extra in blocks:
-            dq, dk, dv = _flash_backward(
+            dq, dk, dv = flash_attention_backward(
                 grad_output, query, key_block, value_block, merged, lse, extra, ctx.scale
             )
             grad_query += dq.float()
@@ -74,45 +78,3 @@ class _CausalBlocks(torch.autograd.Function):
             None,
             None,
         )
-
-
-def _flash_forward(query, key, value, scale):
-    """One causal flash call: (output [b, np, T, hn], lse [b, np, T] fp32, what backward needs)."""
-    if query.device.type == "cuda":
-        output, lse, cum_q, cum_k, max_q, max_k, philox_seed, philox_offset, _ = (
-            torch.ops.aten._scaled_dot_product_flash_attention(
-                query, key, value, 0.0, True, False, scale=scale
-            )
-        )
-        return output, lse, (cum_q, cum_k, max_q, max_k, philox_seed, philox_offset)
-    output, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        query, key, value, 0.0, True, scale=scale
-    )
-    return output, lse, None
-
-
-def _flash_backward(grad_output, query, key, value, output, lse, extra, scale):
-    """Gradients of one causal block given the merged output and log-sum-exp: (dq, dk, dv),
-    dk/dv with the key's ng heads (the kernels sum over each group's query heads)."""
-    if query.device.type == "cuda":
-        cum_q, cum_k, max_q, max_k, philox_seed, philox_offset = extra
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad_output,
-            query,
-            key,
-            value,
-            output,
-            lse,
-            cum_q,
-            cum_k,
-            max_q,
-            max_k,
-            0.0,
-            True,
-            philox_seed,
-            philox_offset,
-            scale=scale,
-        )
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad_output, query, key, value, output, lse, 0.0, True, scale=scale
-    )

@@ -39,7 +39,7 @@ import psutil
 import torch
 import torch.distributed as dist
 
-from megatron_lcot import parallel
+from megatron_lcot import compat, parallel
 from megatron_lcot.run_config import FaultsSection
 from megatron_lcot.training.state import TrainState
 
@@ -54,7 +54,7 @@ def _failure_store():
     """The default process group's store, or None before init / when it cannot be reached."""
     if not dist.is_initialized():
         return None
-    return dist.distributed_c10d._get_default_store()  # private in torch 2.13: no public accessor
+    return compat.default_store()
 
 
 def record_first_failure(error: BaseException) -> None:
