@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.vocab_entropy import vocab_parallel_entropy
+from megatron_lcot.model.vocab_parallel import vocab_parallel_entropy
 
 
 class HaltingRouter(MegatronModule):
@@ -64,7 +64,7 @@ class EntropyHaltingRouter(LinearHaltingRouter):
     g(t,k) = sigmoid(w_k . y(t,k) + a_k H(t,k) / log V + b_k).
 
     H is the entropy of softmax(head(y(t,k))) over the (padded) vocabulary V, under
-    stop-gradient (vocab_entropy.py): an uncertain prediction is the difficulty signal
+    stop-gradient (vocab_parallel.py): an uncertain prediction is the difficulty signal
     the linear gate can only approximate from the state. a [K] starts at zero, so at
     initialisation this is the linear router. The head is the model's own (`bind_output_layer`),
     held outside this module's tree so its weights are saved and trained once; its

@@ -19,6 +19,7 @@ from megatron_lcot.model.halting_schedule import HaltingSchedule, HaltingSetting
 from megatron_lcot.model.loss import correctness_penalty, penalty_samples
 from megatron_lcot.model.output import LcotOutput
 from megatron_lcot.model.seeded_init import seed_model_init
+from megatron_lcot.model.vocab_parallel import vocab_parallel_nll
 
 if TYPE_CHECKING:
     from megatron_lcot.model.layer_specs import LcotSubmodules
@@ -165,12 +166,13 @@ class LcotGPTModel(GPTModel):
     @torch.no_grad()
     def gold_probabilities(self, thoughts, labels: torch.Tensor, samples: list) -> list:
         """sg(p(t,k))^beta for each gated step k's sampled rows (loss.penalty_samples): the LM
-        head and vocab-parallel cross-entropy on those tokens only, forward-only. Returns [m_k]."""
+        head and the gold token's NLL (vocab_parallel.py) on those tokens only, forward-only.
+        Returns [m_k]."""
         flat_labels = labels.t().reshape(-1)  # [s * b], rows t * b + sequence
         gold_probs = []
         for step, (rows, _) in enumerate(samples):
             states = thoughts.step_states[step].flatten(0, 1)[rows].unsqueeze(1)  # [m, 1, h]
-            logits, _ = self.output_layer(states)
-            token_loss = self.compute_language_model_loss(flat_labels[rows].unsqueeze(0), logits)  # [1, m]
-            gold_probs.append(torch.exp(-token_loss[0]) ** self.config.halting_correctness_exponent)
+            logits, _ = self.output_layer(states)  # [m, 1, vocab/tp]
+            token_loss = vocab_parallel_nll(logits, flat_labels[rows].unsqueeze(1))  # [m, 1]
+            gold_probs.append(torch.exp(-token_loss[:, 0]) ** self.config.halting_correctness_exponent)
         return gold_probs

@@ -1,0 +1,60 @@
+"""Forward-only statistics of vocab-parallel logits, read by the halting under stop-gradient.
+
+The logits are split over the tensor-parallel ranks' vocabulary shards ([..., V / tp], as the
+output layer returns them with parallel_output); each function reduces its rank's shard and
+combines the shards with collectives, never gathering the logits. Both return fp32 [...].
+
+* `vocab_parallel_entropy`: the entropy of each step's own prediction (the entropy router's
+  input), with one all-gather of two numbers per token.
+* `vocab_parallel_nll`: the gold token's negative log-likelihood (the correctness penalty's
+  p = exp(-nll)), bit for bit megatron-core's vocab-parallel cross-entropy forward, without
+  what that keeps for a backward the penalty never runs (the softmax division, and the argmax
+  beside the max).
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
+from megatron.core.tensor_parallel.utils import VocabUtility
+
+from megatron_lcot import parallel
+
+
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H = log Z - sum_v p_v l_v, in nats. Per shard r: its log-normaliser log Z_r and the mean
+    logit under its own softmax m_r; then log Z = logsumexp_r log Z_r and
+    sum_v p_v l_v = sum_r exp(log Z_r - log Z) m_r."""
+    logits = logits.float()
+    local = torch.stack([torch.logsumexp(logits, -1), (torch.softmax(logits, -1) * logits).sum(-1)])
+    shards = parallel.all_gather(
+        local, group=parallel_state.get_tensor_model_parallel_group()
+    )  # [tp, 2, ...]
+    shard_normalisers, shard_means = shards.unbind(1)
+    normaliser = torch.logsumexp(shard_normalisers, 0)
+    return normaliser - (torch.exp(shard_normalisers - normaliser) * shard_means).sum(0)
+
+
+def vocab_parallel_nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-log p(target) for logits [..., V / tp] and target [...] (ids of the whole vocabulary).
+
+    The operations of megatron-core's `vocab_parallel_cross_entropy` forward, in its order and
+    through its own `calculate_predicted_logits`, so the result is bitwise the same (the
+    penalty's hard halting decisions would amplify a rounding difference); the max is `amax`
+    (the same values, no indices). Overwrites fp32 `logits`.
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    logits = logits.float()
+    logits_max = parallel.all_reduce(logits.amax(dim=-1), group, op=torch.distributed.ReduceOp.MAX)
+    vocab_start, vocab_end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+        logits.shape[-1],
+        parallel_state.get_tensor_model_parallel_rank(),
+        parallel_state.get_tensor_model_parallel_world_size(),
+    )
+    _, _, predicted_logits, sum_exp_logits, _ = VocabParallelCrossEntropy.calculate_predicted_logits(
+        logits, target, logits_max, vocab_start, vocab_end
+    )
+    parallel.all_reduce(predicted_logits, group)
+    parallel.all_reduce(sum_exp_logits, group)
+    return torch.log(sum_exp_logits) - predicted_logits
