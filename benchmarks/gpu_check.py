@@ -185,6 +185,7 @@ def throughput(dry: bool) -> dict:
         "mfu": summary["mfu"],
         "vanilla_vs_baseline": summary["vanilla_vs_baseline"],
         "fixed_k_vs_ideal": summary["fixed_k_vs_ideal"],
+        "adaptive_all_vs_ideal": summary["adaptive_all_vs_ideal"],
     }
 
 

@@ -7,10 +7,12 @@ shapes matter for time; the optimizer step is the same for every mode and left o
   DotProductAttention), same config;
 * `vanilla`: our model with latent_steps = 0;
 * stepwise K=1, K=2; interleaved K=1 with J=2 Jacobi iterations;
-* adaptive K=2 and K=3 at forced halting profiles: `all` continue; `50%` / `80%` of the tokens
-  (a fixed random subset) halted after step 0; and `router`, a linear router with random
-  weights whose data-dependent decisions give a mix of steps (a stand-in for a learned router:
-  its measured step shares enter the FLOPs, as a learned router's would).
+* adaptive K=2 and K=3 with the halting settings the training loop hands after the warm-up and
+  the correctness penalty on every executed token (`--halting-penalty-fraction 0.25` measures
+  the shipped recipe's sample), at forced halting profiles: `all` continue; `50%` / `80%` of
+  the tokens (a fixed random subset) halted after step 0; and `router`, a linear router with
+  random weights whose data-dependent decisions give a mix of steps (a stand-in for a learned
+  router: its measured step shares enter the FLOPs, as a learned router's would).
 
 Modes are timed round-robin `--repeats` times and the median counts, so a load change on a
 shared machine hits every mode alike; on a crowded CPU machine `--clock cpu --threads 1` times
@@ -24,6 +26,7 @@ dense peak on CUDA (table below), on CPU the best GEMM rate measured in this run
 
 The last line is one JSON object with every ratio of the throughput targets (docs/benchmarks.md):
 `vanilla_vs_baseline` (tokens/s ratio), `fixed_k_vs_ideal` {mode: time / ideal},
+`adaptive_all_vs_ideal` {mode: time / ideal} (every token continuing),
 `adaptive_saving_vs_flop_saving` {mode: (1 - t_adaptive / t_fixed) / (1 - F_adaptive / F_fixed)}
 (against the `all` profile of the same K), `mfu` {mode: MFU}, `counted_vs_logged_flops` {adaptive
 mode: FlopCounterMode's count of one step / the FLOPs flops.py logs for it} (CPU: the fused
@@ -55,6 +58,8 @@ from megatron_lcot import parallel  # noqa: E402
 from megatron_lcot.model import get_lcot_model_spec, llama_config  # noqa: E402
 from megatron_lcot.model.flops import training_flops_per_token  # noqa: E402
 from megatron_lcot.model.halting import LinearHaltingRouter  # noqa: E402
+from megatron_lcot.model.halting_schedule import HaltingSchedule  # noqa: E402
+from megatron_lcot.runs import RECIPE_PENALTY_FRACTION  # noqa: E402
 
 # name -> (layers, hidden, heads, query groups, ffn, vocab, seq, micro batch)
 SIZES = {
@@ -102,7 +107,15 @@ def build_modes(args, size) -> dict:
     }
     for k in (2, 3):
         for profile in (*FORCED_PROFILES, "router"):
-            modes[f"adaptive K={k} {profile}"] = ("lcot", {"latent_steps": k, "halting": "adaptive"}, None)
+            modes[f"adaptive K={k} {profile}"] = (
+                "lcot",
+                {
+                    "latent_steps": k,
+                    "halting": "adaptive",
+                    "halting_penalty_fraction": args.halting_penalty_fraction,
+                },
+                None,
+            )
     if args.modes:
         wanted = set(args.modes.split(","))
         unknown = wanted - set(modes)
@@ -159,6 +172,11 @@ def build_model(name, builder, fields, args, size, extra_fields):
     if args.bf16:
         model = model.bfloat16()
     return model, config
+
+
+def trained_halting(config):
+    """The halting settings of a training step after the warm-up, as the loop hands them."""
+    return HaltingSchedule(config).at(config.halting_warmup_iters)
 
 
 def step_shares(name, config, output) -> list | None:
@@ -293,6 +311,13 @@ def main() -> None:
         default=None,
         help="our modes' activation recompute (the baseline runs without)",
     )
+    parser.add_argument(
+        "--halting-penalty-fraction",
+        type=float,
+        default=1.0,
+        help="the adaptive modes' correctness-penalty sample (default: the flag's default, every "
+        f"executed token; the shipped recipe, runs.adaptive_recipe, samples {RECIPE_PENALTY_FRACTION})",
+    )
     parser.add_argument("--modes", default=None, help="comma-separated subset (baseline always runs)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -346,8 +371,11 @@ def main() -> None:
         }
         models[name], configs[name] = build_model(name, builder, fields, args, size, ours)
 
-        def run(model=models[name], name=name):
-            output = model(ids, positions, attention_mask=None, labels=labels)
+        # what the training loop hands the forward after the halting warm-up (the penalty sample)
+        after_warmup = {} if builder == "baseline" else {"halting": trained_halting(configs[name])}
+
+        def run(model=models[name], name=name, halting=after_warmup):
+            output = model(ids, positions, attention_mask=None, labels=labels, **halting)
             loss = output if name == "baseline" else output.loss
             loss.float().mean().backward()
             return output
@@ -420,6 +448,11 @@ def main() -> None:
             name: row["vs_ideal"]
             for name, row in rows.items()
             if name.startswith(("stepwise", "interleaved"))
+        },
+        "adaptive_all_vs_ideal": {
+            name: row["vs_ideal"]
+            for name, row in rows.items()
+            if name.startswith("adaptive") and name.endswith(" all")
         },
         "adaptive_saving_vs_flop_saving": {},
         "mfu": {name: row["mfu"] for name, row in rows.items()},

@@ -23,13 +23,17 @@ PRETRAIN_SCRIPT = os.path.join(REPO_ROOT, "pretrain_lcot.py")
 RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+# The share of executed tokens the recipe computes the correctness penalty on.
+RECIPE_PENALTY_FRACTION = 0.25
+
+
 def adaptive_recipe(train_iters: int) -> str:
     """The adaptive halting recipe's flags for a run of `train_iters` iterations (docs/method.md):
     a halting warm-up of 16% of training without pruning, the correctness penalty on a quarter of
     the executed tokens, lambda 0.3, tau 0.2. The examples pass it; the flags' defaults do not."""
     return (
-        f"--halting-warmup-iters {round(0.16 * train_iters)} --halting-penalty-fraction 0.25 "
-        "--halting-loss-weight 0.3 --halting-threshold 0.2"
+        f"--halting-warmup-iters {round(0.16 * train_iters)} "
+        f"--halting-penalty-fraction {RECIPE_PENALTY_FRACTION} --halting-loss-weight 0.3 --halting-threshold 0.2"
     )
 
 

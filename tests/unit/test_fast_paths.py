@@ -245,9 +245,11 @@ def test_recompute_gradients_equal_no_recompute(batch, mode, granularity):  # no
 # The benchmark
 
 
-def test_train_throughput_benchmark_smoke():
+@pytest.mark.parametrize("penalty_fraction", ["1", "0.25"])
+def test_train_throughput_benchmark_smoke(penalty_fraction):
     """The benchmark runs end to end at a tiny size (no timing asserted) and its last line is the
-    JSON summary with a ratio for every target of docs/benchmarks.md."""
+    JSON summary with a ratio for every target of docs/benchmarks.md; the FLOPs it logs are the
+    FLOPs it executes, with the recipe's penalty sample too (the loop's halting settings)."""
     result = subprocess.run(
         [
             sys.executable,
@@ -264,6 +266,8 @@ def test_train_throughput_benchmark_smoke():
             "1",
             "--threads",
             "1",
+            "--halting-penalty-fraction",
+            penalty_fraction,
         ],
         capture_output=True,
         text=True,
@@ -282,6 +286,10 @@ def test_train_throughput_benchmark_smoke():
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["vanilla_vs_baseline"] > 0
     assert set(summary["fixed_k_vs_ideal"]) == {"stepwise K=1", "stepwise K=2", "interleaved K=1 J=2"}
+    assert set(summary["adaptive_all_vs_ideal"]) == {"adaptive K=2 all", "adaptive K=3 all"}
+    assert all(0.98 <= ratio <= 1.02 for ratio in summary["counted_vs_logged_flops"].values()), summary[
+        "counted_vs_logged_flops"
+    ]
     assert {"adaptive K=2 50%", "adaptive K=2 80%", "adaptive K=3 80%"} <= set(
         summary["adaptive_saving_vs_flop_saving"]
     )
