@@ -75,7 +75,8 @@ WORKER = textwrap.dedent(
     nll = vocab_parallel_nll(shard.unsqueeze(1).clone(), sample_targets())
     megatron = vocab_parallel_cross_entropy(shard.unsqueeze(1).clone(), sample_targets())
     if rank == 0:
-        json.dump(dict(entropy=entropy.tolist(), nll=nll.tolist(), megatron=megatron.tolist()), open(sys.argv[1], "w"))
+        result = dict(entropy=entropy.tolist(), nll=nll.tolist(), megatron=megatron.tolist())
+        json.dump(result, open(sys.argv[1], "w"))
     parallel.destroy()
     """
 )
