@@ -30,7 +30,6 @@ What is here, and why:
   log-sum-exp the causal-block merge needs (model/causal_blocks.py).
 * `raise_recompile_limit`: `torch._dynamo.config.recompile_limit` (compiled FlexAttention).
 * `default_store`: torch.distributed's `_get_default_store()` (the first-failure record).
-* `tokenizers_backend`: megatron-core tokenizers' private `_tk` (Hugging Face tokenizer files).
 * `lm_eval_cli`: lm-eval's `_cli.HarnessCLI` (0.4.13 has no plugin mechanism).
 The one private use outside this module is in `hf/modeling_lcot.py`, which must stand alone
 (transformers loads it by itself with trust_remote_code): it overrides transformers'
@@ -290,12 +289,6 @@ def default_store():
     import torch.distributed as dist
 
     return dist.distributed_c10d._get_default_store()
-
-
-def tokenizers_backend(tokenizer):
-    """The `tokenizers.Tokenizer` inside megatron-core's HuggingFace / GPT-2 BPE tokenizer
-    (hf/tokenizer_files.py writes its files), held in the private `_tk`."""
-    return tokenizer._tk
 
 
 def lm_eval_cli():

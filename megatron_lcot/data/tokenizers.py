@@ -167,6 +167,11 @@ class _HFBackedTokenizer(LcotTokenizer):
         return self._tk.decode([int(i) for i in ids], skip_special_tokens=False)
 
     @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` that encodes (hf/tokenizer_files.py writes its files)."""
+        return self._tk
+
+    @property
     def vocab_size(self) -> int:
         return self._tk.get_vocab_size(with_added_tokens=True)
 

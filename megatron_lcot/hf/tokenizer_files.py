@@ -15,7 +15,6 @@ eod token, so generation stops where a training document would end.
 
 from __future__ import annotations
 
-from megatron_lcot.compat import tokenizers_backend
 from megatron_lcot.data.tokenizers import (
     GPT2BPETokenizer,
     HuggingFaceTokenizer,
@@ -45,7 +44,7 @@ def hf_tokenizer(tokenizer: LcotTokenizer):
     if isinstance(tokenizer, SentencePieceTokenizer):
         backend = _sentencepiece_to_tokenizers(tokenizer)
     elif isinstance(tokenizer, (HuggingFaceTokenizer, GPT2BPETokenizer)):
-        backend = tokenizers_backend(tokenizer)
+        backend = tokenizer.backend
     else:
         raise NoHFTokenizer(
             f"the checkpoint was trained with {type(tokenizer).__name__}, which has no Hugging Face form "
