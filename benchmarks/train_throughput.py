@@ -174,11 +174,6 @@ def build_model(name, builder, fields, args, size, extra_fields):
     return model, config
 
 
-def trained_halting(config):
-    """The halting settings of a training step after the warm-up, as the loop hands them."""
-    return HaltingSchedule(config).at(config.halting_warmup_iters)
-
-
 def step_shares(name, config, output) -> list | None:
     """Fraction of tokens executing step k = 0..K (None: every token runs every step)."""
     if not name.startswith("adaptive"):
@@ -337,6 +332,11 @@ def main() -> None:
             "train_throughput.py: error: --device cpu on a CUDA machine is not supported "
             "(parallel.device() picks CUDA); use --device cuda"
         )
+    if not 0.0 < args.halting_penalty_fraction <= 1.0:
+        sys.exit(
+            f"train_throughput.py: error: --halting-penalty-fraction {args.halting_penalty_fraction} "
+            "is not in (0, 1]"
+        )
     torch.set_num_threads(args.threads)
     parallel.initialize(seed=0)
     layers, hidden, heads, groups, ffn, vocab, seq, batch = SIZES[args.size]
@@ -372,7 +372,11 @@ def main() -> None:
         models[name], configs[name] = build_model(name, builder, fields, args, size, ours)
 
         # what the training loop hands the forward after the halting warm-up (the penalty sample)
-        after_warmup = {} if builder == "baseline" else {"halting": trained_halting(configs[name])}
+        after_warmup = (
+            {}
+            if builder == "baseline"
+            else {"halting": HaltingSchedule(configs[name]).at(configs[name].halting_warmup_iters)}
+        )
 
         def run(model=models[name], name=name, halting=after_warmup):
             output = model(ids, positions, attention_mask=None, labels=labels, **halting)

@@ -15,9 +15,9 @@ What is here, and why:
   inline `device="cuda"` tensors; its optimizers check `Tensor.type()` strings. Only on
   machines without CUDA, `install_cpu_shim` replaces those `torch.cuda` and megatron-core
   functions and `remove_cpu_shim` puts the originals back: `parallel.initialize()` installs it
-  and `parallel.destroy()` removes it, so it lives exactly as long as megatron-core's parallel
-  state, the span in which megatron-core makes these calls (model construction, the RNG
-  tracker, checkpointing, the schedules). `CudaToCpuMode` is narrower: a `TorchFunctionMode`
+  and `parallel.destroy()` removes it, so it lives as long as megatron-core's parallel state,
+  the span in which megatron-core makes these calls (model construction, the RNG tracker,
+  checkpointing, the schedules). `CudaToCpuMode` is narrower: a `TorchFunctionMode`
   entered around the schedule and the optimizer (`parallel.schedule_device_context()`).
 * `disable_deepspeed_shm_comm`: DeepSpeed's `ops.__compatible_ops__` registry, so that the
   CPU does not JIT-compile a shared-memory all-reduce we never use.

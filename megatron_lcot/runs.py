@@ -32,8 +32,8 @@ def adaptive_recipe(train_iters: int) -> str:
     a halting warm-up of 16% of training without pruning, the correctness penalty on a quarter of
     the executed tokens, lambda 0.3, tau 0.2. The examples pass it; the flags' defaults do not."""
     return (
-        f"--halting-warmup-iters {round(0.16 * train_iters)} "
-        f"--halting-penalty-fraction {RECIPE_PENALTY_FRACTION} --halting-loss-weight 0.3 --halting-threshold 0.2"
+        f"--halting-warmup-iters {round(0.16 * train_iters)} --halting-penalty-fraction "
+        f"{RECIPE_PENALTY_FRACTION} --halting-loss-weight 0.3 --halting-threshold 0.2"
     )
 
 

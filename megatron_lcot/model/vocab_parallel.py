@@ -7,9 +7,9 @@ combines the shards with collectives, never gathering the logits. Both return fp
 * `vocab_parallel_entropy`: the entropy of each step's own prediction (the entropy router's
   input), with one all-gather of two numbers per token.
 * `vocab_parallel_nll`: the gold token's negative log-likelihood (the correctness penalty's
-  p = exp(-nll)), bit for bit megatron-core's vocab-parallel cross-entropy forward, without
-  what that keeps for a backward the penalty never runs (the softmax division, and the argmax
-  beside the max).
+  p = exp(-nll)), bit for bit megatron-core's vocab-parallel cross-entropy forward without its
+  softmax division (kept for a backward the penalty never runs) and with `amax` for its
+  `max(dim)`, which computes indices it discards.
 """
 
 from __future__ import annotations

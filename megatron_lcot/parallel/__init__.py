@@ -6,7 +6,8 @@ CUDA + NCCL when a GPU is visible, CPU + gloo otherwise. Nothing else in the pro
 megatron-core 0.16.1 hard-codes CUDA in a few places (current device, RNG state, the default
 causal mask, `device="cuda"` tensors created inline by the pipeline schedules). On a machine
 without CUDA, `initialize()` installs the shim of `megatron_lcot/compat.py` that sends those to
-the CPU and `destroy()` removes it; on CUDA machines nothing is patched. See docs/architecture.md ("CPU support").
+the CPU and `destroy()` removes it; on CUDA machines nothing is patched. See
+docs/architecture.md ("CPU support").
 
 The package's other modules are the data-parallel engines behind one optimizer seam:
 optimizer.py (megatron-core DDP and optimizer, LR schedule), deepspeed_config.py and

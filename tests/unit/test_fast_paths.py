@@ -287,9 +287,11 @@ def test_train_throughput_benchmark_smoke(penalty_fraction):
     assert summary["vanilla_vs_baseline"] > 0
     assert set(summary["fixed_k_vs_ideal"]) == {"stepwise K=1", "stepwise K=2", "interleaved K=1 J=2"}
     assert set(summary["adaptive_all_vs_ideal"]) == {"adaptive K=2 all", "adaptive K=3 all"}
-    assert all(0.98 <= ratio <= 1.02 for ratio in summary["counted_vs_logged_flops"].values()), summary[
-        "counted_vs_logged_flops"
-    ]
+    counted_vs_logged = summary["counted_vs_logged_flops"]
+    assert set(counted_vs_logged) == {
+        f"adaptive K={k} {profile}" for k in (2, 3) for profile in ("all", "50%", "80%", "router")
+    }
+    assert all(0.98 <= ratio <= 1.02 for ratio in counted_vs_logged.values()), counted_vs_logged
     assert {"adaptive K=2 50%", "adaptive K=2 80%", "adaptive K=3 80%"} <= set(
         summary["adaptive_saving_vs_flop_saving"]
     )
