@@ -21,7 +21,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_lcot import parallel
 from megatron_lcot.model.config import LcotConfig
-from megatron_lcot.model.vocab_parallel import vocab_parallel_entropy
+from megatron_lcot.model.vocab_parallel import head_statistic, vocab_parallel_entropy
 
 
 class HaltingRouter(MegatronModule):
@@ -82,10 +82,11 @@ class EntropyHaltingRouter(LinearHaltingRouter):
     def forward(self, step_state: torch.Tensor, step: int) -> torch.Tensor:
         if not self._output_layer:
             raise RuntimeError("EntropyHaltingRouter needs the model's LM head: call bind_output_layer first")
+        head = self._output_layer[0]
         with torch.no_grad():
-            logits, _ = self._output_layer[0](step_state)  # [..., vocab/tp]
-            vocab = logits.shape[-1] * parallel_state.get_tensor_model_parallel_world_size()
-            uncertainty = vocab_parallel_entropy(logits) / math.log(vocab)  # [...] in [0, 1]
+            entropy = head_statistic(head, step_state.flatten(0, -2), vocab_parallel_entropy)
+            vocab = head.output_size_per_partition * parallel_state.get_tensor_model_parallel_world_size()
+            uncertainty = entropy.view(step_state.shape[:-1]) / math.log(vocab)  # [...] in [0, 1]
         logit = step_state.float() @ self.weight[step].float() + self.bias[step].float()
         return torch.sigmoid(logit + self.entropy_weight[step].float() * uncertainty)
 

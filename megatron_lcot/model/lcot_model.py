@@ -19,7 +19,7 @@ from megatron_lcot.model.halting_schedule import HaltingSchedule, HaltingSetting
 from megatron_lcot.model.loss import correctness_penalty, penalty_samples
 from megatron_lcot.model.output import LcotOutput
 from megatron_lcot.model.seeded_init import seed_model_init
-from megatron_lcot.model.vocab_parallel import vocab_parallel_nll
+from megatron_lcot.model.vocab_parallel import head_statistic, vocab_parallel_nll
 
 if TYPE_CHECKING:
     from megatron_lcot.model.layer_specs import LcotSubmodules
@@ -171,8 +171,7 @@ class LcotGPTModel(GPTModel):
         flat_labels = labels.t().reshape(-1)  # [s * b], rows t * b + sequence
         gold_probs = []
         for step, (rows, _) in enumerate(samples):
-            states = thoughts.step_states[step].flatten(0, 1)[rows].unsqueeze(1)  # [m, 1, h]
-            logits, _ = self.output_layer(states)  # [m, 1, vocab/tp]
-            token_loss = vocab_parallel_nll(logits, flat_labels[rows].unsqueeze(1))  # [m, 1]
-            gold_probs.append(torch.exp(-token_loss[:, 0]) ** self.config.halting_correctness_exponent)
+            states = thoughts.step_states[step].flatten(0, 1)[rows]  # [m, h]
+            token_loss = head_statistic(self.output_layer, states, vocab_parallel_nll, flat_labels[rows])
+            gold_probs.append(torch.exp(-token_loss) ** self.config.halting_correctness_exponent)
         return gold_probs

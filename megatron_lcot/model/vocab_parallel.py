@@ -10,6 +10,10 @@ combines the shards with collectives, never gathering the logits. Both return fp
   p = exp(-nll)), bit for bit megatron-core's vocab-parallel cross-entropy forward without its
   softmax division (kept for a backward the penalty never runs) and with `amax` for its
   `max(dim)`, which computes indices it discards.
+
+`head_statistic` runs the LM head and one of these statistics on row chunks
+(`logits_chunk_rows`): a chunk's logits are written, reduced and freed while still in cache on
+CPU, and bounded in memory on CUDA.
 """
 
 from __future__ import annotations
@@ -20,6 +24,32 @@ from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntrop
 from megatron.core.tensor_parallel.utils import VocabUtility
 
 from megatron_lcot import parallel
+
+# Bytes of fp32 logits one chunk may hold, by device type. CPU: about a core's L2 and a slice of
+# L3, so the head's output and the statistic's passes over it stay in cache instead of making
+# one trip to memory each. CUDA: large enough that a chunk's kernels are few and saturating,
+# small enough that the transient stays under the backward's fp32 logits gradient (memory.py).
+LOGITS_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 512 * 2**20}
+
+
+def logits_chunk_rows(vocab_shard: int, device: torch.device) -> int:
+    """Rows whose fp32 logits over a vocabulary shard of `vocab_shard` fit one chunk (>= 1)."""
+    return max(1, LOGITS_CHUNK_BYTES[device.type] // (4 * vocab_shard))
+
+
+def head_statistic(output_layer, states: torch.Tensor, statistic, *row_inputs) -> torch.Tensor:
+    """statistic(output_layer(states)) in row chunks, forward-only: states [m, h] through the LM
+    head (a ColumnParallelLinear with parallel output) to logits [c, 1, V / tp] per chunk of
+    `logits_chunk_rows` rows, then statistic(logits, *row inputs' chunks [c, 1]) -> [c, 1].
+    Returns [m] fp32. Each row's logits and reductions are its own, so chunking changes no
+    value; each chunk runs the statistic's collectives once."""
+    rows = logits_chunk_rows(output_layer.output_size_per_partition, states.device)
+    values = []
+    for start in range(0, states.shape[0], rows):
+        logits, _ = output_layer(states[start : start + rows].unsqueeze(1))
+        chunk_inputs = (row_input[start : start + rows].unsqueeze(1) for row_input in row_inputs)
+        values.append(statistic(logits, *chunk_inputs)[:, 0])
+    return torch.cat(values)
 
 
 def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -176,6 +176,27 @@ def test_adaptive_equals_naive_reference(batch, router):
     assert max_abs((out.loss - out.lm_loss) / model.config.halting_loss_weight, want.penalty) < 1e-4
 
 
+@pytest.mark.parametrize("router", [{}, ENTROPY_ROUTER], ids=["linear", "entropy"])
+def test_head_statistics_in_row_chunks_are_one_chunk_bitwise(batch, monkeypatch, router):
+    """The forward-only LM head statistics (the penalty's gold NLL, the entropy router's entropy)
+    computed a few rows at a time (vocab_parallel.head_statistic) give the losses and halting of
+    one chunk bit for bit: chunking only bounds the logits a chunk holds."""
+    from megatron_lcot.model import vocab_parallel
+
+    ids, labels = batch
+    model = adaptive_model(**router)
+    with torch.no_grad():
+        one_chunk = model(ids, positions(), labels=labels)
+        monkeypatch.setitem(vocab_parallel.LOGITS_CHUNK_BYTES, "cpu", 4 * VOCAB * 5)
+        # 5 rows a chunk: the router's 24 rows and each step's executed rows in several chunks
+        assert vocab_parallel.logits_chunk_rows(VOCAB, torch.device("cpu")) == 5
+        chunked = model(ids, positions(), labels=labels)
+    assert (one_chunk.loss - one_chunk.lm_loss).mean() > 1e-2  # the penalty is there
+    assert torch.equal(chunked.loss, one_chunk.loss)
+    assert torch.equal(chunked.latent_steps, one_chunk.latent_steps)
+    assert torch.equal(chunked.expected_latent_steps, one_chunk.expected_latent_steps)
+
+
 @pytest.mark.parametrize("router_bias", [-40.0, 40.0], ids=["all-halt", "none-halt"])
 def test_adaptive_extremes(batch, router_bias):
     """Proves the adaptive model's edge paths: when every token halts after step 0 (the schedule
