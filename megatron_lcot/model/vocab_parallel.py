@@ -41,11 +41,12 @@ def head_statistic(output_layer, states: torch.Tensor, statistic, *row_inputs) -
     """statistic(output_layer(states)) in row chunks, forward-only: states [m, h] through the LM
     head (a ColumnParallelLinear with parallel output) to logits [c, 1, V / tp] per chunk of
     `logits_chunk_rows` rows, then statistic(logits, *row inputs' chunks [c, 1]) -> [c, 1].
-    Returns [m] fp32. Each row's logits and reductions are its own, so chunking changes no
-    value; each chunk runs the statistic's collectives once."""
+    Returns [m] fp32. A row's statistic does not depend on the other rows (the matmul's blocking
+    for another chunk height may round a last bit differently); each chunk runs the statistic's
+    collectives once; m = 0 runs one empty chunk and returns [0]."""
     rows = logits_chunk_rows(output_layer.output_size_per_partition, states.device)
     values = []
-    for start in range(0, states.shape[0], rows):
+    for start in range(0, max(states.shape[0], 1), rows):
         logits, _ = output_layer(states[start : start + rows].unsqueeze(1))
         chunk_inputs = (row_input[start : start + rows].unsqueeze(1) for row_input in row_inputs)
         values.append(statistic(logits, *chunk_inputs)[:, 0])

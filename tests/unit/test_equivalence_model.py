@@ -177,10 +177,11 @@ def test_adaptive_equals_naive_reference(batch, router):
 
 
 @pytest.mark.parametrize("router", [{}, ENTROPY_ROUTER], ids=["linear", "entropy"])
-def test_head_statistics_in_row_chunks_are_one_chunk_bitwise(batch, monkeypatch, router):
+def test_head_statistics_in_row_chunks_equal_one_chunk(batch, monkeypatch, router):
     """The forward-only LM head statistics (the penalty's gold NLL, the entropy router's entropy)
     computed a few rows at a time (vocab_parallel.head_statistic) give the losses and halting of
-    one chunk bit for bit: chunking only bounds the logits a chunk holds."""
+    one chunk: chunking only bounds the logits a chunk holds. (Bitwise on this machine's BLAS;
+    the tolerance admits a matmul that rounds a last bit differently for another row count.)"""
     from megatron_lcot.model import vocab_parallel
 
     ids, labels = batch
@@ -192,7 +193,7 @@ def test_head_statistics_in_row_chunks_are_one_chunk_bitwise(batch, monkeypatch,
         assert vocab_parallel.logits_chunk_rows(VOCAB, torch.device("cpu")) == 5
         chunked = model(ids, positions(), labels=labels)
     assert (one_chunk.loss - one_chunk.lm_loss).mean() > 1e-2  # the penalty is there
-    assert torch.equal(chunked.loss, one_chunk.loss)
+    assert max_abs(chunked.loss, one_chunk.loss) < 1e-6
     assert torch.equal(chunked.latent_steps, one_chunk.latent_steps)
     assert torch.equal(chunked.expected_latent_steps, one_chunk.expected_latent_steps)
 
