@@ -44,6 +44,7 @@ def head_statistic(output_layer, states: torch.Tensor, statistic, *row_inputs) -
     Returns [m] fp32. A row's statistic does not depend on the other rows (the matmul's blocking
     for another chunk height may round a last bit differently); each chunk runs the statistic's
     collectives once; m = 0 runs one empty chunk and returns [0]."""
+    states = states.detach()  # a view of a graph tensor made under no_grad would still ask for grad
     rows = logits_chunk_rows(output_layer.output_size_per_partition, states.device)
     values = []
     for start in range(0, max(states.shape[0], 1), rows):
