@@ -27,14 +27,16 @@ from megatron_lcot import parallel
 
 # Bytes of fp32 logits one chunk may hold, by device type. CPU: about a core's L2 and a slice of
 # L3, so the head's output and the statistic's passes over it stay in cache instead of making
-# one trip to memory each. CUDA: large enough that a chunk's kernels are few and saturating,
-# small enough that the transient stays under the backward's fp32 logits gradient (memory.py).
+# one trip to memory each. CUDA (and other accelerators): large enough that a chunk's kernels
+# are few and saturating; it caps the chunk's fp32 logits, and the statistic's temporaries are a
+# few times that.
 LOGITS_CHUNK_BYTES = {"cpu": 4 * 2**20, "cuda": 512 * 2**20}
 
 
 def logits_chunk_rows(vocab_shard: int, device: torch.device) -> int:
     """Rows whose fp32 logits over a vocabulary shard of `vocab_shard` fit one chunk (>= 1)."""
-    return max(1, LOGITS_CHUNK_BYTES[device.type] // (4 * vocab_shard))
+    budget = LOGITS_CHUNK_BYTES.get(device.type, LOGITS_CHUNK_BYTES["cuda"])
+    return max(1, budget // (4 * vocab_shard))
 
 
 def head_statistic(output_layer, states: torch.Tensor, statistic, *row_inputs) -> torch.Tensor:
