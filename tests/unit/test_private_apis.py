@@ -4,8 +4,8 @@ Read with `ast`: outside compat.py, no module of the package imports a private m
 (`from torch._dynamo import ...`, `import torch._dynamo`), imports a private name, or reads an
 attribute whose name starts with one underscore (also through `getattr`) unless the package
 itself defines that name (its own private helpers, attributes it sets, the hooks it overrides:
-a library attribute that shares such a name goes unseen). hf/modeling_lcot.py is the one exception: it must stand alone for
-`trust_remote_code`, so it cannot import compat.py.
+a library attribute that shares such a name goes unseen). hf/modeling_lcot.py is the one
+exception: it must stand alone for `trust_remote_code`, so it cannot import compat.py.
 """
 
 from __future__ import annotations
